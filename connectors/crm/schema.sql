@@ -1,0 +1,21 @@
+-- CRM sample system (PostgreSQL database "crm"). Idempotent: run on every `accord stack up`.
+CREATE TABLE IF NOT EXISTS public.customers (
+    id               bigserial PRIMARY KEY,
+    first_name       text,
+    last_name        text,
+    email            text,
+    phone            text,
+    company          text,
+    segment          text,
+    country          text,
+    marketing_opt_in boolean NOT NULL DEFAULT false,
+    updated_at       timestamptz NOT NULL DEFAULT now()
+);
+-- Full before-images on update and delete, so every change carries the whole old row.
+ALTER TABLE public.customers REPLICA IDENTITY FULL;
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = 'accord_crm') THEN
+        CREATE PUBLICATION accord_crm FOR TABLE public.customers;
+    END IF;
+END $$;

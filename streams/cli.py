@@ -1,0 +1,212 @@
+"""The `accord` command. Thin: parse, call a plain function, render the result."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from streams.errors import AccordError
+from streams.settings import AccordSettings, load_settings
+
+app = typer.Typer(help="Accord: customer master data in accord across your systems.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+stack_app = typer.Typer(help="The local stack: PostgreSQL, MariaDB, Redis, Kafka, registry, "
+                             "Kafka Connect.", no_args_is_help=True)
+connectors_app = typer.Typer(help="Debezium source connectors from connectors/<system>/source.json.",
+                             no_args_is_help=True)
+demo_app = typer.Typer(help="Sample data and the demo job.", no_args_is_help=True)
+app.add_typer(stack_app, name="stack")
+app.add_typer(connectors_app, name="connectors")
+app.add_typer(demo_app, name="demo")
+
+console = Console()
+err = Console(stderr=True)
+
+
+class _State:
+    config: Path | None = None
+
+
+def settings() -> AccordSettings:
+    return load_settings(_State.config)
+
+
+@app.callback()
+def main(
+    config: Annotated[Path | None, typer.Option(help="TOML config file (default ./accord.toml).",
+                                                envvar="ACCORD_CONFIG")] = None,
+) -> None:
+    _State.config = config
+
+
+def _progress(message: str) -> None:
+    err.print(f"[dim]•[/dim] {message}")
+
+
+# ------------------------------------------------------------------------------ stack
+
+
+@stack_app.command("up")
+def stack_up(
+    components: Annotated[list[str] | None, typer.Argument(help="Only these (and their "
+                                                                "dependencies).")] = None,
+) -> None:
+    """Install what is missing, start everything, wait until healthy. Idempotent."""
+    from streams.stack.manager import Stack
+
+    statuses = Stack(settings(), progress=_progress).up(components)
+    _render_status([s.as_dict() for s in statuses])
+
+
+@stack_app.command("status")
+def stack_status(
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Each component: running, healthy, port, version, log. Exit 1 if any is unhealthy."""
+    from streams.stack.manager import Stack
+
+    statuses = [s.as_dict() for s in Stack(settings()).status()]
+    if as_json:
+        print(json.dumps({"healthy": all(s["healthy"] for s in statuses),
+                          "components": statuses}, indent=2))
+    else:
+        _render_status(statuses)
+    if not all(s["healthy"] for s in statuses):
+        raise typer.Exit(1)
+
+
+@stack_app.command("down")
+def stack_down() -> None:
+    """Stop every component; no process of the stack remains."""
+    from streams.stack.manager import Stack
+
+    stopped = Stack(settings(), progress=_progress).down()
+    console.print(f"stopped: {', '.join(stopped) if stopped else 'nothing was running'}")
+
+
+def _render_status(statuses: list[dict[str, object]]) -> None:
+    table = Table("component", "state", "port", "version", "detail")
+    for s in statuses:
+        state = "[green]healthy[/green]" if s["healthy"] else (
+            "[yellow]unhealthy[/yellow]" if s["running"] else "[red]stopped[/red]")
+        table.add_row(str(s["name"]), state, str(s["port"]), str(s["version"]), str(s["detail"]))
+    console.print(table)
+
+
+# ------------------------------------------------------------------------- connectors
+
+
+@connectors_app.command("apply")
+def connectors_apply(
+    systems: Annotated[list[str] | None, typer.Argument(help="crm, billing, support "
+                                                             "(default: all).")] = None,
+    wait: Annotated[float, typer.Option(help="Seconds to wait for RUNNING (0: don't).")] = 90.0,
+) -> None:
+    """Create or update connectors through the Kafka Connect REST API."""
+    from streams.demo import apply_connectors
+
+    states = apply_connectors(settings(), systems, wait_s=wait)
+    _render_connectors(states)
+
+
+@connectors_app.command("status")
+def connectors_status(
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Connector and task state as Kafka Connect reports it."""
+    from streams.connect import SYSTEMS, ConnectClient, load_connector
+
+    current = settings()
+    client = ConnectClient(current.connect)
+    states = [client.state(load_connector(current.connectors_dir, s).name).as_dict()
+              for s in SYSTEMS]
+    if as_json:
+        print(json.dumps(states, indent=2))
+    else:
+        _render_connectors(states)
+    if not all(s["running"] for s in states):
+        raise typer.Exit(1)
+
+
+def _render_connectors(states: list[dict[str, object]]) -> None:
+    table = Table("connector", "state", "tasks", "error")
+    for s in states:
+        colour = "green" if s["running"] else "red"
+        table.add_row(str(s["name"]), f"[{colour}]{s['state']}[/{colour}]",
+                      ", ".join(s["tasks"]) or "-", str(s["trace"] or ""))  # type: ignore[arg-type]
+    console.print(table)
+
+
+# ------------------------------------------------------------------------------- demo
+
+
+@demo_app.command("seed")
+def demo_seed(
+    count: Annotated[int, typer.Option(min=1, help="Customers to generate.")] = 50,
+    seed_value: Annotated[int, typer.Option("--seed", help="Generator seed.")] = 7,
+    start: Annotated[int, typer.Option(min=0, help="First customer index.")] = 0,
+) -> None:
+    """Load generated, deliberately messy customers into crm, billing and support."""
+    from streams.demo import seed
+
+    inserted = seed(settings(), count, seed_value, start)
+    console.print("inserted: " + ", ".join(f"{k} {v}" for k, v in inserted.items())
+                  + " (existing keys are skipped)")
+
+
+@demo_app.command("run")
+def demo_run(
+    count: Annotated[int, typer.Option(min=0, help="Customers to seed first.")] = 50,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for events.")] = 90.0,
+) -> None:
+    """Bring the stack up, apply connectors, seed, change each system, show the events."""
+    from streams.demo import apply_connectors, seed, trace_changes
+    from streams.stack.manager import Stack
+
+    current = settings()
+    _progress("bringing the stack up (first run installs and downloads)")
+    Stack(current, progress=_progress).up()
+    _progress("applying Debezium connectors")
+    _render_connectors(apply_connectors(current))
+    if count:
+        inserted = seed(current, count)
+        _progress("seeded " + ", ".join(f"{k}: {v} new" for k, v in inserted.items()))
+    changes = trace_changes(current, _progress, timeout_s=timeout)
+    table = Table("system", "op", "key", "topic@partition:offset", "schema id", "decoded row",
+                  "commit→topic", title="Source changes arriving on Kafka, decoded via the registry")
+    for change in changes:
+        event = change.event
+        if event is None:
+            table.add_row(change.system, change.op, change.key, "[red]not seen[/red]", "", "", "")
+            continue
+        row = event.row or {}
+        shown = ", ".join(f"{k}={v!r}" for k, v in row.items() if v is not None)
+        table.add_row(change.system, event.op or "", change.key,
+                      f"{event.topic}@{event.partition}:{event.offset}", str(event.schema_id),
+                      shown[:70] + ("…" if len(shown) > 70 else ""),
+                      f"{change.latency_ms:.0f} ms")
+    console.print(table)
+    missing = [c for c in changes if c.event is None]
+    if missing:
+        err.print(f"[red]{len(missing)} change(s) did not arrive within {timeout:.0f}s[/red]")
+        raise typer.Exit(1)
+    console.print(f"[green]all {len(changes)} changes arrived as decoded Debezium envelopes[/green]")
+
+
+def run() -> None:
+    """Entry point: expected failures print one clear line, never a stack trace."""
+    try:
+        app()
+    except AccordError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    run()

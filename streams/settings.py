@@ -1,0 +1,132 @@
+"""One typed settings object, read from the environment and an optional TOML file.
+
+Precedence, highest first: explicit arguments, environment variables (``ACCORD_`` prefix,
+``__`` between nested names, e.g. ``ACCORD_STACK__KAFKA_PORT=29092``), the config file
+(``--config`` or ``ACCORD_CONFIG``, default ``./accord.toml`` when present), defaults.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import BaseModel, Field, SecretStr
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from streams.errors import ConfigError
+
+DEFAULT_CONFIG_FILE = Path("accord.toml")
+
+
+class StackSettings(BaseModel):
+    """The local development stack: where it lives and which loopback ports it takes.
+
+    Ports are deliberately not the services' defaults, so the stack never collides with
+    a PostgreSQL, MariaDB or Redis that a package install started on this machine.
+    """
+
+    state_dir: Path = Field(Path(".accord"), description="All state, logs and downloads.")
+    host: str = "127.0.0.1"
+    postgres_port: int = 15432
+    mariadb_port: int = 13306
+    redis_port: int = 16379
+    kafka_port: int = 19092
+    kafka_controller_port: int = 19093
+    registry_port: int = 18081
+    registry_management_port: int = 18082
+    connect_port: int = 18083
+    kafka_heap: str = "768m"
+    connect_heap: str = "768m"
+    registry_heap: str = "384m"
+    postgres_superuser_password: SecretStr = SecretStr("accord-postgres")
+    mariadb_root_password: SecretStr = SecretStr("accord-root")
+    startup_timeout_s: float = 240.0
+    install_missing: bool = Field(
+        True, description="Install missing Debian packages and Maven artifacts on `up`."
+    )
+
+
+class SourceDatabase(BaseModel):
+    """Credentials of one sample source system's database."""
+
+    database: str
+    app_user: str = "accord"
+    app_password: SecretStr = SecretStr("accord")
+    cdc_user: str = "debezium"
+    cdc_password: SecretStr = SecretStr("debezium")
+
+
+class AccordSettings(BaseSettings):
+    """Everything Accord reads from its environment, in one place."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="ACCORD_", env_nested_delimiter="__", extra="forbid"
+    )
+
+    stack: StackSettings = StackSettings()
+    crm: SourceDatabase = SourceDatabase(database="crm")
+    billing: SourceDatabase = SourceDatabase(database="billing")
+    support: SourceDatabase = SourceDatabase(database="support")
+    connectors_dir: Path = Path("connectors")
+    kafka_bootstrap: str | None = Field(None, description="Defaults to the local stack's broker.")
+    schema_registry_url: str | None = Field(
+        None, description="Confluent-compatible API; defaults to the local registry's ccompat."
+    )
+    connect_url: str | None = Field(None, description="Defaults to the local Kafka Connect.")
+    redis_url: str | None = Field(None, description="Defaults to the local Redis.")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        config_file = Path(os.environ.get("ACCORD_CONFIG", DEFAULT_CONFIG_FILE))
+        return (
+            init_settings,
+            env_settings,
+            TomlConfigSettingsSource(settings_cls, toml_file=config_file),
+            file_secret_settings,
+        )
+
+    @property
+    def kafka(self) -> str:
+        return self.kafka_bootstrap or f"{self.stack.host}:{self.stack.kafka_port}"
+
+    @property
+    def registry(self) -> str:
+        default = f"http://{self.stack.host}:{self.stack.registry_port}/apis/ccompat/v7"
+        return self.schema_registry_url or default
+
+    @property
+    def connect(self) -> str:
+        return self.connect_url or f"http://{self.stack.host}:{self.stack.connect_port}"
+
+    @property
+    def redis(self) -> str:
+        return self.redis_url or f"redis://{self.stack.host}:{self.stack.redis_port}/0"
+
+    def source(self, system: str) -> SourceDatabase:
+        if system not in ("crm", "billing", "support"):
+            raise ConfigError(f"unknown system {system!r}; expected crm, billing or support")
+        return getattr(self, system)
+
+
+def load_settings(config_file: Path | None = None) -> AccordSettings:
+    """Load settings; an explicitly named config file must exist."""
+    if config_file is not None:
+        if not config_file.is_file():
+            raise ConfigError(f"config file {config_file} does not exist")
+        os.environ["ACCORD_CONFIG"] = str(config_file)
+    try:
+        return AccordSettings()
+    except ValueError as exc:
+        raise ConfigError(f"invalid configuration: {exc}") from exc

@@ -1,0 +1,851 @@
+"""The stack's components: how each is prepared, started, checked and bootstrapped.
+
+Each component is a small class over `ProcessSpec`; `streams.stack.manager` decides
+order and waiting. Every method is idempotent, so `accord stack up` can run any time.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import glob
+import logging
+import os
+import pwd
+import re
+import shutil
+import signal
+import subprocess
+import uuid
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from streams.errors import StackError
+from streams.settings import AccordSettings
+from streams.stack.process import ProcessSpec
+
+
+@dataclass(frozen=True)
+class StackPaths:
+    """Where each part of the stack's state lives, all under one git-ignored folder."""
+
+    root: Path
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def run(self) -> Path:
+        return self.root / "run"
+
+    def home(self, component: str) -> Path:
+        return self.root / component
+
+    def log(self, component: str) -> Path:
+        return self.logs / f"{component}.log"
+
+    @property
+    def kafka_libs(self) -> Path:
+        return self.root / "kafka" / "libs"
+
+    @property
+    def connect_plugins(self) -> Path:
+        return self.root / "connect-plugins"
+
+    @property
+    def registry_app(self) -> Path:
+        return self.root / "registry"
+
+
+@dataclass(frozen=True)
+class Health:
+    ok: bool
+    detail: str
+
+
+class Component:
+    """One process of the stack. Subclasses fill in the specifics."""
+
+    name: str = ""
+    debian_packages: tuple[str, ...] = ()
+    maven_profile: str | None = None
+    java_major: int = 0  # 0: not a JVM component
+    depends_on: tuple[str, ...] = ()
+
+    def __init__(self, settings: AccordSettings, paths: StackPaths) -> None:
+        self.settings = settings
+        self.stack = settings.stack
+        self.paths = paths
+
+    @property
+    def port(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def log(self) -> Path:
+        return self.paths.log(self.name)
+
+    @property
+    def home(self) -> Path:
+        return self.paths.home(self.name)
+
+    def prepare(self) -> None:
+        """One-time initialisation of data directories and config files."""
+
+    def process(self) -> ProcessSpec:
+        raise NotImplementedError
+
+    def health(self) -> Health:
+        raise NotImplementedError
+
+    def bootstrap(self) -> None:
+        """Create what the stack needs inside a healthy component (users, databases)."""
+
+    def version(self) -> str:
+        return "unknown"
+
+    def _spec(self, argv: list[str], **kwargs: object) -> ProcessSpec:
+        return ProcessSpec(
+            name=self.name,
+            argv=argv,
+            log=self.log,
+            pid_file=self.paths.run / f"{self.name}.pid",
+            **kwargs,  # type: ignore[arg-type]
+        )
+
+
+def service_user(name: str) -> str | None:
+    """The system account to run a database as when we are root (they refuse root)."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        pwd.getpwnam(name)
+    except KeyError as exc:
+        raise StackError(name, f"system user {name!r} is missing; reinstall its package") from exc
+    return name
+
+
+def chown_tree(path: Path, user: str | None) -> None:
+    if user is None:
+        return
+    shutil.chown(path, user, user)
+    for item in path.rglob("*"):
+        shutil.chown(item, user, user)
+
+
+def run_checked(component: str, argv: list[str], log: Path, **kwargs: object) -> None:
+    """Run a setup command, appending its output to the component's log."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as out:
+        result = subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT, check=False, **kwargs)  # type: ignore[call-overload]
+    if result.returncode != 0:
+        raise StackError(component, f"`{' '.join(argv[:2])}` failed ({result.returncode})", log)
+
+
+# --------------------------------------------------------------------------- PostgreSQL
+
+
+class Postgres(Component):
+    name = "postgres"
+    debian_packages = ("postgresql",)
+
+    @property
+    def port(self) -> int:
+        return self.stack.postgres_port
+
+    @property
+    def bin_dir(self) -> Path:
+        candidates = sorted(
+            glob.glob("/usr/lib/postgresql/*/bin"), key=lambda p: int(Path(p).parent.name)
+        )
+        if not candidates:
+            raise StackError(self.name, "PostgreSQL server binaries not found (package postgresql)")
+        return Path(candidates[-1])
+
+    @property
+    def data(self) -> Path:
+        return self.home / "data"
+
+    def version(self) -> str:
+        return self.bin_dir.parent.name
+
+    def prepare(self) -> None:
+        user = service_user("postgres")
+        (self.home / "run").mkdir(parents=True, exist_ok=True)
+        chown_tree(self.home, user)
+        if (self.data / "PG_VERSION").exists():
+            return
+        pwfile = self.home / ".pw"
+        pwfile.write_text(self.stack.postgres_superuser_password.get_secret_value())
+        chown_tree(self.home, user)
+        try:
+            run_checked(
+                self.name,
+                [
+                    str(self.bin_dir / "initdb"),
+                    "-D", str(self.data),
+                    "-U", "postgres",
+                    f"--pwfile={pwfile}",
+                    "--auth-local=trust",
+                    "--auth-host=scram-sha-256",
+                    "--encoding=UTF8",
+                    "--locale=C",
+                ],
+                self.log,
+                user=user,
+                group=user,
+            )
+        finally:
+            pwfile.unlink(missing_ok=True)
+        with open(self.data / "postgresql.conf", "a") as conf:
+            conf.write(
+                "\n# accord local stack\n"
+                f"listen_addresses = '{self.stack.host}'\n"
+                f"port = {self.port}\n"
+                f"unix_socket_directories = '{self.home / 'run'}'\n"
+                "wal_level = logical\n"
+                "max_replication_slots = 16\n"
+                "max_wal_senders = 16\n"
+                "max_connections = 200\n"
+                "shared_buffers = 128MB\n"
+                "fsync = on\n"
+            )
+
+    def process(self) -> ProcessSpec:
+        return self._spec(
+            [str(self.bin_dir / "postgres"), "-D", str(self.data)],
+            user=service_user("postgres"),
+            stop_signal=signal.SIGINT,  # "fast" shutdown
+        )
+
+    def connect(self, dbname: str = "postgres"):  # noqa: ANN201 - psycopg type is dynamic
+        import psycopg
+
+        return psycopg.connect(
+            host=self.stack.host,
+            port=self.port,
+            user="postgres",
+            password=self.stack.postgres_superuser_password.get_secret_value(),
+            dbname=dbname,
+            autocommit=True,
+            connect_timeout=3,
+        )
+
+    def health(self) -> Health:
+        try:
+            with self.connect() as conn:
+                level = conn.execute("SHOW wal_level").fetchone()[0]
+        except Exception as exc:  # noqa: BLE001 - any failure means "not healthy yet"
+            return Health(False, _short(exc))
+        if level != "logical":
+            return Health(False, f"wal_level is {level}, not logical")
+        return Health(True, f"accepting connections on {self.stack.host}:{self.port}")
+
+    def bootstrap(self) -> None:
+        from psycopg import sql
+
+        with self.connect() as conn:
+            for system in ("crm", "support"):
+                source = self.settings.source(system)
+                for role, password, extra in (
+                    (source.app_user, source.app_password, sql.SQL("")),
+                    (source.cdc_user, source.cdc_password, sql.SQL(" REPLICATION")),
+                ):
+                    exists = conn.execute(
+                        "SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)
+                    ).fetchone()
+                    verb = sql.SQL("ALTER") if exists else sql.SQL("CREATE")
+                    conn.execute(
+                        sql.SQL("{} ROLE {} LOGIN{} PASSWORD {}").format(
+                            verb,
+                            sql.Identifier(role),
+                            extra,
+                            sql.Literal(password.get_secret_value()),
+                        )
+                    )
+            for system in ("crm", "support", "registry"):
+                dbname = self.settings.source(system).database if system != "registry" else system
+                owner = self.settings.crm.app_user if system == "registry" else (
+                    self.settings.source(system).app_user
+                )
+                if not conn.execute("SELECT 1 FROM pg_database WHERE datname=%s", (dbname,)).fetchone():
+                    conn.execute(
+                        sql.SQL("CREATE DATABASE {} OWNER {}").format(
+                            sql.Identifier(dbname), sql.Identifier(owner)
+                        )
+                    )
+        for system in ("crm", "support"):
+            self._create_sample_schema(system)
+
+    def _create_sample_schema(self, system: str) -> None:
+        from psycopg import sql
+
+        source = self.settings.source(system)
+        ddl = (self.settings.connectors_dir / system / "schema.sql").read_text()
+        with self.connect(source.database) as conn:
+            conn.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(source.app_user)))
+            conn.execute(ddl)
+            conn.execute("RESET ROLE")
+            conn.execute(
+                sql.SQL("GRANT SELECT ON ALL TABLES IN SCHEMA public TO {}").format(
+                    sql.Identifier(source.cdc_user)
+                )
+            )
+
+
+# --------------------------------------------------------------------------- MariaDB
+
+
+class MariaDB(Component):
+    name = "mariadb"
+    debian_packages = ("mariadb-server",)
+
+    @property
+    def port(self) -> int:
+        return self.stack.mariadb_port
+
+    @property
+    def data(self) -> Path:
+        return self.home / "data"
+
+    @property
+    def socket(self) -> Path:
+        return self.home / "run" / "mariadb.sock"
+
+    @property
+    def config(self) -> Path:
+        return self.home / "my.cnf"
+
+    def version(self) -> str:
+        out = subprocess.run(
+            [self._binary(), "--version"], capture_output=True, text=True, check=False
+        ).stdout
+        match = re.search(r"Ver\s+(\S+)", out)
+        return match.group(1) if match else "unknown"
+
+    def _binary(self) -> str:
+        found = shutil.which("mariadbd") or shutil.which("mariadbd", path="/usr/sbin")
+        if not found:
+            raise StackError(self.name, "mariadbd not found (package mariadb-server)")
+        return found
+
+    def prepare(self) -> None:
+        user = service_user("mysql")
+        (self.home / "run").mkdir(parents=True, exist_ok=True)
+        self.config.write_text(
+            "[mariadbd]\n"
+            f"datadir = {self.data}\n"
+            f"port = {self.port}\n"
+            f"bind-address = {self.stack.host}\n"
+            f"socket = {self.socket}\n"
+            f"pid-file = {self.home / 'run' / 'mariadb.pid'}\n"
+            "skip-name-resolve\n"
+            "server-id = 1\n"
+            f"log-bin = {self.data / 'binlog'}\n"
+            "log-basename = accord\n"
+            "binlog-format = ROW\n"
+            "binlog-row-image = FULL\n"
+            "gtid-strict-mode = ON\n"
+            "binlog-expire-logs-seconds = 259200\n"
+            "character-set-server = utf8mb4\n"
+            "collation-server = utf8mb4_unicode_ci\n"
+            "innodb-buffer-pool-size = 128M\n"
+            "max-connections = 200\n"
+            "\n[client]\n"
+            f"socket = {self.socket}\n"
+        )
+        chown_tree(self.home, user)
+        if (self.data / "mysql").is_dir():
+            return
+        install = shutil.which("mariadb-install-db") or "/usr/bin/mariadb-install-db"
+        argv = [
+            install,
+            f"--defaults-file={self.config}",
+            "--auth-root-authentication-method=normal",
+            "--skip-test-db",
+        ]
+        if user:
+            argv.append(f"--user={user}")
+        run_checked(self.name, argv, self.log)
+        chown_tree(self.home, user)
+
+    def process(self) -> ProcessSpec:
+        return self._spec(
+            [self._binary(), f"--defaults-file={self.config}"],
+            user=service_user("mysql"),
+        )
+
+    def _root(self):  # noqa: ANN202
+        import pymysql
+
+        root_password = self.stack.mariadb_root_password.get_secret_value()
+        last: Exception | None = None
+        for password in (root_password, ""):  # "" only before the first bootstrap
+            try:
+                return pymysql.connect(
+                    unix_socket=str(self.socket), user="root", password=password,
+                    connect_timeout=3, autocommit=True,
+                )
+            except pymysql.err.OperationalError as exc:
+                last = exc
+        raise StackError(self.name, f"cannot log in as root: {_short(last)}", self.log)
+
+    def health(self) -> Health:
+        import pymysql
+
+        source = self.settings.billing
+        try:
+            conn = pymysql.connect(
+                unix_socket=str(self.socket), user="root",
+                password=self.stack.mariadb_root_password.get_secret_value(), connect_timeout=3,
+            )
+        except pymysql.err.OperationalError as exc:
+            if exc.args and exc.args[0] == 1045:  # access denied: up, not bootstrapped yet
+                return Health(True, "accepting connections (not bootstrapped)")
+            return Health(False, _short(exc))
+        with conn, conn.cursor() as cur:
+            cur.execute("SELECT @@log_bin, @@binlog_format")
+            log_bin, fmt = cur.fetchone()
+        if not log_bin or fmt != "ROW":
+            return Health(False, f"binlog not in ROW format (log_bin={log_bin}, format={fmt})")
+        return Health(True, f"accepting connections on {self.stack.host}:{self.port} "
+                            f"(binlog ROW, database {source.database})")
+
+    def bootstrap(self) -> None:
+        source = self.settings.billing
+        root_pw = self.stack.mariadb_root_password.get_secret_value()
+        app, cdc = f"'{source.app_user}'@'%%'", f"'{source.cdc_user}'@'%%'"
+        statements = [
+            f"CREATE DATABASE IF NOT EXISTS `{source.database}`",
+            f"CREATE USER IF NOT EXISTS {app} IDENTIFIED BY %(app)s",
+            f"ALTER USER {app} IDENTIFIED BY %(app)s",
+            f"GRANT ALL PRIVILEGES ON `{source.database}`.* TO {app}",
+            f"CREATE USER IF NOT EXISTS {cdc} IDENTIFIED BY %(cdc)s",
+            f"ALTER USER {cdc} IDENTIFIED BY %(cdc)s",
+            "GRANT SELECT, RELOAD, SHOW DATABASES, REPLICATION SLAVE, REPLICATION CLIENT, "
+            f"LOCK TABLES ON *.* TO {cdc}",
+            "ALTER USER 'root'@'localhost' IDENTIFIED BY %(root)s",
+            "FLUSH PRIVILEGES",
+        ]
+        params = {
+            "app": source.app_password.get_secret_value(),
+            "cdc": source.cdc_password.get_secret_value(),
+            "root": root_pw,
+        }
+        conn = self._root()
+        with conn, conn.cursor() as cur:
+            for statement in statements:
+                cur.execute(statement, params)
+            cur.execute(f"USE `{source.database}`")
+            for statement in sql_statements(self.settings.connectors_dir / "billing" / "schema.sql"):
+                cur.execute(statement)
+
+
+def sql_statements(path: Path) -> list[str]:
+    """A plain SQL file's statements: `--` comment lines dropped, split on ';'."""
+    lines = [line for line in path.read_text().splitlines() if not line.lstrip().startswith("--")]
+    return [statement.strip() for statement in "\n".join(lines).split(";") if statement.strip()]
+
+
+# --------------------------------------------------------------------------- Redis
+
+
+class Redis(Component):
+    name = "redis"
+    debian_packages = ("redis-server",)
+
+    @property
+    def port(self) -> int:
+        return self.stack.redis_port
+
+    def version(self) -> str:
+        out = subprocess.run(
+            [self._binary(), "--version"], capture_output=True, text=True, check=False
+        ).stdout
+        match = re.search(r"v=(\S+)", out)
+        return match.group(1) if match else "unknown"
+
+    def _binary(self) -> str:
+        found = shutil.which("redis-server")
+        if not found:
+            raise StackError(self.name, "redis-server not found (package redis-server)")
+        return found
+
+    def prepare(self) -> None:
+        self.home.mkdir(parents=True, exist_ok=True)
+
+    def process(self) -> ProcessSpec:
+        return self._spec(
+            [
+                self._binary(),
+                "--bind", self.stack.host,
+                "--port", str(self.port),
+                "--dir", str(self.home),
+                "--appendonly", "yes",
+                "--daemonize", "no",
+                "--protected-mode", "yes",
+                "--save", "",
+            ],
+        )
+
+    def health(self) -> Health:
+        import redis
+
+        try:
+            client = redis.Redis(host=self.stack.host, port=self.port, socket_timeout=2)
+            client.ping()
+        except redis.RedisError as exc:
+            return Health(False, _short(exc))
+        return Health(True, f"PONG on {self.stack.host}:{self.port}")
+
+
+# --------------------------------------------------------------------------- Java components
+
+
+def _java_major(java: str) -> int:
+    out = subprocess.run([java, "-version"], capture_output=True, text=True, check=False).stderr
+    match = re.search(r'version "(\d+)', out)
+    return int(match.group(1)) if match else 0
+
+
+@functools.cache
+def find_java(component: str, min_major: int) -> str:
+    """A java binary of at least `min_major`: PATH first, then JAVA_HOME, then /usr/lib/jvm.
+
+    Components differ (Kafka runs on 17, Apicurio Registry 3.3 needs 21), and machines
+    often carry several JDKs side by side.
+    """
+    candidates = [shutil.which("java")]
+    if os.environ.get("JAVA_HOME"):
+        candidates.append(str(Path(os.environ["JAVA_HOME"]) / "bin" / "java"))
+    candidates += sorted(glob.glob("/usr/lib/jvm/*/bin/java"))
+    found: dict[str, int] = {}
+    for java in filter(None, candidates):
+        if java not in found and os.access(java, os.X_OK):
+            found[java] = _java_major(java)
+            if found[java] >= min_major:
+                return java
+    seen = ", ".join(f"{path} ({major})" for path, major in found.items()) or "none"
+    raise StackError(
+        component,
+        f"needs Java {min_major} or newer; found: {seen}. Install a JDK {min_major}+ "
+        "and put it on PATH or set JAVA_HOME",
+    )
+
+
+def _jar_version(directory: Path, prefix: str) -> str:
+    for jar in sorted(directory.glob(f"{prefix}-*.jar")):
+        match = re.match(rf"{re.escape(prefix)}-(\d[\w.]*)\.jar$", jar.name)
+        if match:
+            return match.group(1)
+    return "unknown"
+
+
+class Kafka(Component):
+    name = "kafka"
+    maven_profile = "kafka"
+    java_major = 17
+
+    @property
+    def port(self) -> int:
+        return self.stack.kafka_port
+
+    @property
+    def config(self) -> Path:
+        return self.home / "server.properties"
+
+    def version(self) -> str:
+        return _jar_version(self.paths.kafka_libs, "kafka-clients")
+
+    def prepare(self) -> None:
+        data = self.home / "data"
+        data.mkdir(parents=True, exist_ok=True)
+        host, controller = self.stack.host, self.stack.kafka_controller_port
+        write_log4j2(self.home / "log4j2.properties")
+        self.config.write_text(
+            "process.roles=broker,controller\n"
+            "node.id=1\n"
+            f"controller.quorum.bootstrap.servers={host}:{controller}\n"
+            f"listeners=PLAINTEXT://{host}:{self.port},CONTROLLER://{host}:{controller}\n"
+            f"advertised.listeners=PLAINTEXT://{host}:{self.port}\n"
+            "controller.listener.names=CONTROLLER\n"
+            "inter.broker.listener.name=PLAINTEXT\n"
+            "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT\n"
+            f"log.dirs={data}\n"
+            "num.partitions=3\n"
+            "default.replication.factor=1\n"
+            "offsets.topic.replication.factor=1\n"
+            "transaction.state.log.replication.factor=1\n"
+            "transaction.state.log.min.isr=1\n"
+            "share.coordinator.state.topic.replication.factor=1\n"
+            "share.coordinator.state.topic.min.isr=1\n"
+            "group.initial.rebalance.delay.ms=0\n"
+            "auto.create.topics.enable=true\n"
+            "log.retention.hours=168\n"
+        )
+        if (data / "meta.properties").exists():
+            return
+        cluster_id = new_cluster_id()
+        run_checked(
+            self.name,
+            [
+                find_java(self.name, self.java_major), "-cp", f"{self.paths.kafka_libs}/*",
+                f"-Dlog4j2.configurationFile={self.home / 'log4j2.properties'}",
+                "kafka.tools.StorageTool", "format",
+                f"--cluster-id={cluster_id}", f"--config={self.config}", "--standalone",
+            ],
+            self.log,
+        )
+
+    def process(self) -> ProcessSpec:
+        return self._spec(
+            [
+                find_java(self.name, self.java_major),
+                f"-Xms{self.stack.kafka_heap}", f"-Xmx{self.stack.kafka_heap}",
+                "-XX:+UseG1GC", "-Djava.awt.headless=true",
+                f"-Dlog4j2.configurationFile={self.home / 'log4j2.properties'}",
+                f"-Dkafka.logs.dir={self.home / 'logs'}",
+                "-cp", f"{self.paths.kafka_libs}/*",
+                "kafka.Kafka", str(self.config),
+            ],
+        )
+
+    def health(self) -> Health:
+        from confluent_kafka.admin import AdminClient
+
+        admin = AdminClient(
+            {
+                "bootstrap.servers": self.settings.kafka,
+                "socket.timeout.ms": 2000,
+                "logger": _SILENT,  # connection-refused noise while the broker starts
+            }
+        )
+        try:
+            metadata = admin.list_topics(timeout=3)
+        except Exception as exc:  # noqa: BLE001
+            return Health(False, _short(exc))
+        return Health(True, f"{len(metadata.brokers)} broker(s), {len(metadata.topics)} topic(s)")
+
+
+def new_cluster_id() -> str:
+    """A KRaft cluster id as Kafka makes them: URL-safe base64 of a UUID, no leading '-'."""
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cluster_id.startswith("-"):
+            return cluster_id
+
+
+def write_log4j2(path: Path) -> None:
+    """Console logging at INFO; the process's stdout is already the component's log file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        "status = warn\n"
+        "appender.console.type = Console\n"
+        "appender.console.name = STDOUT\n"
+        "appender.console.layout.type = PatternLayout\n"
+        "appender.console.layout.pattern = [%d] %p %m (%c)%n\n"
+        "rootLogger.level = INFO\n"
+        "rootLogger.appenderRef.stdout.ref = STDOUT\n"
+        "logger.kafka.name = kafka\n"
+        "logger.kafka.level = INFO\n"
+        "logger.reflections.name = org.reflections\n"
+        "logger.reflections.level = ERROR\n"
+    )
+
+
+class Registry(Component):
+    """Apicurio Registry, whose ccompat API is what every Accord client talks to."""
+
+    name = "registry"
+    maven_profile = "registry"
+    java_major = 21  # Apicurio Registry 3.3 is built for Java 21
+    depends_on = ("postgres",)
+
+    @property
+    def port(self) -> int:
+        return self.stack.registry_port
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.stack.host}:{self.port}"
+
+    def version(self) -> str:
+        try:
+            with zipfile.ZipFile(self.paths.registry_app / "quarkus-run.jar") as jar:
+                manifest = jar.read("META-INF/MANIFEST.MF").decode()
+        except (FileNotFoundError, KeyError, zipfile.BadZipFile):
+            return "not installed"
+        match = re.search(r"Implementation-Version: (\S+)", manifest)
+        return f"apicurio-registry {match.group(1)}" if match else "unknown"
+
+    def prepare(self) -> None:
+        if not (self.paths.registry_app / "quarkus-run.jar").is_file():
+            raise StackError(self.name, f"{self.paths.registry_app}/quarkus-run.jar is missing")
+
+    def process(self) -> ProcessSpec:
+        pg = self.stack
+        props = {
+            "quarkus.http.host": pg.host,
+            "quarkus.http.port": str(self.port),
+            "quarkus.management.host": pg.host,
+            "quarkus.management.port": str(pg.registry_management_port),
+            "quarkus.log.console.format": "%d{HH:mm:ss.SSS} %-5p [%c{2.}] %s%e%n",
+            "apicurio.storage.kind": "sql",
+            "apicurio.storage.sql.kind": "postgresql",
+            "apicurio.datasource.url": f"jdbc:postgresql://{pg.host}:{pg.postgres_port}/registry",
+            "apicurio.datasource.username": self.settings.crm.app_user,
+            "apicurio.rest.deletion.artifact.enabled": "true",
+            "apicurio.rest.deletion.artifact-version.enabled": "true",
+            "apicurio.rest.deletion.group.enabled": "true",
+        }
+        return self._spec(
+            [
+                find_java(self.name, self.java_major),
+                f"-Xmx{self.stack.registry_heap}",
+                *[f"-D{key}={value}" for key, value in props.items()],
+                "-jar", str(self.paths.registry_app / "quarkus-run.jar"),
+            ],
+            cwd=self.paths.registry_app,
+            # The password goes through the environment, never the command line.
+            env={"APICURIO_DATASOURCE_PASSWORD": self.settings.crm.app_password.get_secret_value()},
+        )
+
+    def health(self) -> Health:
+        try:
+            ready = httpx.get(
+                f"http://{self.stack.host}:{self.stack.registry_management_port}/health/ready",
+                timeout=3,
+            )
+            subjects = httpx.get(f"{self.base_url}/apis/ccompat/v7/subjects", timeout=3)
+        except httpx.HTTPError as exc:
+            return Health(False, _short(exc))
+        if ready.status_code != 200:
+            return Health(False, f"/health/ready answered {ready.status_code}")
+        if subjects.status_code != 200:
+            return Health(False, f"ccompat API answered {subjects.status_code}")
+        return Health(True, f"ccompat API up, {len(subjects.json())} subject(s)")
+
+
+class Connect(Component):
+    """Kafka Connect in distributed mode, with Debezium and the Apicurio Avro converter."""
+
+    name = "connect"
+    maven_profile = "connect"  # resolved with profiles "plugins" and "converter"
+    java_major = 17
+    depends_on = ("kafka", "registry")
+    required_plugins = (
+        "io.debezium.connector.postgresql.PostgresConnector",
+        "io.debezium.connector.mariadb.MariaDbConnector",
+    )
+
+    @property
+    def port(self) -> int:
+        return self.stack.connect_port
+
+    @property
+    def config(self) -> Path:
+        return self.home / "connect-distributed.properties"
+
+    def version(self) -> str:
+        kafka = _jar_version(self.paths.kafka_libs, "connect-runtime")
+        debezium = _jar_version(
+            self.paths.connect_plugins / "debezium-connector-postgres", "debezium-api"
+        )
+        return f"connect {kafka}, debezium {debezium}"
+
+    def prepare(self) -> None:
+        self.home.mkdir(parents=True, exist_ok=True)
+        write_log4j2(self.home / "log4j2.properties")
+        registry = f"http://{self.stack.host}:{self.stack.registry_port}/apis/registry/v2"
+        converter = "\n".join(
+            f"{side}.converter{suffix}"
+            for side in ("key", "value")
+            for suffix in (
+                "=io.apicurio.registry.utils.converter.AvroConverter",
+                f".apicurio.registry.url={registry}",
+                ".apicurio.registry.auto-register=true",
+                ".apicurio.registry.find-latest=true",
+                # Confluent wire format: magic byte + 4-byte id, the id being the
+                # contentId that the registry's ccompat API serves as the schema id.
+                ".apicurio.registry.as-confluent=true",
+                ".apicurio.registry.use-id=contentId",
+                ".apicurio.registry.headers.enabled=false",
+            )
+        )
+        self.config.write_text(
+            f"bootstrap.servers={self.settings.kafka}\n"
+            "group.id=accord-connect\n"
+            "config.storage.topic=_accord-connect-configs\n"
+            "offset.storage.topic=_accord-connect-offsets\n"
+            "status.storage.topic=_accord-connect-status\n"
+            "config.storage.replication.factor=1\n"
+            "offset.storage.replication.factor=1\n"
+            "status.storage.replication.factor=1\n"
+            "offset.flush.interval.ms=5000\n"
+            f"listeners=http://{self.stack.host}:{self.port}\n"
+            f"rest.advertised.host.name={self.stack.host}\n"
+            f"rest.advertised.port={self.port}\n"
+            f"plugin.path={self.paths.connect_plugins}\n"
+            "topic.creation.enable=true\n"
+            "config.providers=env\n"
+            "config.providers.env.class="
+            "org.apache.kafka.common.config.provider.EnvVarConfigProvider\n"
+            f"{converter}\n"
+        )
+
+    def worker_env(self) -> dict[str, str]:
+        """Values that connector files reference as ${env:NAME}; secrets stay out of REST."""
+        env = {"KAFKA_BOOTSTRAP_SERVERS": self.settings.kafka}
+        ports = {"crm": self.stack.postgres_port, "support": self.stack.postgres_port,
+                 "billing": self.stack.mariadb_port}
+        for system, port in ports.items():
+            source = self.settings.source(system)
+            prefix = system.upper()
+            env[f"{prefix}_DB_HOST"] = self.stack.host
+            env[f"{prefix}_DB_PORT"] = str(port)
+            env[f"{prefix}_DB_USER"] = source.cdc_user
+            env[f"{prefix}_DB_PASSWORD"] = source.cdc_password.get_secret_value()
+        return env
+
+    def process(self) -> ProcessSpec:
+        return self._spec(
+            [
+                find_java(self.name, self.java_major),
+                f"-Xms{self.stack.connect_heap}", f"-Xmx{self.stack.connect_heap}",
+                "-XX:+UseG1GC", "-Djava.awt.headless=true",
+                f"-Dlog4j2.configurationFile={self.home / 'log4j2.properties'}",
+                "-cp", f"{self.paths.kafka_libs}/*",
+                "org.apache.kafka.connect.cli.ConnectDistributed", str(self.config),
+            ],
+            env=self.worker_env(),
+        )
+
+    def health(self) -> Health:
+        try:
+            response = httpx.get(f"{self.settings.connect}/connector-plugins", timeout=3)
+        except httpx.HTTPError as exc:
+            return Health(False, _short(exc))
+        if response.status_code != 200:
+            return Health(False, f"REST API answered {response.status_code}")
+        classes = {plugin["class"] for plugin in response.json()}
+        missing = [name for name in self.required_plugins if name not in classes]
+        if missing:
+            return Health(False, f"plugins missing: {', '.join(missing)}")
+        return Health(True, f"REST API up, {len(classes)} plugins incl. Debezium")
+
+
+_SILENT = logging.getLogger("accord.stack.librdkafka")
+_SILENT.addHandler(logging.NullHandler())
+_SILENT.propagate = False
+
+
+def _short(exc: object) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:200]
+
+
+COMPONENT_TYPES: tuple[type[Component], ...] = (Postgres, MariaDB, Redis, Kafka, Registry, Connect)

@@ -1,0 +1,183 @@
+"""Brings the local stack up in dependency order, reports its health, takes it down."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+from streams.errors import StackError
+from streams.settings import AccordSettings
+from streams.stack import install
+from streams.stack.components import COMPONENT_TYPES, Component, StackPaths, find_java
+from streams.stack.process import port_in_use, read_pid, spawn, stop, tail, wait_until
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class ComponentStatus:
+    name: str
+    running: bool
+    healthy: bool
+    pid: int | None
+    port: int
+    version: str
+    detail: str
+    log: str
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+class Stack:
+    """The six processes of the local stack, as one unit."""
+
+    def __init__(self, settings: AccordSettings, progress: Progress | None = None) -> None:
+        self.settings = settings
+        self.paths = StackPaths(settings.stack.state_dir.resolve())
+        self.components: dict[str, Component] = {
+            kind.name: kind(settings, self.paths) for kind in COMPONENT_TYPES
+        }
+        self.progress: Progress = progress or (lambda _message: None)
+
+    def select(self, names: list[str] | None = None) -> list[Component]:
+        """The named components plus everything they depend on, in start order."""
+        if not names:
+            return list(self.components.values())
+        unknown = [name for name in names if name not in self.components]
+        if unknown:
+            raise StackError(
+                ", ".join(unknown), f"unknown component; choose from {', '.join(self.components)}"
+            )
+        wanted: set[str] = set()
+
+        def add(name: str) -> None:
+            if name not in wanted:
+                wanted.add(name)
+                for dependency in self.components[name].depends_on:
+                    add(dependency)
+
+        for name in names:
+            add(name)
+        return [c for name, c in self.components.items() if name in wanted]
+
+    def up(self, names: list[str] | None = None) -> list[ComponentStatus]:
+        """Install, start and bootstrap; idempotent, waits until every component is healthy."""
+        components = self.select(names)
+        self.paths.root.mkdir(parents=True, exist_ok=True)
+        if self.settings.stack.install_missing:
+            install.ensure_installed(components, self.paths, self.progress)
+        for component in components:
+            if component.java_major:
+                find_java(component.name, component.java_major)
+        for wave in self._waves(components):
+            started = [c for c in wave if self._start(c)]
+            for component in wave:
+                self._await_healthy(component, just_started=component in started)
+            for component in wave:
+                self._bootstrap(component)
+        return self.status([c.name for c in components])
+
+    def _bootstrap(self, component: Component) -> None:
+        try:
+            component.bootstrap()
+        except StackError:
+            raise
+        except Exception as exc:  # any driver error: report it against the component
+            raise StackError(
+                component.name, f"bootstrap failed: {type(exc).__name__}: {exc}", component.log
+            ) from exc
+
+    def _waves(self, components: list[Component]) -> list[list[Component]]:
+        """Group components so each wave depends only on earlier waves."""
+        names = {c.name for c in components}
+        placed: set[str] = set()
+        waves: list[list[Component]] = []
+        remaining = list(components)
+        while remaining:
+            wave = [
+                c for c in remaining
+                if all(d in placed or d not in names for d in c.depends_on)
+            ]
+            waves.append(wave)
+            placed.update(c.name for c in wave)
+            remaining = [c for c in remaining if c not in wave]
+        return waves
+
+    def _start(self, component: Component) -> bool:
+        spec = component.process()
+        if read_pid(spec) is not None:
+            self.progress(f"{component.name}: already running")
+            return False
+        if port_in_use(self.settings.stack.host, component.port):
+            raise StackError(
+                component.name,
+                f"port {component.port} on {self.settings.stack.host} is in use by another "
+                f"process; free it or choose another port "
+                f"(ACCORD_STACK__{component.name.upper()}_PORT)",
+                component.log,
+            )
+        component.prepare()
+        self.progress(f"{component.name}: starting on port {component.port}")
+        spawn(component.process())
+        return True
+
+    def _await_healthy(self, component: Component, just_started: bool) -> None:
+        spec = component.process()
+        started = time.monotonic()
+        last_detail = ""
+
+        def ready() -> bool:
+            nonlocal last_detail
+            if read_pid(spec) is None:
+                raise StackError(
+                    component.name,
+                    "process exited during start-up; last log lines:\n"
+                    + tail(component.log),
+                    component.log,
+                )
+            health = component.health()
+            last_detail = health.detail
+            return health.ok
+
+        if not wait_until(ready, self.settings.stack.startup_timeout_s, interval_s=0.5):
+            raise StackError(
+                component.name,
+                f"not healthy after {self.settings.stack.startup_timeout_s:.0f}s ({last_detail})",
+                component.log,
+            )
+        if just_started:
+            self.progress(f"{component.name}: healthy in {time.monotonic() - started:.1f}s")
+
+    def down(self) -> list[str]:
+        """Stop every component, dependants first. Returns the names that were running."""
+        stopped: list[str] = []
+        for component in reversed(list(self.components.values())):
+            if stop(component.process()):
+                self.progress(f"{component.name}: stopped")
+                stopped.append(component.name)
+        return stopped
+
+    def status(self, names: list[str] | None = None) -> list[ComponentStatus]:
+        statuses = []
+        for component in self.select(names):
+            pid = read_pid(component.process())
+            health = component.health() if pid else None
+            try:
+                version = component.version()
+            except StackError as exc:
+                version = f"not installed ({exc})"
+            statuses.append(
+                ComponentStatus(
+                    name=component.name,
+                    running=pid is not None,
+                    healthy=bool(health and health.ok),
+                    pid=pid,
+                    port=component.port,
+                    version=version,
+                    detail=health.detail if health else "not running",
+                    log=str(component.log),
+                )
+            )
+        return statuses
