@@ -14,12 +14,18 @@ from rich.table import Table
 from streams.errors import AccordError
 from streams.settings import AccordSettings, load_settings
 
-app = typer.Typer(help="Accord: customer master data in accord across your systems.",
-                  no_args_is_help=True, pretty_exceptions_enable=False)
-stack_app = typer.Typer(help="The local stack: PostgreSQL, MariaDB, Redis, Kafka, registry, "
-                             "Kafka Connect.", no_args_is_help=True)
-connectors_app = typer.Typer(help="Debezium source connectors from connectors/<system>/source.json.",
-                             no_args_is_help=True)
+app = typer.Typer(
+    help="Accord: customer master data in accord across your systems.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+stack_app = typer.Typer(
+    help="The local stack: PostgreSQL, MariaDB, Redis, Kafka, registry, Kafka Connect.",
+    no_args_is_help=True,
+)
+connectors_app = typer.Typer(
+    help="Debezium source connectors from connectors/<system>/source.json.", no_args_is_help=True
+)
 demo_app = typer.Typer(help="Sample data and the demo job.", no_args_is_help=True)
 app.add_typer(stack_app, name="stack")
 app.add_typer(connectors_app, name="connectors")
@@ -39,8 +45,10 @@ def settings() -> AccordSettings:
 
 @app.callback()
 def main(
-    config: Annotated[Path | None, typer.Option(help="TOML config file (default ./accord.toml).",
-                                                envvar="ACCORD_CONFIG")] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option(help="TOML config file (default ./accord.toml).", envvar="ACCORD_CONFIG"),
+    ] = None,
 ) -> None:
     _State.config = config
 
@@ -54,8 +62,9 @@ def _progress(message: str) -> None:
 
 @stack_app.command("up")
 def stack_up(
-    components: Annotated[list[str] | None, typer.Argument(help="Only these (and their "
-                                                                "dependencies).")] = None,
+    components: Annotated[
+        list[str] | None, typer.Argument(help="Only these (and their dependencies).")
+    ] = None,
 ) -> None:
     """Install what is missing, start everything, wait until healthy. Idempotent."""
     from streams.stack.manager import Stack
@@ -73,8 +82,11 @@ def stack_status(
 
     statuses = [s.as_dict() for s in Stack(settings()).status()]
     if as_json:
-        print(json.dumps({"healthy": all(s["healthy"] for s in statuses),
-                          "components": statuses}, indent=2))
+        print(
+            json.dumps(
+                {"healthy": all(s["healthy"] for s in statuses), "components": statuses}, indent=2
+            )
+        )
     else:
         _render_status(statuses)
     if not all(s["healthy"] for s in statuses):
@@ -93,8 +105,11 @@ def stack_down() -> None:
 def _render_status(statuses: list[dict[str, object]]) -> None:
     table = Table("component", "state", "port", "version", "detail")
     for s in statuses:
-        state = "[green]healthy[/green]" if s["healthy"] else (
-            "[yellow]unhealthy[/yellow]" if s["running"] else "[red]stopped[/red]")
+        state = (
+            "[green]healthy[/green]"
+            if s["healthy"]
+            else ("[yellow]unhealthy[/yellow]" if s["running"] else "[red]stopped[/red]")
+        )
         table.add_row(str(s["name"]), state, str(s["port"]), str(s["version"]), str(s["detail"]))
     console.print(table)
 
@@ -104,8 +119,9 @@ def _render_status(statuses: list[dict[str, object]]) -> None:
 
 @connectors_app.command("apply")
 def connectors_apply(
-    systems: Annotated[list[str] | None, typer.Argument(help="crm, billing, support "
-                                                             "(default: all).")] = None,
+    systems: Annotated[
+        list[str] | None, typer.Argument(help="crm, billing, support (default: all).")
+    ] = None,
     wait: Annotated[float, typer.Option(help="Seconds to wait for RUNNING (0: don't).")] = 90.0,
 ) -> None:
     """Create or update connectors through the Kafka Connect REST API."""
@@ -124,8 +140,9 @@ def connectors_status(
 
     current = settings()
     client = ConnectClient(current.connect)
-    states = [client.state(load_connector(current.connectors_dir, s).name).as_dict()
-              for s in SYSTEMS]
+    states = [
+        client.state(load_connector(current.connectors_dir, s).name).as_dict() for s in SYSTEMS
+    ]
     if as_json:
         print(json.dumps(states, indent=2))
     else:
@@ -138,8 +155,12 @@ def _render_connectors(states: list[dict[str, object]]) -> None:
     table = Table("connector", "state", "tasks", "error")
     for s in states:
         colour = "green" if s["running"] else "red"
-        table.add_row(str(s["name"]), f"[{colour}]{s['state']}[/{colour}]",
-                      ", ".join(s["tasks"]) or "-", str(s["trace"] or ""))  # type: ignore[arg-type]
+        table.add_row(
+            str(s["name"]),
+            f"[{colour}]{s['state']}[/{colour}]",
+            ", ".join(s["tasks"]) or "-",
+            str(s["trace"] or ""),
+        )  # type: ignore[arg-type]
     console.print(table)
 
 
@@ -156,8 +177,11 @@ def demo_seed(
     from streams.demo import seed
 
     inserted = seed(settings(), count, seed_value, start)
-    console.print("inserted: " + ", ".join(f"{k} {v}" for k, v in inserted.items())
-                  + " (existing keys are skipped)")
+    console.print(
+        "inserted: "
+        + ", ".join(f"{k} {v}" for k, v in inserted.items())
+        + " (existing keys are skipped)"
+    )
 
 
 @demo_app.command("run")
@@ -178,8 +202,16 @@ def demo_run(
         inserted = seed(current, count)
         _progress("seeded " + ", ".join(f"{k}: {v} new" for k, v in inserted.items()))
     changes = trace_changes(current, _progress, timeout_s=timeout)
-    table = Table("system", "op", "key", "topic@partition:offset", "schema id", "decoded row",
-                  "commit→topic", title="Source changes arriving on Kafka, decoded via the registry")
+    table = Table(
+        "system",
+        "op",
+        "key",
+        "topic@partition:offset",
+        "schema id",
+        "decoded row",
+        "commit→topic",
+        title="Source changes arriving on Kafka, decoded via the registry",
+    )
     for change in changes:
         event = change.event
         if event is None:
@@ -187,16 +219,23 @@ def demo_run(
             continue
         row = event.row or {}
         shown = ", ".join(f"{k}={v!r}" for k, v in row.items() if v is not None)
-        table.add_row(change.system, event.op or "", change.key,
-                      f"{event.topic}@{event.partition}:{event.offset}", str(event.schema_id),
-                      shown[:70] + ("…" if len(shown) > 70 else ""),
-                      f"{change.latency_ms:.0f} ms")
+        table.add_row(
+            change.system,
+            event.op or "",
+            change.key,
+            f"{event.topic}@{event.partition}:{event.offset}",
+            str(event.schema_id),
+            shown[:70] + ("…" if len(shown) > 70 else ""),
+            f"{change.latency_ms:.0f} ms",
+        )
     console.print(table)
     missing = [c for c in changes if c.event is None]
     if missing:
         err.print(f"[red]{len(missing)} change(s) did not arrive within {timeout:.0f}s[/red]")
         raise typer.Exit(1)
-    console.print(f"[green]all {len(changes)} changes arrived as decoded Debezium envelopes[/green]")
+    console.print(
+        f"[green]all {len(changes)} changes arrived as decoded Debezium envelopes[/green]"
+    )
 
 
 def run() -> None:
@@ -204,7 +243,8 @@ def run() -> None:
     try:
         app()
     except AccordError as exc:
-        err.print(f"[red]error:[/red] {exc}")
+        err.print("[red]error:[/red]", end=" ")
+        err.print(str(exc), markup=False, highlight=False, soft_wrap=True)
         sys.exit(1)
 
 

@@ -29,13 +29,20 @@ class ConnectorState:
 
     @property
     def running(self) -> bool:
-        return self.state == "RUNNING" and bool(self.tasks) and all(
-            task == "RUNNING" for task in self.tasks
+        return (
+            self.state == "RUNNING"
+            and bool(self.tasks)
+            and all(task == "RUNNING" for task in self.tasks)
         )
 
     def as_dict(self) -> dict[str, object]:
-        return {"name": self.name, "state": self.state, "tasks": self.tasks,
-                "running": self.running, "trace": self.trace}
+        return {
+            "name": self.name,
+            "state": self.state,
+            "tasks": self.tasks,
+            "running": self.running,
+            "trace": self.trace,
+        }
 
 
 def load_connector(connectors_dir: Path, system: str) -> ConnectorFile:

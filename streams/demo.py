@@ -32,18 +32,22 @@ def apply_connectors(
     for connector in files:
         client.apply(connector)
     if wait_s > 0:
+
         def all_running() -> bool:
             return all(client.state(c.name).running for c in files)
 
         if not wait_until(all_running, wait_s, interval_s=1.0):
             states = [client.state(c.name) for c in files]
-            failing = [f"{s.name}: {s.state} {s.tasks} {s.trace or ''}" for s in states
-                       if not s.running]
+            failing = [
+                f"{s.name}: {s.state} {s.tasks} {s.trace or ''}" for s in states if not s.running
+            ]
             raise AccordError("connectors not running: " + "; ".join(failing))
     return [client.state(c.name).as_dict() for c in files]
 
 
-def seed(settings: AccordSettings, count: int, seed_value: int = 7, start: int = 0) -> dict[str, int]:
+def seed(
+    settings: AccordSettings, count: int, seed_value: int = 7, start: int = 0
+) -> dict[str, int]:
     """Load `count` generated customers into the systems that know them; idempotent."""
     generator = SampleGenerator(seed_value)
     rows: dict[str, list[dict[str, object]]] = {system: [] for system in SYSTEMS}
@@ -79,11 +83,14 @@ def change_each_system(settings: AccordSettings, tag: str) -> list[TracedChange]
     with postgres(settings, "crm") as conn:
         (crm_id,) = conn.execute(
             "INSERT INTO customers (first_name, last_name, email, country) "
-            "VALUES ('Grace', 'Hopper', %s, 'United States') RETURNING id", (email.upper(),)
+            "VALUES ('Grace', 'Hopper', %s, 'United States') RETURNING id",
+            (email.upper(),),
         ).fetchone()
         changes.append(TracedChange("crm", "c", str(crm_id), time.time()))
-        conn.execute("UPDATE customers SET phone = '(212) 555-0142', updated_at = now() "
-                     "WHERE id = %s", (crm_id,))
+        conn.execute(
+            "UPDATE customers SET phone = '(212) 555-0142', updated_at = now() WHERE id = %s",
+            (crm_id,),
+        )
         changes.append(TracedChange("crm", "u", str(crm_id), time.time()))
         conn.execute("DELETE FROM customers WHERE id = %s", (crm_id,))
         changes.append(TracedChange("crm", "d", str(crm_id), time.time()))
@@ -91,7 +98,8 @@ def change_each_system(settings: AccordSettings, tag: str) -> list[TracedChange]
     with mariadb(settings) as conn, conn.cursor() as cur:
         cur.execute(
             "INSERT INTO accounts (account_no, legal_name, contact_email, credit_limit, "
-            "billing_country, currency) VALUES (%s, 'Hopper Computing Ltd', %s, 2500.00, 'USA', 'USD')",
+            "billing_country, currency) "
+            "VALUES (%s, 'Hopper Computing Ltd', %s, 2500.00, 'USA', 'USD')",
             (account_no, email),
         )
         changes.append(TracedChange("billing", "c", account_no, time.time()))
@@ -102,11 +110,13 @@ def change_each_system(settings: AccordSettings, tag: str) -> list[TracedChange]
     with postgres(settings, "support") as conn:
         (user_id,) = conn.execute(
             "INSERT INTO users (email, display_name, locale) VALUES (%s, 'Grace Hopper', 'en-US') "
-            "RETURNING id", (f"  {email} ",)
+            "RETURNING id",
+            (f"  {email} ",),
         ).fetchone()
         changes.append(TracedChange("support", "c", str(user_id), time.time()))
-        conn.execute("UPDATE users SET tier = 'premium', updated_at = now() WHERE id = %s",
-                     (user_id,))
+        conn.execute(
+            "UPDATE users SET tier = 'premium', updated_at = now() WHERE id = %s", (user_id,)
+        )
         changes.append(TracedChange("support", "u", str(user_id), time.time()))
         conn.execute("DELETE FROM users WHERE id = %s", (user_id,))
         changes.append(TracedChange("support", "d", str(user_id), time.time()))

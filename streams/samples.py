@@ -172,12 +172,17 @@ def _messy_phone(e164: str, country: str, rng: random.Random) -> str | None:
     if country in ("US", "CA"):
         n = e164[2:]
         return rng.choice(
-            (f"({n[:3]}) {n[3:6]}-{n[6:]}", f"{n[:3]}.{n[3:6]}.{n[6:]}", f"+1 {n[:3]} {n[3:6]} {n[6:]}",
-             f"1-{n[:3]}-{n[3:6]}-{n[6:]}", e164)
+            (
+                f"({n[:3]}) {n[3:6]}-{n[6:]}",
+                f"{n[:3]}.{n[3:6]}.{n[6:]}",
+                f"+1 {n[:3]} {n[3:6]} {n[6:]}",
+                f"1-{n[:3]}-{n[3:6]}-{n[6:]}",
+                e164,
+            )
         )
     code_len = 2
-    national = "0" + e164[1 + code_len:]
-    spaced = " ".join(national[i:i + 3] for i in range(0, len(national), 3))
+    national = "0" + e164[1 + code_len :]
+    spaced = " ".join(national[i : i + 3] for i in range(0, len(national), 3))
     return rng.choice((national, spaced, e164, f"00{e164[1:]}", f"+{e164[1:3]} {spaced[1:]}"))
 
 

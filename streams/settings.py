@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -29,6 +29,8 @@ class StackSettings(BaseModel):
     Ports are deliberately not the services' defaults, so the stack never collides with
     a PostgreSQL, MariaDB or Redis that a package install started on this machine.
     """
+
+    model_config = ConfigDict(extra="forbid")
 
     state_dir: Path = Field(Path(".accord"), description="All state, logs and downloads.")
     host: str = "127.0.0.1"
@@ -54,11 +56,25 @@ class StackSettings(BaseModel):
 class SourceDatabase(BaseModel):
     """Credentials of one sample source system's database."""
 
+    model_config = ConfigDict(extra="forbid")
+
     database: str
     app_user: str = "accord"
     app_password: SecretStr = SecretStr("accord")
     cdc_user: str = "debezium"
     cdc_password: SecretStr = SecretStr("debezium")
+
+
+class CrmDatabase(SourceDatabase):
+    database: str = "crm"
+
+
+class BillingDatabase(SourceDatabase):
+    database: str = "billing"
+
+
+class SupportDatabase(SourceDatabase):
+    database: str = "support"
 
 
 class AccordSettings(BaseSettings):
@@ -69,9 +85,9 @@ class AccordSettings(BaseSettings):
     )
 
     stack: StackSettings = StackSettings()
-    crm: SourceDatabase = SourceDatabase(database="crm")
-    billing: SourceDatabase = SourceDatabase(database="billing")
-    support: SourceDatabase = SourceDatabase(database="support")
+    crm: CrmDatabase = CrmDatabase()
+    billing: BillingDatabase = BillingDatabase()
+    support: SupportDatabase = SupportDatabase()
     connectors_dir: Path = Path("connectors")
     kafka_bootstrap: str | None = Field(None, description="Defaults to the local stack's broker.")
     schema_registry_url: str | None = Field(

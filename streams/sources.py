@@ -40,9 +40,7 @@ def mariadb(settings: AccordSettings) -> pymysql.connections.Connection:
     )
 
 
-def insert_rows(
-    settings: AccordSettings, system: str, rows: Iterable[Mapping[str, object]]
-) -> int:
+def insert_rows(settings: AccordSettings, system: str, rows: Iterable[Mapping[str, object]]) -> int:
     """Insert rows, skipping keys that exist already, so seeding can run twice."""
     rows = list(rows)
     if not rows:

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaException
-from confluent_kafka.schema_registry import SchemaRegistryClient
 from confluent_kafka.schema_registry.avro import AvroDeserializer
 from confluent_kafka.serialization import MessageField, SerializationContext
 
+from streams.registry import registry_client
 from streams.settings import AccordSettings
 
 RAW_TOPICS = {
@@ -51,8 +51,7 @@ class RawTopicReader:
     """A throwaway consumer group over raw topics that yields decoded messages."""
 
     def __init__(self, settings: AccordSettings, topics: list[str], from_beginning: bool) -> None:
-        registry = SchemaRegistryClient({"url": settings.registry})
-        self._deserializer = AvroDeserializer(registry)
+        self._deserializer = AvroDeserializer(registry_client(settings))
         self._consumer = Consumer(
             {
                 "bootstrap.servers": settings.kafka,

@@ -129,6 +129,22 @@ def service_user(name: str) -> str | None:
     return name
 
 
+def check_reachable(component: str, path: Path, user: str | None) -> None:
+    """A database run as its system user must be able to walk down to its data folder."""
+    if user is None:
+        return
+    uid = pwd.getpwnam(user).pw_uid
+    for parent in reversed(path.resolve().parents):
+        info = parent.stat()
+        if info.st_uid != uid and not info.st_mode & 0o001:
+            raise StackError(
+                component,
+                f"the state folder {path} is not reachable by system user {user!r}: "
+                f"{parent} is private (mode {oct(info.st_mode & 0o777)}); choose a "
+                "state_dir below world-traversable folders (ACCORD_STACK__STATE_DIR)",
+            )
+
+
 def chown_tree(path: Path, user: str | None) -> None:
     if user is None:
         return
@@ -176,6 +192,7 @@ class Postgres(Component):
     def prepare(self) -> None:
         user = service_user("postgres")
         (self.home / "run").mkdir(parents=True, exist_ok=True)
+        check_reachable(self.name, self.home, user)
         chown_tree(self.home, user)
         if (self.data / "PG_VERSION").exists():
             return
@@ -187,8 +204,10 @@ class Postgres(Component):
                 self.name,
                 [
                     str(self.bin_dir / "initdb"),
-                    "-D", str(self.data),
-                    "-U", "postgres",
+                    "-D",
+                    str(self.data),
+                    "-U",
+                    "postgres",
                     f"--pwfile={pwfile}",
                     "--auth-local=trust",
                     "--auth-host=scram-sha-256",
@@ -222,7 +241,7 @@ class Postgres(Component):
             stop_signal=signal.SIGINT,  # "fast" shutdown
         )
 
-    def connect(self, dbname: str = "postgres"):  # noqa: ANN201 - psycopg type is dynamic
+    def connect(self, dbname: str = "postgres"):
         import psycopg
 
         return psycopg.connect(
@@ -239,7 +258,7 @@ class Postgres(Component):
         try:
             with self.connect() as conn:
                 level = conn.execute("SHOW wal_level").fetchone()[0]
-        except Exception as exc:  # noqa: BLE001 - any failure means "not healthy yet"
+        except Exception as exc:
             return Health(False, _short(exc))
         if level != "logical":
             return Health(False, f"wal_level is {level}, not logical")
@@ -269,10 +288,14 @@ class Postgres(Component):
                     )
             for system in ("crm", "support", "registry"):
                 dbname = self.settings.source(system).database if system != "registry" else system
-                owner = self.settings.crm.app_user if system == "registry" else (
-                    self.settings.source(system).app_user
+                owner = (
+                    self.settings.crm.app_user
+                    if system == "registry"
+                    else (self.settings.source(system).app_user)
                 )
-                if not conn.execute("SELECT 1 FROM pg_database WHERE datname=%s", (dbname,)).fetchone():
+                if not conn.execute(
+                    "SELECT 1 FROM pg_database WHERE datname=%s", (dbname,)
+                ).fetchone():
                     conn.execute(
                         sql.SQL("CREATE DATABASE {} OWNER {}").format(
                             sql.Identifier(dbname), sql.Identifier(owner)
@@ -336,6 +359,7 @@ class MariaDB(Component):
     def prepare(self) -> None:
         user = service_user("mysql")
         (self.home / "run").mkdir(parents=True, exist_ok=True)
+        check_reachable(self.name, self.home, user)
         self.config.write_text(
             "[mariadbd]\n"
             f"datadir = {self.data}\n"
@@ -379,7 +403,7 @@ class MariaDB(Component):
             user=service_user("mysql"),
         )
 
-    def _root(self):  # noqa: ANN202
+    def _root(self):
         import pymysql
 
         root_password = self.stack.mariadb_root_password.get_secret_value()
@@ -387,8 +411,11 @@ class MariaDB(Component):
         for password in (root_password, ""):  # "" only before the first bootstrap
             try:
                 return pymysql.connect(
-                    unix_socket=str(self.socket), user="root", password=password,
-                    connect_timeout=3, autocommit=True,
+                    unix_socket=str(self.socket),
+                    user="root",
+                    password=password,
+                    connect_timeout=3,
+                    autocommit=True,
                 )
             except pymysql.err.OperationalError as exc:
                 last = exc
@@ -400,8 +427,10 @@ class MariaDB(Component):
         source = self.settings.billing
         try:
             conn = pymysql.connect(
-                unix_socket=str(self.socket), user="root",
-                password=self.stack.mariadb_root_password.get_secret_value(), connect_timeout=3,
+                unix_socket=str(self.socket),
+                user="root",
+                password=self.stack.mariadb_root_password.get_secret_value(),
+                connect_timeout=3,
             )
         except pymysql.err.OperationalError as exc:
             if exc.args and exc.args[0] == 1045:  # access denied: up, not bootstrapped yet
@@ -412,8 +441,11 @@ class MariaDB(Component):
             log_bin, fmt = cur.fetchone()
         if not log_bin or fmt != "ROW":
             return Health(False, f"binlog not in ROW format (log_bin={log_bin}, format={fmt})")
-        return Health(True, f"accepting connections on {self.stack.host}:{self.port} "
-                            f"(binlog ROW, database {source.database})")
+        return Health(
+            True,
+            f"accepting connections on {self.stack.host}:{self.port} "
+            f"(binlog ROW, database {source.database})",
+        )
 
     def bootstrap(self) -> None:
         source = self.settings.billing
@@ -441,7 +473,9 @@ class MariaDB(Component):
             for statement in statements:
                 cur.execute(statement, params)
             cur.execute(f"USE `{source.database}`")
-            for statement in sql_statements(self.settings.connectors_dir / "billing" / "schema.sql"):
+            for statement in sql_statements(
+                self.settings.connectors_dir / "billing" / "schema.sql"
+            ):
                 cur.execute(statement)
 
 
@@ -482,13 +516,20 @@ class Redis(Component):
         return self._spec(
             [
                 self._binary(),
-                "--bind", self.stack.host,
-                "--port", str(self.port),
-                "--dir", str(self.home),
-                "--appendonly", "yes",
-                "--daemonize", "no",
-                "--protected-mode", "yes",
-                "--save", "",
+                "--bind",
+                self.stack.host,
+                "--port",
+                str(self.port),
+                "--dir",
+                str(self.home),
+                "--appendonly",
+                "yes",
+                "--daemonize",
+                "no",
+                "--protected-mode",
+                "yes",
+                "--save",
+                "",
             ],
         )
 
@@ -593,10 +634,15 @@ class Kafka(Component):
         run_checked(
             self.name,
             [
-                find_java(self.name, self.java_major), "-cp", f"{self.paths.kafka_libs}/*",
+                find_java(self.name, self.java_major),
+                "-cp",
+                f"{self.paths.kafka_libs}/*",
                 f"-Dlog4j2.configurationFile={self.home / 'log4j2.properties'}",
-                "kafka.tools.StorageTool", "format",
-                f"--cluster-id={cluster_id}", f"--config={self.config}", "--standalone",
+                "kafka.tools.StorageTool",
+                "format",
+                f"--cluster-id={cluster_id}",
+                f"--config={self.config}",
+                "--standalone",
             ],
             self.log,
         )
@@ -605,12 +651,16 @@ class Kafka(Component):
         return self._spec(
             [
                 find_java(self.name, self.java_major),
-                f"-Xms{self.stack.kafka_heap}", f"-Xmx{self.stack.kafka_heap}",
-                "-XX:+UseG1GC", "-Djava.awt.headless=true",
+                f"-Xms{self.stack.kafka_heap}",
+                f"-Xmx{self.stack.kafka_heap}",
+                "-XX:+UseG1GC",
+                "-Djava.awt.headless=true",
                 f"-Dlog4j2.configurationFile={self.home / 'log4j2.properties'}",
                 f"-Dkafka.logs.dir={self.home / 'logs'}",
-                "-cp", f"{self.paths.kafka_libs}/*",
-                "kafka.Kafka", str(self.config),
+                "-cp",
+                f"{self.paths.kafka_libs}/*",
+                "kafka.Kafka",
+                str(self.config),
             ],
         )
 
@@ -626,7 +676,7 @@ class Kafka(Component):
         )
         try:
             metadata = admin.list_topics(timeout=3)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             return Health(False, _short(exc))
         return Health(True, f"{len(metadata.brokers)} broker(s), {len(metadata.topics)} topic(s)")
 
@@ -707,7 +757,8 @@ class Registry(Component):
                 find_java(self.name, self.java_major),
                 f"-Xmx{self.stack.registry_heap}",
                 *[f"-D{key}={value}" for key, value in props.items()],
-                "-jar", str(self.paths.registry_app / "quarkus-run.jar"),
+                "-jar",
+                str(self.paths.registry_app / "quarkus-run.jar"),
             ],
             cwd=self.paths.registry_app,
             # The password goes through the environment, never the command line.
@@ -800,8 +851,11 @@ class Connect(Component):
     def worker_env(self) -> dict[str, str]:
         """Values that connector files reference as ${env:NAME}; secrets stay out of REST."""
         env = {"KAFKA_BOOTSTRAP_SERVERS": self.settings.kafka}
-        ports = {"crm": self.stack.postgres_port, "support": self.stack.postgres_port,
-                 "billing": self.stack.mariadb_port}
+        ports = {
+            "crm": self.stack.postgres_port,
+            "support": self.stack.postgres_port,
+            "billing": self.stack.mariadb_port,
+        }
         for system, port in ports.items():
             source = self.settings.source(system)
             prefix = system.upper()
@@ -815,11 +869,15 @@ class Connect(Component):
         return self._spec(
             [
                 find_java(self.name, self.java_major),
-                f"-Xms{self.stack.connect_heap}", f"-Xmx{self.stack.connect_heap}",
-                "-XX:+UseG1GC", "-Djava.awt.headless=true",
+                f"-Xms{self.stack.connect_heap}",
+                f"-Xmx{self.stack.connect_heap}",
+                "-XX:+UseG1GC",
+                "-Djava.awt.headless=true",
                 f"-Dlog4j2.configurationFile={self.home / 'log4j2.properties'}",
-                "-cp", f"{self.paths.kafka_libs}/*",
-                "org.apache.kafka.connect.cli.ConnectDistributed", str(self.config),
+                "-cp",
+                f"{self.paths.kafka_libs}/*",
+                "org.apache.kafka.connect.cli.ConnectDistributed",
+                str(self.config),
             ],
             env=self.worker_env(),
         )

@@ -102,8 +102,14 @@ def resolve_maven_profiles(
             shutil.rmtree(paths.root / output, ignore_errors=True)
         progress(f"resolving Maven profile '{profile}' (cached in ~/.m2 after the first time)")
         argv = [
-            mvn, "-B", "-q", "-f", str(POM), f"-P{profile}",
-            f"-Dstack.dir={paths.root.resolve()}", "generate-resources",
+            mvn,
+            "-B",
+            "-q",
+            "-f",
+            str(POM),
+            f"-P{profile}",
+            f"-Dstack.dir={paths.root.resolve()}",
+            "generate-resources",
         ]
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "ab") as out:

@@ -97,8 +97,7 @@ class Stack:
         remaining = list(components)
         while remaining:
             wave = [
-                c for c in remaining
-                if all(d in placed or d not in names for d in c.depends_on)
+                c for c in remaining if all(d in placed or d not in names for d in c.depends_on)
             ]
             waves.append(wave)
             placed.update(c.name for c in wave)
@@ -133,8 +132,7 @@ class Stack:
             if read_pid(spec) is None:
                 raise StackError(
                     component.name,
-                    "process exited during start-up; last log lines:\n"
-                    + tail(component.log),
+                    "process exited during start-up; last log lines:\n" + tail(component.log),
                     component.log,
                 )
             health = component.health()

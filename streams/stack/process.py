@@ -85,6 +85,8 @@ def stop(spec: ProcessSpec, timeout_s: float = 60.0) -> bool:
     if not wait_until(lambda: not _group_alive(pid), timeout_s):
         _signal_group(pid, signal.SIGKILL)
         wait_until(lambda: not _group_alive(pid), 10.0)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)  # reap it when we are its parent (tests, `demo run`)
     spec.pid_file.unlink(missing_ok=True)
     return True
 

@@ -1,0 +1,47 @@
+# Two targets a newcomer needs: `make demo` and `make test`. Both install what they need.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: install demo test test-unit lint format stack-up stack-status stack-down clean
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
+		{ echo "Python 3.11+ is required (found: $$($(PYTHON) --version))"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
+	@touch $@
+
+install: $(STAMP)
+
+## The main job: bring the stack up (installing it on first run) and run the demo.
+demo: $(STAMP)
+	$(BIN)/accord demo run
+
+## The whole suite: unit tests, then integration and end-to-end tests on the real stack.
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+test-unit: $(STAMP)
+	$(BIN)/python -m pytest tests/unit
+
+lint: $(STAMP)
+	$(BIN)/ruff check streams tests
+	$(BIN)/ruff format --check streams tests
+
+format: $(STAMP)
+	$(BIN)/ruff format streams tests
+	$(BIN)/ruff check --fix streams tests
+
+stack-up: $(STAMP)
+	$(BIN)/accord stack up
+
+stack-status: $(STAMP)
+	$(BIN)/accord stack status
+
+stack-down: $(STAMP)
+	$(BIN)/accord stack down
+
+clean: stack-down
+	rm -rf .accord
