@@ -13,6 +13,7 @@ from rich.table import Table
 
 from streams.errors import AccordError
 from streams.settings import AccordSettings, load_settings
+from streams.topics import DecodedMessage
 
 app = typer.Typer(
     help="Accord: customer master data in accord across your systems.",
@@ -206,26 +207,22 @@ def demo_run(
         "system",
         "op",
         "key",
-        "topic@partition:offset",
         "schema id",
-        "decoded row",
+        "row",
         "commit→topic",
         title="Source changes arriving on Kafka, decoded via the registry",
     )
     for change in changes:
         event = change.event
         if event is None:
-            table.add_row(change.system, change.op, change.key, "[red]not seen[/red]", "", "", "")
+            table.add_row(change.system, change.op, change.key, "", "[red]not seen[/red]", "")
             continue
-        row = event.row or {}
-        shown = ", ".join(f"{k}={v!r}" for k, v in row.items() if v is not None)
         table.add_row(
             change.system,
             event.op or "",
-            change.key,
-            f"{event.topic}@{event.partition}:{event.offset}",
+            _clip(change.key, 14),
             str(event.schema_id),
-            shown[:70] + ("…" if len(shown) > 70 else ""),
+            _salient(change.op, event),
             f"{change.latency_ms:.0f} ms",
         )
     console.print(table)
@@ -236,6 +233,23 @@ def demo_run(
     console.print(
         f"[green]all {len(changes)} changes arrived as decoded Debezium envelopes[/green]"
     )
+
+
+def _clip(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _salient(op: str, event: DecodedMessage) -> str:
+    """The column a change is about: what a create set, what an update changed."""
+    if op == "d":
+        return "(deleted)"
+    value = event.value or {}
+    before, after = value.get("before") or {}, value.get("after") or {}
+    changed = {k: v for k, v in after.items() if before.get(k) != v and k != "updated_at"}
+    for column in ("email", "contact_email", "phone", "status", "tier"):
+        if column in changed:
+            return _clip(f"{column}={changed[column]!r}", 40)
+    return _clip(", ".join(f"{k}={v!r}" for k, v in changed.items()), 40)
 
 
 def run() -> None:

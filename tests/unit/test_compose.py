@@ -1,0 +1,103 @@
+"""docker-compose.yml cannot run here; this keeps it in agreement with the local stack."""
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from streams.settings import StackSettings, load_settings
+from streams.stack.components import Connect, StackPaths
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+
+
+@pytest.fixture(scope="module")
+def services(compose: dict) -> dict:
+    return compose["services"]
+
+
+def _pom_property(name: str) -> str:
+    pom = (ROOT / "streams" / "stack" / "pom.xml").read_text()
+    match = re.search(rf"<{re.escape(name)}>([^<]+)</{re.escape(name)}>", pom)
+    assert match, name
+    return match.group(1)
+
+
+def test_every_component_and_the_worker_are_services(services: dict) -> None:
+    expected = {"postgres", "mariadb", "redis", "kafka", "registry", "connect", "worker"}
+    assert expected <= set(services)
+    assert services["worker"]["build"] == "."
+    assert (ROOT / "Dockerfile").is_file()
+
+
+def test_host_ports_match_the_local_stack(services: dict) -> None:
+    defaults = StackSettings()
+    expected = {
+        "postgres": {f"{defaults.postgres_port}:5432"},
+        "mariadb": {f"{defaults.mariadb_port}:3306"},
+        "redis": {f"{defaults.redis_port}:6379"},
+        "kafka": {f"{defaults.kafka_port}:{defaults.kafka_port}"},
+        "registry": {f"{defaults.registry_port}:8080", f"{defaults.registry_management_port}:9000"},
+        "connect": {f"{defaults.connect_port}:8083"},
+    }
+    for service, ports in expected.items():
+        assert set(services[service]["ports"]) == ports, service
+    advertised = services["kafka"]["environment"]["KAFKA_ADVERTISED_LISTENERS"]
+    assert f"127.0.0.1:{defaults.kafka_port}" in advertised
+
+
+def test_images_run_the_versions_the_local_stack_resolves(services: dict) -> None:
+    assert services["kafka"]["image"] == f"apache/kafka:{_pom_property('kafka.version')}"
+    assert services["connect"]["image"].endswith(f":{_pom_property('debezium.version')}")
+    registry_version = _pom_property("apicurio.registry.version")
+    assert services["registry"]["image"] == f"apicurio/apicurio-registry:{registry_version}"
+
+
+def test_databases_are_configured_for_cdc(services: dict) -> None:
+    postgres = " ".join(services["postgres"]["command"])
+    assert "wal_level=logical" in postgres
+    mariadb = services["mariadb"]["command"]
+    for flag in ("--binlog-format=ROW", "--binlog-row-image=FULL", "--gtid-strict-mode=ON"):
+        assert flag in mariadb
+    assert services["mariadb"]["environment"]["MARIADB_DATABASE"] == "billing"
+
+
+def test_connect_provides_what_the_connector_files_reference(services: dict) -> None:
+    env = services["connect"]["environment"]
+    for source in (ROOT / "connectors").glob("*/source.json"):
+        for name in re.findall(r"\$\{env:([A-Z0-9_]+)\}", source.read_text()):
+            assert name in env, f"{source}: {name} not set for the connect service"
+
+
+def test_connect_matches_the_local_worker_config(services: dict, tmp_path: Path) -> None:
+    env = services["connect"]["environment"]
+    connect = Connect(load_settings(), StackPaths(tmp_path))
+    connect.prepare()
+    local = dict(
+        line.split("=", 1) for line in connect.config.read_text().splitlines() if "=" in line
+    )
+    assert env["GROUP_ID"] == local["group.id"]
+    for topic in ("config", "offset", "status"):
+        assert env[f"{topic.upper()}_STORAGE_TOPIC"] == local[f"{topic}.storage.topic"]
+    assert env["CONNECT_CONFIG_PROVIDERS_ENV_CLASS"] == local["config.providers.env.class"]
+    for side in ("key", "value"):
+        assert env[f"{side.upper()}_CONVERTER"] == local[f"{side}.converter"]
+        for option in ("as-confluent", "use-id", "auto-register", "find-latest"):
+            compose_name = f"CONNECT_{side.upper()}_CONVERTER_APICURIO_REGISTRY_{option.upper()}"
+            assert env[compose_name] == local[f"{side}.converter.apicurio.registry.{option}"]
+        assert env[f"CONNECT_{side.upper()}_CONVERTER_APICURIO_REGISTRY_URL"].endswith(
+            "/apis/registry/v2"
+        )
+
+
+def test_registry_uses_postgres_storage_like_the_local_one(services: dict) -> None:
+    env = services["registry"]["environment"]
+    assert env["APICURIO_STORAGE_KIND"] == "sql"
+    assert env["APICURIO_STORAGE_SQL_KIND"] == "postgresql"
+    assert env["APICURIO_DATASOURCE_URL"].endswith("/registry")
