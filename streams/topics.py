@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaException
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
 from confluent_kafka.schema_registry.avro import AvroDeserializer
 from confluent_kafka.serialization import MessageField, SerializationContext
 
@@ -48,7 +48,14 @@ class DecodedMessage:
 
 
 class RawTopicReader:
-    """A throwaway consumer group over raw topics that yields decoded messages."""
+    """A throwaway consumer over raw topics that yields decoded messages.
+
+    `from_beginning=False` means "everything produced after this reader was created",
+    exactly: each partition that exists now starts at its current end, and a partition
+    that appears later (Debezium creates a topic with its first event) starts at 0.
+    Kafka's own `auto.offset.reset=latest` would skip events written between the topic's
+    creation and our assignment.
+    """
 
     def __init__(self, settings: AccordSettings, topics: list[str], from_beginning: bool) -> None:
         self._deserializer = AvroDeserializer(registry_client(settings))
@@ -56,14 +63,34 @@ class RawTopicReader:
             {
                 "bootstrap.servers": settings.kafka,
                 "group.id": f"accord-reader-{uuid.uuid4().hex[:12]}",
-                "auto.offset.reset": "earliest" if from_beginning else "latest",
+                "auto.offset.reset": "earliest",
                 "enable.auto.commit": False,
-                # Debezium creates a topic on its first event; notice it quickly.
                 "topic.metadata.refresh.interval.ms": 1000,
                 "allow.auto.create.topics": False,
             }
         )
-        self._consumer.subscribe(topics)
+        self._start: dict[tuple[str, int], int] = (
+            {} if from_beginning else self._end_offsets(topics)
+        )
+        self._consumer.subscribe(topics, on_assign=self._position)
+
+    def _end_offsets(self, topics: list[str]) -> dict[tuple[str, int], int]:
+        metadata = self._consumer.list_topics(timeout=10)
+        ends = {}
+        for topic in topics:
+            if topic not in metadata.topics or metadata.topics[topic].error is not None:
+                continue
+            for partition in metadata.topics[topic].partitions:
+                _, high = self._consumer.get_watermark_offsets(
+                    TopicPartition(topic, partition), timeout=10
+                )
+                ends[(topic, partition)] = high
+        return ends
+
+    def _position(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        for tp in partitions:
+            tp.offset = self._start.get((tp.topic, tp.partition), OFFSET_BEGINNING)
+        consumer.assign(partitions)
 
     def wait_assigned(self, timeout_s: float = 30.0) -> None:
         """Poll until partitions are assigned, so later writes are not missed with 'latest'."""
