@@ -28,7 +28,7 @@ def _produce(settings: AccordSettings, topic: str, n: int) -> None:
     serializer = AvroSerializer(registry_client(settings), SCHEMA)
     producer = Producer({"bootstrap.servers": settings.kafka})
     value = serializer({"n": n}, SerializationContext(topic, MessageField.VALUE))
-    producer.produce(topic, value=value)
+    producer.produce(topic, key=b"one-partition", value=value)  # keeps them in order
     assert producer.flush(30) == 0
 
 
