@@ -25,10 +25,16 @@ SCHEMA = json.dumps(
 
 
 def _produce(settings: AccordSettings, topic: str, n: int) -> None:
-    serializer = AvroSerializer(registry_client(settings), SCHEMA)
+    registry = registry_client(settings)
+    key = AvroSerializer(registry, '"string"')(
+        "one-partition",  # one key keeps them in order
+        SerializationContext(topic, MessageField.KEY),
+    )
+    value = AvroSerializer(registry, SCHEMA)(
+        {"n": n}, SerializationContext(topic, MessageField.VALUE)
+    )
     producer = Producer({"bootstrap.servers": settings.kafka})
-    value = serializer({"n": n}, SerializationContext(topic, MessageField.VALUE))
-    producer.produce(topic, key=b"one-partition", value=value)  # keeps them in order
+    producer.produce(topic, key=key, value=value)
     assert producer.flush(30) == 0
 
 
