@@ -286,16 +286,15 @@ class Postgres(Component):
                             sql.Literal(password.get_secret_value()),
                         )
                     )
-            for system in ("crm", "support", "registry"):
-                dbname = self.settings.source(system).database if system != "registry" else system
-                owner = (
-                    self.settings.crm.app_user
-                    if system == "registry"
-                    else (self.settings.source(system).app_user)
-                )
-                if not conn.execute(
-                    "SELECT 1 FROM pg_database WHERE datname=%s", (dbname,)
-                ).fetchone():
+            # The registry keeps its schemas in PostgreSQL too, owned by the CRM app user.
+            databases = {
+                self.settings.crm.database: self.settings.crm.app_user,
+                self.settings.support.database: self.settings.support.app_user,
+                "registry": self.settings.crm.app_user,
+            }
+            for dbname, owner in databases.items():
+                exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (dbname,))
+                if not exists.fetchone():
                     conn.execute(
                         sql.SQL("CREATE DATABASE {} OWNER {}").format(
                             sql.Identifier(dbname), sql.Identifier(owner)
