@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-unit lint format stack-up stack-status stack-down clean
+.PHONY: install demo test test-unit bench lint format stack-up stack-status stack-down clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -22,6 +22,10 @@ demo: $(STAMP)
 ## The whole suite: unit tests, then integration and end-to-end tests on the real stack.
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+## Benchmarks, each beside its ceiling in the same run; figures in bench/results/.
+bench: $(STAMP)
+	$(BIN)/python bench/codec_bench.py
 
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest tests/unit

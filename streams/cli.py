@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.table import Table
+from rich.table import Column, Table
 
 from streams.errors import AccordError
 from streams.settings import AccordSettings, load_settings
@@ -27,9 +28,14 @@ stack_app = typer.Typer(
 connectors_app = typer.Typer(
     help="Debezium source connectors from connectors/<system>/source.json.", no_args_is_help=True
 )
+schemas_app = typer.Typer(
+    help="Canonical Avro schemas (schemas/*.avsc) against the schema registry.",
+    no_args_is_help=True,
+)
 demo_app = typer.Typer(help="Sample data and the demo job.", no_args_is_help=True)
 app.add_typer(stack_app, name="stack")
 app.add_typer(connectors_app, name="connectors")
+app.add_typer(schemas_app, name="schemas")
 app.add_typer(demo_app, name="demo")
 
 console = Console()
@@ -165,6 +171,73 @@ def _render_connectors(states: list[dict[str, object]]) -> None:
     console.print(table)
 
 
+# ---------------------------------------------------------------------------- schemas
+
+JsonOption = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+
+
+def _workflows():
+    from streams.registry import registry_client
+    from streams.schemas import SchemaWorkflows
+
+    current = settings()
+    return SchemaWorkflows(current, registry_client(current))
+
+
+def _render_schemas(reports: list, as_json: bool, failing: tuple[str, ...] = ()) -> None:
+    if as_json:
+        print(json.dumps([r.as_dict() for r in reports], indent=2))
+    else:
+        table = Table(
+            Column("subject", overflow="fold"),
+            Column("schema", overflow="fold"),
+            "state",
+            "compatibility",
+            "versions",
+        )
+        for r in reports:
+            colour = "red" if r.state in failing else "green"
+            table.add_row(
+                r.subject,
+                r.schema,
+                f"[{colour}]{r.state}[/{colour}]",
+                r.level,
+                ", ".join(map(str, r.versions)) or "-",
+            )
+        console.print(table)
+        for r in reports:
+            if r.explanation:
+                console.print(f"[bold]{r.subject}[/bold] ({r.state})")
+                for line in r.explanation:
+                    console.print(f"  {line}", markup=False, highlight=False, soft_wrap=True)
+    if any(r.state in failing for r in reports):
+        raise typer.Exit(1)
+
+
+@schemas_app.command("list")
+def schemas_list(as_json: JsonOption = False) -> None:
+    """Every subject in the registry: versions, latest schema, compatibility level."""
+    _render_schemas(_workflows().list(), as_json)
+
+
+@schemas_app.command("check")
+def schemas_check(as_json: JsonOption = False) -> None:
+    """Are the local schemas compatible with what is registered? Exit 1, with reasons, if not."""
+    _render_schemas(_workflows().check(), as_json, failing=("incompatible",))
+
+
+@schemas_app.command("push")
+def schemas_push(as_json: JsonOption = False) -> None:
+    """Register new versions; refuse the whole push if any schema is incompatible."""
+    _render_schemas(_workflows().push(), as_json, failing=("incompatible", "refused"))
+
+
+@schemas_app.command("diff")
+def schemas_diff(as_json: JsonOption = False) -> None:
+    """Local schemas against the latest registered versions, field by field."""
+    _render_schemas(_workflows().diff(), as_json)
+
+
 # ------------------------------------------------------------------------------- demo
 
 
@@ -257,9 +330,17 @@ def run() -> None:
     try:
         app()
     except AccordError as exc:
-        err.print("[red]error:[/red]", end=" ")
-        err.print(str(exc), markup=False, highlight=False, soft_wrap=True)
-        sys.exit(1)
+        _fail(str(exc))
+    except Exception as exc:
+        if os.environ.get("ACCORD_DEBUG"):
+            raise
+        _fail(f"unexpected {type(exc).__name__}: {exc} (ACCORD_DEBUG=1 shows the traceback)")
+
+
+def _fail(message: str) -> None:
+    err.print("[red]error:[/red]", end=" ")
+    err.print(message, markup=False, highlight=False, soft_wrap=True)
+    sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -77,6 +77,35 @@ class SupportDatabase(SourceDatabase):
     database: str = "support"
 
 
+class TopicSettings(BaseModel):
+    """Accord's own topics; tests give each run its own names."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    changes: str = "accord.changes"
+    golden: str = "accord.golden"
+    audit: str = "accord.audit"
+    dlq: str = "accord.dlq"
+    sink_prefix: str = "accord.sink."
+
+    def sink(self, system: str) -> str:
+        return f"{self.sink_prefix}{system}"
+
+
+class SchemaSettings(BaseModel):
+    """Where canonical schemas live and how they are governed in the registry."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    directory: Path = Path("schemas")
+    default_compatibility: str = Field(
+        "BACKWARD", description="Set on subjects `accord schemas push` creates."
+    )
+    auto_register: bool = Field(
+        True, description="Workers register canonical schemas they write; off in production."
+    )
+
+
 class AccordSettings(BaseSettings):
     """Everything Accord reads from its environment, in one place."""
 
@@ -88,6 +117,8 @@ class AccordSettings(BaseSettings):
     crm: CrmDatabase = CrmDatabase()
     billing: BillingDatabase = BillingDatabase()
     support: SupportDatabase = SupportDatabase()
+    topics: TopicSettings = TopicSettings()
+    schemas: SchemaSettings = SchemaSettings()
     connectors_dir: Path = Path("connectors")
     kafka_bootstrap: str | None = Field(None, description="Defaults to the local stack's broker.")
     schema_registry_url: str | None = Field(

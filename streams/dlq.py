@@ -1,0 +1,110 @@
+"""Dead letters: what could not be processed, with its original bytes and a reason.
+
+Nothing is dropped silently: every message a stage refuses becomes a `DeadLetter` on
+the DLQ topic (Avro, schema `dev.accord.DeadLetter`) and is counted by reason.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from confluent_kafka import Producer
+from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
+from fastavro import parse_schema
+from prometheus_client import Counter
+
+from streams.codec import AvroCodec, schema_id_of
+from streams.errors import AccordError
+from streams.schemas import load_local
+from streams.settings import AccordSettings
+
+DEAD_LETTERS = Counter(
+    "accord_dead_letters_total", "Messages sent to the dead-letter topic", ["stage", "reason"]
+)
+DEAD_LETTER_SCHEMA = "dev.accord.DeadLetter"
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    schema_id: int | None
+    reason: str
+    error_class: str
+    detail: str
+    stage: str
+    first_seen: int  # epoch milliseconds
+
+    @classmethod
+    def of(cls, message: Any, reason: str, error: BaseException, stage: str) -> DeadLetter:
+        """From a confluent-kafka message and the error that stopped it."""
+        value = message.value()
+        return cls(
+            topic=message.topic(),
+            partition=message.partition(),
+            offset=message.offset(),
+            key=message.key(),
+            value=value,
+            schema_id=getattr(error, "schema_id", None) or schema_id_of(value),
+            reason=reason,
+            error_class=type(error).__name__,
+            detail=str(error)[:2000],
+            stage=stage,
+            first_seen=int(time.time() * 1000),
+        )
+
+    def record(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class DeadLetterWriter:
+    """Produces dead letters; `flush` before committing the offsets they cover."""
+
+    def __init__(
+        self, settings: AccordSettings, registry: SchemaRegistryClient, producer: Producer
+    ) -> None:
+        self.topic = settings.topics.dlq
+        schema = load_local(settings.schemas.directory, DEAD_LETTER_SCHEMA)
+        subject = f"{self.topic}-value"
+        if settings.schemas.auto_register:
+            self.schema_id = registry.register_schema(subject, Schema(_json(schema), "AVRO"))
+        else:
+            self.schema_id = registry.get_latest_version(subject).schema_id
+        self._parsed = parse_schema(schema)
+        self._producer = producer
+        self._failed: list[str] = []
+
+    def write(self, letter: DeadLetter) -> None:
+        payload = AvroCodec.encode(letter.record(), self.schema_id, self._parsed)
+        self._producer.produce(
+            self.topic,
+            key=f"{letter.topic}/{letter.partition}/{letter.offset}".encode(),
+            value=payload,
+            on_delivery=self._delivered,
+        )
+        DEAD_LETTERS.labels(letter.stage, letter.reason).inc()
+
+    def _delivered(self, error: Any, _message: Any) -> None:
+        if error is not None:
+            self._failed.append(str(error))
+
+    def flush(self, timeout_s: float = 30.0) -> None:
+        """Every written letter is on the broker, or this raises: commit nothing then."""
+        remaining = self._producer.flush(timeout_s)
+        if remaining or self._failed:
+            failures, self._failed = self._failed, []
+            raise AccordError(
+                f"dead letters not delivered to {self.topic}: {remaining} pending, "
+                f"errors: {failures[:3]}"
+            )
+
+
+def _json(schema: dict[str, Any]) -> str:
+    import json
+
+    return json.dumps(schema)

@@ -1,0 +1,59 @@
+"""A source table gains a column while the consumer runs: both sides of the change
+decode, the new column appears, nothing is lost, nothing restarts."""
+
+import uuid
+
+import pytest
+from psycopg import sql
+
+from streams.settings import AccordSettings
+from streams.sources import postgres
+from streams.stack.process import wait_until
+from streams.topics import RAW_TOPICS
+from tests.integration.conftest import isolated, running_consumer
+
+pytestmark = pytest.mark.integration
+
+
+def test_add_column_while_running(connectors: AccordSettings) -> None:
+    settings = isolated(connectors)
+    tag = uuid.uuid4().hex[:10]
+    column = f"loyalty_{tag}"
+    before_email, after_email = f"before-{tag}@example.com", f"after-{tag}@example.com"
+
+    def emails(changes: list) -> dict:
+        return {c.row.get("email"): c for c in changes}
+
+    with running_consumer(settings, [RAW_TOPICS["crm"]]) as (consumer, changes, thread):
+        with postgres(settings, "crm") as conn:
+            conn.execute("INSERT INTO customers (email) VALUES (%s)", (before_email,))
+        assert wait_until(lambda: before_email in emails(changes), 90)
+        schema_before = emails(changes)[before_email]
+        try:
+            with postgres(settings, "crm") as conn:
+                conn.execute(
+                    sql.SQL("ALTER TABLE customers ADD COLUMN {} text").format(
+                        sql.Identifier(column)
+                    )
+                )
+                conn.execute(
+                    sql.SQL("INSERT INTO customers (email, {}) VALUES (%s, 'gold')").format(
+                        sql.Identifier(column)
+                    ),
+                    (after_email,),
+                )
+            assert wait_until(lambda: after_email in emails(changes), 90)
+        finally:
+            with postgres(settings, "crm") as conn:
+                conn.execute(
+                    sql.SQL("ALTER TABLE customers DROP COLUMN IF EXISTS {}").format(
+                        sql.Identifier(column)
+                    )
+                )
+        assert thread.is_alive()
+        assert consumer.totals.dead == 0
+
+    after = emails(changes)[after_email]
+    assert after.row[column] == "gold"
+    assert column not in schema_before.row
+    assert schema_before.position.lsn < after.position.lsn
