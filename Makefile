@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-unit bench lint format stack-up stack-status stack-down clean
+.PHONY: install demo test test-unit test-property bench lint format stack-up stack-status stack-down clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -29,6 +29,10 @@ bench: $(STAMP)
 
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest tests/unit
+
+## The merge's properties with 10,000 examples each (the default run uses 200).
+test-property: $(STAMP)
+	$(BIN)/python -m pytest -m property --hypothesis-profile=thorough tests/unit
 
 lint: $(STAMP)
 	$(BIN)/ruff check streams tests

@@ -238,6 +238,19 @@ def schemas_diff(as_json: JsonOption = False) -> None:
     _render_schemas(_workflows().diff(), as_json)
 
 
+# ----------------------------------------------------------------------------- worker
+
+
+@app.command("worker")
+def worker(
+    loglevel: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+) -> None:
+    """Run the stream worker (ingest, merge, emit) until stopped with Ctrl-C or SIGTERM."""
+    from streams.app import run_worker
+
+    run_worker(settings(), loglevel)
+
+
 # ------------------------------------------------------------------------------- demo
 
 

@@ -1,10 +1,13 @@
-"""Ingest, first stage: raw Debezium messages in, typed source changes out.
+"""Ingest, first stage: raw Debezium messages in, canonical changes with golden ids out.
 
-Every message ends up in exactly one place: a `SourceChange` handed on, a tombstone
-skipped (the delete before it carries the change), or a dead letter with its reason.
-Offsets are committed only after the handler ran and the dead letters are on the
-broker, so a crash replays the batch instead of losing it. A registry outage is not
-the message's fault: the batch is rewound and retried, never dead-lettered.
+Every message ends up in exactly one place: a change handed on, a tombstone skipped
+(the delete before it carries the change), a duplicate or a delete of a row never seen
+(both counted), or a dead letter with its reason. A registry or Redis outage is not the
+message's fault: the batch is retried, never dead-lettered.
+
+`RawDecoder` and `IngestPipeline` are plain logic over messages with confluent-kafka's
+accessors (`topic()`, `partition()`, `offset()`, `key()`, `value()`); the Faust agent in
+`streams.app` and `RawChangeConsumer` below are thin loops around them.
 """
 
 from __future__ import annotations
@@ -21,14 +24,24 @@ from prometheus_client import Counter
 
 from streams.codec import AvroCodec, DecodeError, RegistryUnavailable, SchemaCache, registry_fetcher
 from streams.debezium import EnvelopeError, EnvelopeReader, SourceChange
+from streams.dedupe import Deduplicator, origin_of
 from streams.dlq import DeadLetter, DeadLetterWriter
+from streams.identity import IdentityResolver
+from streams.mapping import Mapper, Rejected
+from streams.model import Change
 from streams.registry import registry_client
 from streams.settings import AccordSettings
 
 log = logging.getLogger(__name__)
 
 DECODED = Counter("accord_ingest_decoded_total", "Raw changes decoded", ["topic"])
+INGESTED = Counter(
+    "accord_ingest_events_total",
+    "Raw messages by what ingest did with them",
+    ["outcome"],  # change, tombstone, duplicate, unknown_delete, dead_letter
+)
 NOT_AN_ENVELOPE = "not_a_debezium_envelope"
+VALIDATION_FAILED = "validation_failed"
 
 
 class RawDecoder:
@@ -58,6 +71,80 @@ class RawDecoder:
             return DeadLetter.of(message, exc.reason.value, exc, stage="decode")
         except EnvelopeError as exc:
             return DeadLetter.of(message, NOT_AN_ENVELOPE, exc, stage="decode")
+
+
+class ValidationFailed(ValueError):
+    """A record that broke a hard mapping rule; the message names every rule it broke."""
+
+
+@dataclass
+class IngestBatch:
+    changes: list[Change]  # golden ids resolved, in input order
+    dead: list[DeadLetter]
+    tombstones: int = 0
+    duplicates: int = 0
+    unknown_deletes: int = 0
+    dropped_fields: int = 0  # soft rule failures: the field was left out
+
+
+class IngestPipeline:
+    """decode -> map & validate -> dedupe -> resolve identity, one batch at a time.
+
+    Raises `RegistryUnavailable` or `streams.dedupe.RedisUnavailable` when a service is
+    down: the caller retries the whole batch, having handed nothing on.
+    """
+
+    def __init__(
+        self,
+        decoder: RawDecoder,
+        mapper: Mapper,
+        dedupe: Deduplicator,
+        identity: IdentityResolver,
+    ) -> None:
+        self.decoder = decoder
+        self.mapper = mapper
+        self.dedupe = dedupe
+        self.identity = identity
+
+    def process(self, messages: list[Any]) -> IngestBatch:
+        batch = IngestBatch([], [])
+        mapped: list[tuple[Any, Change]] = []
+        for message in messages:
+            decoded = self.decoder.decode(message)
+            if decoded is None:
+                batch.tombstones += 1
+            elif isinstance(decoded, DeadLetter):
+                batch.dead.append(decoded)
+            else:
+                outcome = self.mapper.map(decoded)
+                if isinstance(outcome, Rejected):
+                    error = ValidationFailed(outcome.describe())
+                    batch.dead.append(DeadLetter.of(message, VALIDATION_FAILED, error, "map"))
+                else:
+                    batch.dropped_fields += len(outcome.dropped)
+                    mapped.append((message, outcome.change))
+
+        duplicates = self.dedupe.duplicates(
+            [(c.change_id, origin_of(m.topic(), m.partition(), m.offset())) for m, c in mapped]
+        )
+        fresh = [change for (_, change), dup in zip(mapped, duplicates, strict=True) if not dup]
+        batch.duplicates = len(mapped) - len(fresh)
+        for change, golden_id in zip(fresh, self.identity.resolve(fresh), strict=True):
+            if golden_id is None:
+                batch.unknown_deletes += 1
+            else:
+                batch.changes.append(change.with_golden_id(golden_id))
+
+        for outcome, count in (
+            ("change", len(batch.changes)),
+            ("tombstone", batch.tombstones),
+            ("duplicate", batch.duplicates),
+            ("unknown_delete", batch.unknown_deletes),
+            ("dead_letter", len(batch.dead)),
+        ):
+            if count:
+                INGESTED.labels(outcome).inc(count)
+        return batch
 
 
 @dataclass

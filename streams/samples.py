@@ -156,7 +156,7 @@ def _phone(country: str, rng: random.Random) -> str:
         area = rng.choice(_US_AREAS) if country == "US" else rng.choice(("416", "604", "514"))
         return f"+1{area}{rng.randrange(2, 10)}{digits(2)}{digits(4)}"
     return {
-        "GB": lambda: f"+44207946{rng.randrange(0, 1000):03d}",
+        "GB": lambda: f"+442079460{rng.randrange(0, 1000):03d}",
         "DE": lambda: f"+4930{rng.randrange(2, 10)}{digits(7)}",
         "FR": lambda: f"+331{rng.randrange(40, 80)}{digits(6)}",
         "NL": lambda: f"+3120{rng.randrange(2, 8)}{digits(6)}",

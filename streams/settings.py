@@ -106,6 +106,32 @@ class SchemaSettings(BaseModel):
     )
 
 
+class WorkerSettings(BaseModel):
+    """The stream worker: its Faust app, batching, state and Redis keys."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    app_id: str = Field("accord", description="Faust app id: consumer group and topic prefix.")
+    instance: str = Field(
+        "1", description="Names this worker among several: its state folder, its emit producer."
+    )
+    partitions: int = Field(
+        6, ge=1, description="Partitions of accord.changes and the golden table (fixed once made)."
+    )
+    batch_size: int = Field(500, ge=1, description="Most events one processing step takes.")
+    batch_window_s: float = Field(0.05, gt=0, description="Longest wait to fill a batch.")
+    data_dir: Path | None = Field(None, description="RocksDB state; default <state_dir>/worker.")
+    web_port: int = Field(16066, description="Faust web server (metrics, health) on loopback.")
+    redis_prefix: str = Field("accord:", description="Prefix of every Redis key Accord writes.")
+    dedupe_ttl_s: int = Field(
+        7 * 24 * 3600, gt=0, description="How long a change identity is remembered."
+    )
+    rules_file: Path = Field(
+        Path("connectors/survivorship.yaml"),
+        description="Survivorship, match and delete rules.",
+    )
+
+
 class AccordSettings(BaseSettings):
     """Everything Accord reads from its environment, in one place."""
 
@@ -119,6 +145,7 @@ class AccordSettings(BaseSettings):
     support: SupportDatabase = SupportDatabase()
     topics: TopicSettings = TopicSettings()
     schemas: SchemaSettings = SchemaSettings()
+    worker: WorkerSettings = WorkerSettings()
     connectors_dir: Path = Path("connectors")
     kafka_bootstrap: str | None = Field(None, description="Defaults to the local stack's broker.")
     schema_registry_url: str | None = Field(

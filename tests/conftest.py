@@ -7,10 +7,27 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck
+from hypothesis import settings as hypothesis_settings
 
 from streams.settings import AccordSettings, load_settings
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# `make test` runs a modest number of examples; `make test-property` runs the
+# dedicated 10,000-example profile (`--hypothesis-profile=thorough`).
+hypothesis_settings.register_profile("accord", max_examples=200, deadline=None)
+hypothesis_settings.register_profile(
+    "thorough",
+    max_examples=10_000,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if not config.getoption("hypothesis_profile", None):
+        hypothesis_settings.load_profile("accord")
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -1,0 +1,261 @@
+"""The Faust worker: thin glue around ingest, merge and emit.
+
+    raw topics --ingest agent--> accord.changes --merge agent--> table `golden`
+    golden changelog --emitter (transactional)--> accord.golden, accord.audit
+
+All logic lives in plain modules (`ingest`, `merge`, `emit`); this module only wires
+them to Kafka, retries batches while Redis or the registry is down (fail closed: no
+offset moves past a batch that was not fully handed on), and owns the worker's
+lifecycle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import threading
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any, TypeVar
+
+import faust
+import mode
+import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+from streams.codec import AvroCodec, RegistryUnavailable, SchemaCache, registry_fetcher
+from streams.dedupe import Deduplicator, RedisUnavailable
+from streams.dlq import DeadLetterWriter
+from streams.emit import Emitter, EmitTopics
+from streams.faust_codec import canonical_codec
+from streams.identity import IdentityResolver
+from streams.ingest import IngestPipeline, RawDecoder
+from streams.mapping import Mapper, load_mappings
+from streams.merge import GoldenState, apply, dumps, loads
+from streams.model import Change
+from streams.registry import registry_client
+from streams.rules import Rules, load_rules
+from streams.settings import AccordSettings
+from streams.topology import changelog_topic, ensure_topics
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+CLEAN_STOP_MARKER = "running"  # present while a worker runs; left behind by a crash
+
+
+class FaustMessage:
+    """A Faust message with confluent-kafka's accessors, for the plain ingest logic."""
+
+    __slots__ = ("_message",)
+
+    def __init__(self, message: Any) -> None:
+        self._message = message
+
+    def topic(self) -> str:
+        return self._message.topic
+
+    def partition(self) -> int:
+        return self._message.partition
+
+    def offset(self) -> int:
+        return self._message.offset
+
+    def key(self) -> bytes | None:
+        return self._message.key
+
+    def value(self) -> bytes | None:
+        return self._message.value
+
+
+def redis_client(settings: AccordSettings) -> redis.Redis:
+    """Short timeouts and few retries: an outage must surface fast, the batch is retried."""
+    return redis.Redis.from_url(
+        settings.redis,
+        socket_timeout=5,
+        socket_connect_timeout=5,
+        retry=Retry(ExponentialBackoff(cap=0.5), 2),
+    )
+
+
+async def retrying(call: Callable[[], T], what: str) -> T:
+    """Call until Redis and the registry answer; meanwhile nothing is acknowledged."""
+    delay = 0.25
+    while True:
+        try:
+            return call()
+        except (RedisUnavailable, RegistryUnavailable) as exc:
+            log.warning("%s paused, retrying in %.1fs: %s", what, delay, exc)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
+def data_dir(settings: AccordSettings) -> Path:
+    """Where RocksDB keeps this worker's tables."""
+    base = settings.worker.data_dir or settings.stack.state_dir / "worker"
+    return base / f"{settings.worker.app_id}-{settings.worker.instance}"
+
+
+def create_app(settings: AccordSettings, rules: Rules | None = None) -> faust.App:
+    worker = settings.worker
+    rules = rules or load_rules(worker.rules_file)
+    mappings = load_mappings(settings.connectors_dir)
+    registry = registry_client(settings)
+    redis_conn = redis_client(settings)
+
+    app = faust.App(
+        worker.app_id,
+        broker=f"kafka://{settings.kafka}",
+        store="rocksdb://",
+        datadir=str(data_dir(settings)),
+        topic_partitions=worker.partitions,
+        topic_replication_factor=1,
+        topic_allow_declare=True,
+        consumer_auto_offset_reset="earliest",
+        broker_commit_interval=1.0,
+        web_enabled=True,
+        web_host=settings.stack.host,
+        web_bind=settings.stack.host,
+        web_port=worker.web_port,
+        producer_acks=-1,
+        table_standby_replicas=0,
+    )
+
+    pipeline = IngestPipeline(
+        RawDecoder(AvroCodec(SchemaCache(registry_fetcher(registry)))),
+        Mapper(mappings),
+        Deduplicator(redis_conn, worker.redis_prefix, worker.dedupe_ttl_s),
+        IdentityResolver(redis_conn, worker.redis_prefix, rules.match),
+    )
+    dead_letters = DeadLetterWriter(settings, registry, _dlq_producer(settings))
+
+    raw_topics = app.topic(
+        *(mapping.topic for mapping in mappings.values()),
+        key_type=bytes,
+        value_type=bytes,
+        key_serializer="raw",
+        value_serializer="raw",
+    )
+    changes_topic = app.topic(
+        settings.topics.changes,
+        key_type=bytes,
+        key_serializer="raw",
+        value_serializer=canonical_codec(
+            settings, registry, "dev.accord.CustomerChange", settings.topics.changes
+        ),
+        partitions=worker.partitions,
+    )
+    # Values are `streams.merge.dumps` bytes: the changelog format `emit` reads.
+    golden = app.Table("golden", partitions=worker.partitions, key_type=bytes, value_type=bytes)
+
+    @app.agent(raw_topics, name="ingest")
+    async def ingest(stream: faust.StreamT) -> None:
+        async for events in stream.take_events(worker.batch_size, within=worker.batch_window_s):
+            messages = [FaustMessage(event.message) for event in events]
+            batch = await retrying(partial(pipeline.process, messages), "ingest")
+            for letter in batch.dead:
+                dead_letters.write(letter)
+            if batch.dead:
+                dead_letters.flush()
+            for change in batch.changes:
+                await changes_topic.send(key=change.golden_id.encode(), value=change.to_record())
+
+    @app.agent(changes_topic, name="merge")
+    async def merge(stream: faust.StreamT) -> None:
+        async for event in stream.events():
+            change = Change.from_record(event.value)
+            key = event.key
+            stored = golden.get(key)
+            state = loads(stored) if stored else GoldenState(key.decode())
+            outcome = apply(state, change, rules)
+            if outcome.state_changed:
+                golden[key] = dumps(state)  # the changelog write `emit` turns into outputs
+
+    app.service(_emitter_service(settings, registry))
+    return app
+
+
+def _dlq_producer(settings: AccordSettings) -> Any:
+    from confluent_kafka import Producer
+
+    return Producer({"bootstrap.servers": settings.kafka, "enable.idempotence": True})
+
+
+def _emitter_service(settings: AccordSettings, registry: Any) -> type[mode.Service]:
+    topics = settings.topics
+
+    class EmitterService(mode.Service):
+        """Runs the transactional emitter on its own thread beside the Faust agents."""
+
+        def __post_init__(self) -> None:
+            self._stop = threading.Event()
+            self._thread: threading.Thread | None = None
+            self._failure: BaseException | None = None
+
+        async def on_start(self) -> None:
+            emitter = Emitter(
+                settings.kafka,
+                group_id=f"{settings.worker.app_id}-emit",
+                transactional_id=f"{settings.worker.app_id}-emit-{settings.worker.instance}",
+                topics=EmitTopics(changelog_topic(settings), topics.golden, topics.audit),
+                encode_golden=canonical_codec(
+                    settings, registry, "dev.accord.Customer", topics.golden
+                ).dumps,
+                encode_audit=canonical_codec(
+                    settings, registry, "dev.accord.AuditEntry", topics.audit
+                ).dumps,
+                batch_size=settings.worker.batch_size,
+            )
+            self._thread = threading.Thread(
+                target=self._run, args=(emitter,), name="accord-emit", daemon=True
+            )
+            self._thread.start()
+
+        def _run(self, emitter: Emitter) -> None:
+            try:
+                emitter.run(self._stop)
+            except BaseException as exc:  # surfaced by the watchdog below
+                self._failure = exc
+                log.exception("emitter failed")
+            finally:
+                emitter.close()
+
+        @mode.Service.task
+        async def _watchdog(self) -> None:
+            while not self.should_stop:
+                if self._failure is not None:
+                    await self.crash(self._failure)
+                    return
+                await self.sleep(1.0)
+
+        async def on_stop(self) -> None:
+            self._stop.set()
+            if self._thread is not None:
+                await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 30)
+
+    return EmitterService
+
+
+def run_worker(settings: AccordSettings, loglevel: str = "info") -> None:
+    """Create topics, guard the local state, and run until stopped (SIGINT/SIGTERM)."""
+    ensure_topics(settings)
+    directory = data_dir(settings)
+    marker = directory.with_name(directory.name + "." + CLEAN_STOP_MARKER)
+    if marker.exists():
+        # The last worker died without committing: its RocksDB may hold writes whose
+        # changelog records never reached Kafka. Rebuild from the changelog instead.
+        log.warning("previous worker stopped uncleanly: rebuilding state from the changelog")
+        shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(parents=True, exist_ok=True)
+    marker.write_text("a worker is running, or died without a clean stop\n")
+    app = create_app(settings)
+    worker = faust.Worker(app, loglevel=loglevel, quiet=True)
+    try:
+        worker.execute_from_commandline()
+    except SystemExit as exit_:
+        if exit_.code in (0, None):
+            marker.unlink(missing_ok=True)
+        raise

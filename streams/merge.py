@@ -1,0 +1,321 @@
+"""Field-level survivorship: fold normalized changes into golden records. No I/O.
+
+A golden record's state keeps every linked source row (a `Contribution`) and, per field,
+the value that row last reported (a `Cell`). Each cell, and each row's alive/deleted
+flag, is a last-writer-wins register ordered by (source commit time, log position,
+change id). The golden value of a field is a pure function of the cells and the field's
+rule. Registers merge commutatively and idempotently, so any permutation of a set of
+changes, with any duplicates, gives the same golden record: the stream may replay,
+redeliver and reorder across systems without changing the outcome.
+
+`apply` mutates the state it is given (the hot path); `fold` builds a fresh one.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+from streams.model import DECIMAL_FIELDS, Change, Op, Value
+from streams.rules import DeletePolicy, Rule, Rules
+
+Order = tuple[int, str, str]  # source commit time (µs), log position, change id
+NEVER: Order = (-1, "", "")
+
+
+@dataclass(slots=True)
+class Cell:
+    """One field's value as one source row last reported it."""
+
+    value: Value
+    order: Order
+
+
+@dataclass(slots=True)
+class Contribution:
+    """One source row linked to a golden record."""
+
+    system: str
+    key: str
+    alive: bool = True
+    lifecycle: Order = NEVER  # order of the latest upsert or delete of the row
+    cells: dict[str, Cell] = field(default_factory=dict)
+
+    @property
+    def link(self) -> str:
+        return f"{self.system}:{self.key}"
+
+
+@dataclass(frozen=True, slots=True)
+class Resolved:
+    """A golden field's value and where it came from (its provenance)."""
+
+    value: Value
+    system: str
+    key: str
+    order: Order
+    rule: Rule
+
+    @property
+    def source_ts(self) -> int:
+        return self.order[0]
+
+    @property
+    def position(self) -> str:
+        return self.order[1]
+
+    @property
+    def change_id(self) -> str:
+        return self.order[2]
+
+
+@dataclass(frozen=True, slots=True)
+class FieldChange:
+    field: str
+    before: Value
+    after: Value
+
+
+@dataclass(frozen=True, slots=True)
+class Cause:
+    """The change that made a version: which row, and where in its log."""
+
+    system: str
+    key: str
+    order: Order
+
+
+@dataclass(slots=True)
+class GoldenState:
+    golden_id: str
+    version: int = 0  # grows by one each time the golden record changes
+    active: bool = True
+    updated_ts: int = 0  # source commit time of the change that made this version
+    contributions: dict[str, Contribution] = field(default_factory=dict)
+    golden: dict[str, Resolved] = field(default_factory=dict)  # absent: no value
+    last_changes: tuple[FieldChange, ...] = ()  # what this version changed
+    status_changed: bool = False  # this version flipped `active`
+    cause: Cause | None = None  # the change that made this version
+    fresh: bool = False  # the latest write made a new version (emit acts on it)
+
+    @property
+    def last_change_id(self) -> str | None:
+        return self.cause.order[2] if self.cause else None
+
+    def values(self) -> dict[str, Value]:
+        return {name: resolved.value for name, resolved in self.golden.items()}
+
+    def record(self) -> dict[str, Any]:
+        """The golden record itself: what order-independence promises to be equal."""
+        return {
+            "golden_id": self.golden_id,
+            "active": self.active,
+            "fields": {
+                name: (r.value, r.system, r.key, r.order, r.rule.value)
+                for name, r in sorted(self.golden.items())
+            },
+            "links": sorted(self.contributions),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    changed: tuple[FieldChange, ...]  # golden values that changed
+    status_changed: bool  # active <-> inactive
+    state_changed: bool  # anything at all to persist (provenance, a row's cells)
+    rejected: tuple[str, ...]  # fields an `owner` rule refused from this change
+
+    @property
+    def new_version(self) -> bool:
+        return bool(self.changed) or self.status_changed
+
+
+def apply(state: GoldenState, change: Change, rules: Rules) -> Outcome:
+    """Merge one change into `state` (in place)."""
+    order: Order = (change.source_ts, change.position, change.change_id)
+    contribution = state.contributions.get(change.link)
+    state_changed = contribution is None
+    if contribution is None:
+        contribution = Contribution(change.system, change.source_key)
+        state.contributions[change.link] = contribution
+
+    lifecycle_changed = False
+    if order > contribution.lifecycle:
+        alive = change.op is Op.UPSERT
+        lifecycle_changed = alive != contribution.alive
+        contribution.alive, contribution.lifecycle = alive, order
+        state_changed = True
+
+    touched: list[str] = []
+    rejected: list[str] = []
+    for name, value in change.values.items():
+        cell = contribution.cells.get(name)
+        if cell is not None and order <= cell.order:
+            continue
+        contribution.cells[name] = Cell(value, order)
+        touched.append(name)
+        owner = rules.fields[name].owner
+        if owner is not None and owner != change.system and value is not None:
+            rejected.append(name)
+    state_changed = state_changed or bool(touched)
+
+    changed: list[FieldChange] = []
+    for name in touched:
+        resolved = resolve_field(name, state.contributions.values(), rules)
+        before = state.golden.get(name)
+        before_value = before.value if before is not None else None
+        after_value = resolved.value if resolved is not None else None
+        if resolved is None:
+            state.golden.pop(name, None)
+        else:
+            state.golden[name] = resolved
+        if not _same(before_value, after_value):
+            changed.append(FieldChange(name, before_value, after_value))
+
+    status_changed = False
+    if lifecycle_changed:
+        active = all(c.alive for c in state.contributions.values())
+        status_changed = active != state.active
+        state.active = active
+
+    outcome = Outcome(tuple(changed), status_changed, state_changed, tuple(rejected))
+    if state_changed:
+        state.fresh = outcome.new_version
+    if outcome.new_version:
+        state.version += 1
+        state.updated_ts = change.source_ts
+        state.last_changes = outcome.changed
+        state.status_changed = status_changed
+        state.cause = Cause(change.system, change.source_key, order)
+    return outcome
+
+
+def fold(golden_id: str, changes: Iterable[Change], rules: Rules) -> GoldenState:
+    state = GoldenState(golden_id)
+    for change in changes:
+        apply(state, change, rules)
+    return state
+
+
+def deletes_everywhere(state: GoldenState, rules: Rules) -> bool:
+    """An inactive record under `propagate` is deleted in every system."""
+    return not state.active and rules.delete_policy is DeletePolicy.PROPAGATE
+
+
+def resolve_field(
+    name: str, contributions: Iterable[Contribution], rules: Rules
+) -> Resolved | None:
+    """The winning value of one field among every linked row's cells, by the field's rule."""
+    spec = rules.fields[name]
+    best: tuple[Any, ...] | None = None
+    winner: tuple[Contribution, Cell] | None = None
+    for contribution in contributions:
+        cell = contribution.cells.get(name)
+        if cell is None:
+            continue
+        if spec.rule is Rule.LWW:
+            if cell.value is None:
+                continue  # a null never overwrites a value
+            rank = (
+                cell.order[0],
+                rules.rank(contribution.system),
+                cell.order[1:],
+                contribution.key,
+            )
+        elif spec.rule is Rule.PRIORITY:
+            if cell.value is None or contribution.system not in spec.order:
+                continue
+            preference = -spec.order.index(contribution.system)
+            rank = (preference, cell.order, contribution.key)
+        else:
+            if contribution.system != spec.owner:
+                continue
+            rank = (cell.order, contribution.key)
+        if best is None or rank > best:
+            best, winner = rank, (contribution, cell)
+    if winner is None:
+        return None
+    contribution, cell = winner
+    return Resolved(cell.value, contribution.system, contribution.key, cell.order, spec.rule)
+
+
+def _same(a: Value, b: Value) -> bool:
+    return type(a) is type(b) and a == b
+
+
+# ------------------------------------------------------------------- serialization
+
+
+def dumps(state: GoldenState) -> bytes:
+    """Compact JSON for the table's changelog and RocksDB; `loads` reverses it."""
+    return json.dumps(
+        {
+            "id": state.golden_id,
+            "v": state.version,
+            "a": state.active,
+            "u": state.updated_ts,
+            "c": {
+                link: [
+                    c.system,
+                    c.key,
+                    c.alive,
+                    c.lifecycle,
+                    {n: [_out(n, cell.value), cell.order] for n, cell in c.cells.items()},
+                ]
+                for link, c in state.contributions.items()
+            },
+            "g": {
+                n: [_out(n, r.value), r.system, r.key, r.order, r.rule.value]
+                for n, r in state.golden.items()
+            },
+            "l": [
+                [f.field, _out(f.field, f.before), _out(f.field, f.after)]
+                for f in state.last_changes
+            ],
+            "s": state.status_changed,
+            "k": [state.cause.system, state.cause.key, state.cause.order] if state.cause else None,
+            "f": state.fresh,
+        },
+        separators=(",", ":"),
+    ).encode()
+
+
+def loads(payload: bytes) -> GoldenState:
+    raw = json.loads(payload)
+    return GoldenState(
+        golden_id=raw["id"],
+        version=raw["v"],
+        active=raw["a"],
+        updated_ts=raw["u"],
+        contributions={
+            link: Contribution(
+                system,
+                key,
+                alive,
+                tuple(lifecycle),
+                {n: Cell(_in(n, value), tuple(order)) for n, (value, order) in cells.items()},
+            )
+            for link, (system, key, alive, lifecycle, cells) in raw["c"].items()
+        },
+        golden={
+            n: Resolved(_in(n, value), system, key, tuple(order), Rule(rule))
+            for n, (value, system, key, order, rule) in raw["g"].items()
+        },
+        last_changes=tuple(
+            FieldChange(n, _in(n, before), _in(n, after)) for n, before, after in raw["l"]
+        ),
+        status_changed=raw["s"],
+        cause=Cause(raw["k"][0], raw["k"][1], tuple(raw["k"][2])) if raw["k"] else None,
+        fresh=raw["f"],
+    )
+
+
+def _out(name: str, value: Value) -> Any:
+    return str(value) if name in DECIMAL_FIELDS and value is not None else value
+
+
+def _in(name: str, value: Any) -> Value:
+    return Decimal(value) if name in DECIMAL_FIELDS and value is not None else value

@@ -1,0 +1,84 @@
+"""Accord's own topics, declared in one place and created before the worker starts.
+
+Partition counts matter: `accord.changes` and the golden table's changelog must have the
+same count (Faust co-partitions them), and a topic the broker auto-created with its
+default count would break that. So every topic is created explicitly, and an existing
+topic with the wrong count is an error that says so rather than a silent mismatch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.error import KafkaError, KafkaException
+
+from streams.errors import AccordError
+from streams.model import SYSTEMS
+from streams.settings import AccordSettings
+
+WEEK_MS = str(7 * 24 * 3600 * 1000)
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    name: str
+    partitions: int
+    config: dict[str, str] = field(default_factory=dict)
+    strict_partitions: bool = False  # co-partitioned: a different count is an error
+
+
+def changelog_topic(settings: AccordSettings) -> str:
+    """The golden table's changelog, named as Faust names it."""
+    return f"{settings.worker.app_id}-golden-changelog"
+
+
+def accord_topics(settings: AccordSettings) -> list[TopicSpec]:
+    topics, partitions = settings.topics, settings.worker.partitions
+    return [
+        TopicSpec(topics.changes, partitions, strict_partitions=True),
+        # The merge's source of truth, read by `emit`: compacted, but never before emit
+        # has had a week to read every version.
+        TopicSpec(
+            changelog_topic(settings),
+            partitions,
+            {"cleanup.policy": "compact", "min.compaction.lag.ms": WEEK_MS},
+            strict_partitions=True,
+        ),
+        TopicSpec(topics.golden, partitions, {"cleanup.policy": "compact"}),
+        TopicSpec(topics.audit, partitions),
+        TopicSpec(topics.dlq, 1),
+        *(TopicSpec(topics.sink(system), partitions) for system in SYSTEMS),
+    ]
+
+
+def ensure_topics(settings: AccordSettings, timeout_s: float = 30.0) -> list[str]:
+    """Create missing topics; returns the names created."""
+    admin = AdminClient({"bootstrap.servers": settings.kafka})
+    specs = accord_topics(settings)
+    try:
+        existing = admin.list_topics(timeout=timeout_s).topics
+    except KafkaException as exc:
+        raise AccordError(f"kafka at {settings.kafka}: cannot list topics: {exc}") from exc
+    for spec in specs:
+        if spec.name in existing and spec.strict_partitions:
+            have = len(existing[spec.name].partitions)
+            if have != spec.partitions:
+                raise AccordError(
+                    f"topic {spec.name} has {have} partitions but the worker is configured "
+                    f"for {spec.partitions} (ACCORD_WORKER__PARTITIONS); they must agree"
+                )
+    missing = [spec for spec in specs if spec.name not in existing]
+    if not missing:
+        return []
+    futures = admin.create_topics(
+        [NewTopic(s.name, s.partitions, 1, config=s.config) for s in missing],
+        operation_timeout=timeout_s,
+    )
+    for name, future in futures.items():
+        try:
+            future.result(timeout_s)
+        except KafkaException as exc:
+            if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                raise AccordError(f"kafka: cannot create topic {name}: {exc}") from exc
+    return [spec.name for spec in missing]

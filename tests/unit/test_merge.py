@@ -1,0 +1,274 @@
+"""The merge: concrete survivorship cases, then the properties that make it safe to replay.
+
+Property tests run a small number of examples by default; the dedicated run
+(`make test-property`) runs each with 10,000.
+"""
+
+from __future__ import annotations
+
+import itertools
+from decimal import Decimal
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from streams.merge import GoldenState, apply, deletes_everywhere, dumps, fold, loads
+from streams.model import FIELDS, Change, Op
+from streams.rules import DeletePolicy, Rules, default_rules
+
+RULES = default_rules()
+_positions = itertools.count(1)
+
+
+def change(
+    system: str,
+    key: str = "1",
+    ts: int = 1_000,
+    op: Op = Op.UPSERT,
+    position: str | None = None,
+    **values: object,
+) -> Change:
+    position = position or f"p{next(_positions):08d}"
+    return Change(
+        change_id=f"{system}|{key}|{position}",
+        system=system,
+        source_key=key,
+        op=op,
+        source_ts=ts,
+        position=position,
+        values=values,
+    )
+
+
+def golden(*changes: Change, rules: Rules = RULES) -> GoldenState:
+    return fold("g-1", changes, rules)
+
+
+# ------------------------------------------------------------------- the default rules
+
+
+def test_same_customer_in_three_systems_follows_each_field_s_rule() -> None:
+    state = golden(
+        change("crm", ts=100, first_name="Ada", email="ada@crm.example", country="GB",
+               segment="smb", company="Ada Ltd (crm)"),
+        change("billing", ts=200, first_name="A.", email="ada@billing.example", country="FR",
+               company="Ada Limited", tax_id="GB123", credit_limit=Decimal("10.50")),
+        change("support", ts=300, first_name="ada", email="ada@support.example",
+               support_tier="premium", segment="enterprise"),
+    )  # fmt: skip
+    values = state.values()
+    assert values["first_name"] == "Ada"  # priority crm > support > billing
+    assert values["email"] == "ada@support.example"  # lww: latest commit
+    assert values["company"] == "Ada Limited"  # priority billing > crm
+    assert values["country"] == "FR"  # priority billing > crm > support
+    assert values["segment"] == "smb"  # owner crm: support's value refused
+    assert values["tax_id"] == "GB123" and values["credit_limit"] == Decimal("10.50")
+    assert values["support_tier"] == "premium"
+    assert state.golden["email"].system == "support" and state.golden["email"].rule == "lww"
+
+
+def test_owner_rule_rejects_and_counts_other_systems() -> None:
+    state = golden(change("crm", ts=1, segment="smb"))
+    outcome = apply(state, change("support", ts=2, segment="enterprise"), RULES)
+    assert outcome.rejected == ("segment",)
+    assert outcome.changed == ()
+    assert state.values()["segment"] == "smb"
+
+
+def test_lww_tie_goes_to_the_higher_priority_system() -> None:
+    state = golden(
+        change("support", ts=500, email="support@example.com"),
+        change("crm", ts=500, email="crm@example.com"),
+    )
+    assert state.values()["email"] == "crm@example.com"
+
+
+def test_lww_ignores_nulls_but_priority_falls_back_when_the_winner_clears() -> None:
+    state = golden(
+        change("billing", ts=1, phone="+441", first_name="Billing"),
+        change("crm", ts=2, phone="+442", first_name="Crm"),
+    )
+    apply(state, change("crm", ts=3, phone=None, first_name=None), RULES)
+    assert state.values()["phone"] == "+441"  # crm's row no longer has one: billing's stands
+    assert state.values()["first_name"] == "Billing"
+
+
+def test_an_older_change_arriving_late_moves_nothing() -> None:
+    state = golden(change("crm", ts=200, email="new@example.com"))
+    outcome = apply(state, change("crm", ts=100, email="old@example.com"), RULES)
+    assert outcome.changed == () and state.values()["email"] == "new@example.com"
+
+
+def test_an_echo_of_the_golden_value_is_a_no_op_for_the_record() -> None:
+    state = golden(change("crm", ts=100, email="a@example.com"))
+    version = state.version
+    outcome = apply(state, change("billing", ts=200, email="a@example.com"), RULES)
+    assert outcome.changed == () and not outcome.new_version
+    assert state.version == version
+    assert outcome.state_changed  # billing's row is now known, and provenance moved
+
+
+def test_a_delete_deactivates_and_records_a_version() -> None:
+    state = golden(change("crm", ts=1, email="a@example.com"), change("billing", ts=2))
+    outcome = apply(state, change("crm", ts=3, op=Op.DELETE), RULES)
+    assert outcome.status_changed and not state.active
+    assert not deletes_everywhere(state, RULES)
+    assert state.values()["email"] == "a@example.com"  # inactive, not erased
+
+
+def test_propagate_policy_deletes_everywhere() -> None:
+    rules = Rules(RULES.fields, RULES.priority, DeletePolicy.PROPAGATE, RULES.match)
+    state = golden(change("crm", ts=1), change("crm", ts=2, op=Op.DELETE), rules=rules)
+    assert deletes_everywhere(state, rules)
+
+
+def test_a_reinsert_with_a_newer_commit_revives_the_row() -> None:
+    state = golden(change("crm", ts=1), change("crm", ts=2, op=Op.DELETE), change("crm", ts=3))
+    assert state.active
+
+
+def test_version_grows_only_when_the_record_changes() -> None:
+    state = GoldenState("g")
+    apply(state, change("crm", ts=1, email="a@example.com"), RULES)
+    apply(state, change("crm", ts=2, email="a@example.com"), RULES)
+    apply(state, change("crm", ts=3, email="b@example.com"), RULES)
+    assert state.version == 2
+    assert [(c.field, c.before, c.after) for c in state.last_changes] == [
+        ("email", "a@example.com", "b@example.com")
+    ]
+
+
+def test_serialization_round_trips() -> None:
+    state = golden(
+        change("billing", ts=1, credit_limit=Decimal("1234.50"), company="X"),
+        change("crm", ts=2, marketing_opt_in=True, email="a@example.com"),
+        change("support", ts=3, op=Op.DELETE),
+    )
+    assert loads(dumps(state)) == state
+
+
+# ------------------------------------------------------------------------- properties
+
+SYSTEM_FIELDS = {
+    "crm": ("first_name", "email", "phone", "company", "segment", "country", "marketing_opt_in"),
+    "billing": ("company", "email", "phone", "country", "tax_id", "credit_limit"),
+    "support": ("first_name", "email", "phone", "support_tier", "segment"),
+}
+POOLS = {
+    "marketing_opt_in": st.sampled_from([True, False, None]),
+    "credit_limit": st.sampled_from([Decimal("0.00"), Decimal("10.50"), None]),
+}
+
+
+@st.composite
+def change_sets(draw: st.DrawFn) -> list[Change]:
+    """Changes to one customer's rows in three systems, with colliding commit times."""
+    logs = dict.fromkeys(SYSTEM_FIELDS, 0)
+    changes = []
+    for _ in range(draw(st.integers(1, 12))):
+        system = draw(st.sampled_from(sorted(SYSTEM_FIELDS)))
+        logs[system] += draw(st.integers(1, 3))
+        op = draw(st.sampled_from([Op.UPSERT] * 4 + [Op.DELETE]))
+        fields = draw(st.lists(st.sampled_from(SYSTEM_FIELDS[system]), unique=True))
+        values = {
+            name: draw(POOLS.get(name, st.sampled_from(["a", "b", "c", None]))) for name in fields
+        }
+        changes.append(
+            change(
+                system,
+                key=draw(st.sampled_from(["1", "2"])),
+                ts=draw(st.integers(0, 5)),
+                op=op,
+                position=f"{logs[system]:06d}",
+                **(values if op is Op.UPSERT else {}),
+            )
+        )
+    return changes
+
+
+def reference_fold(changes: list[Change], rules: Rules) -> dict[str, object]:
+    """The rules written the obvious, slow way: sort every change, keep the last word."""
+    rows: dict[str, dict] = {}
+    unique = {c.change_id: c for c in changes}.values()
+    for c in sorted(unique, key=lambda c: (c.source_ts, c.position, c.change_id)):
+        row = rows.setdefault(c.link, {"system": c.system, "key": c.source_key, "fields": {}})
+        row["alive"] = c.op is Op.UPSERT
+        for name, value in c.values.items():
+            row["fields"][name] = (value, (c.source_ts, c.position, c.change_id))
+
+    fields = {}
+    for name, spec in rules.fields.items():
+        cells = [(row, *row["fields"][name]) for row in rows.values() if name in row["fields"]]
+        if spec.rule == "lww":
+            candidates = sorted(
+                (o[0], rules.rank(r["system"]), o[1], o[2], r["key"], v, r, o)
+                for r, v, o in cells
+                if v is not None
+            )
+            best = candidates[-1][5:] if candidates else None
+        elif spec.rule == "priority":
+            best = None
+            for system in spec.order:
+                mine = sorted(
+                    (o, r["key"], v, r)
+                    for r, v, o in cells
+                    if r["system"] == system and v is not None
+                )
+                if mine:
+                    best = (mine[-1][2], mine[-1][3], mine[-1][0])
+                    break
+        else:
+            mine = sorted((o, r["key"], v, r) for r, v, o in cells if r["system"] == spec.owner)
+            best = (mine[-1][2], mine[-1][3], mine[-1][0]) if mine else None
+        if best is not None:
+            value, row, order = best
+            fields[name] = (value, row["system"], row["key"], order, spec.rule.value)
+    return {
+        "golden_id": "g-1",
+        "active": all(row["alive"] for row in rows.values()),
+        "fields": dict(sorted(fields.items())),
+        "links": sorted(rows),
+    }
+
+
+pytestmark = pytest.mark.filterwarnings("ignore::hypothesis.errors.NonInteractiveExampleWarning")
+
+
+@pytest.mark.property
+@given(change_sets(), st.data())
+def test_any_permutation_with_any_duplicates_gives_the_same_golden_record(
+    changes: list[Change], data: st.DataObject
+) -> None:
+    shuffled = data.draw(st.permutations(changes))
+    duplicated = shuffled + data.draw(st.lists(st.sampled_from(changes), max_size=6))
+    reordered = data.draw(st.permutations(duplicated))
+    assert golden(*reordered).record() == golden(*changes).record()
+
+
+@pytest.mark.property
+@given(change_sets())
+def test_applying_a_change_twice_changes_nothing(changes: list[Change]) -> None:
+    state = golden(*changes)
+    before = dumps(state)
+    for again in changes:
+        outcome = apply(state, again, RULES)
+        assert not outcome.state_changed and not outcome.new_version
+    assert dumps(state) == before
+
+
+@pytest.mark.property
+@given(change_sets())
+def test_the_merge_equals_a_single_threaded_reference_fold(changes: list[Change]) -> None:
+    assert golden(*changes).record() == reference_fold(changes, RULES)
+
+
+@pytest.mark.property
+@given(change_sets())
+def test_state_survives_its_changelog_encoding(changes: list[Change]) -> None:
+    state = golden(*changes)
+    assert loads(dumps(state)) == state
+
+
+def test_every_canonical_field_has_a_default_rule() -> None:
+    assert set(RULES.fields) == set(FIELDS)
