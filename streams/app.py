@@ -174,7 +174,20 @@ def create_app(settings: AccordSettings, rules: Rules | None = None) -> faust.Ap
             if outcome.state_changed:
                 golden[key] = dumps(state)  # the changelog write `emit` turns into outputs
 
-    app.service(_emitter_service(settings, registry))
+    emitter = EmitterStatus()
+    app.service(_emitter_service(settings, registry, emitter))
+
+    @app.page("/health")
+    async def health(web: Any, request: Any) -> Any:
+        """Ready once partitions are assigned and the emitter runs; 503 with the reason if not."""
+        problems = []
+        if app.rebalancing or not app.consumer.assignment():
+            problems.append("waiting for partitions (rebalancing)")
+        if not emitter.ready:
+            problems.append("emitter not running")
+        body = {"ready": not problems, "problems": problems}
+        return web.json(body, status=200 if not problems else 503)
+
     return app
 
 
@@ -184,7 +197,15 @@ def _dlq_producer(settings: AccordSettings) -> Any:
     return Producer({"bootstrap.servers": settings.kafka, "enable.idempotence": True})
 
 
-def _emitter_service(settings: AccordSettings, registry: Any) -> type[mode.Service]:
+class EmitterStatus:
+    """Shared between the emitter service and the health page."""
+
+    ready: bool = False
+
+
+def _emitter_service(
+    settings: AccordSettings, registry: Any, status: EmitterStatus
+) -> type[mode.Service]:
     topics = settings.topics
 
     class EmitterService(mode.Service):
@@ -213,11 +234,13 @@ def _emitter_service(settings: AccordSettings, registry: Any) -> type[mode.Servi
                 target=self._run, args=(emitter,), name="accord-emit", daemon=True
             )
             self._thread.start()
+            status.ready = True
 
         def _run(self, emitter: Emitter) -> None:
             try:
                 emitter.run(self._stop)
             except BaseException as exc:  # surfaced by the watchdog below
+                status.ready = False
                 self._failure = exc
                 log.exception("emitter failed")
             finally:

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 
 from streams.errors import AccordError, ConfigError
+from streams.stack.process import wait_until
 
 SYSTEMS = ("crm", "billing", "support")
 
@@ -114,5 +116,29 @@ class ConnectClient:
     def delete(self, name: str) -> None:
         self._request("DELETE", f"/connectors/{name}")
 
-    def restart(self, name: str) -> None:
-        self._request("POST", f"/connectors/{name}/restart", params={"includeTasks": "true"})
+    def restart(self, name: str, only_failed: bool = False) -> None:
+        self._request(
+            "POST",
+            f"/connectors/{name}/restart",
+            params={"includeTasks": "true", "onlyFailed": str(only_failed).lower()},
+        )
+
+    def offsets(self, name: str) -> list[dict[str, Any]]:
+        """The source offsets Connect holds for a connector (where it resumes from)."""
+        return self._request("GET", f"/connectors/{name}/offsets").json()["offsets"]
+
+    def stop(self, name: str) -> None:
+        self._request("PUT", f"/connectors/{name}/stop")
+
+    def resume(self, name: str) -> None:
+        self._request("PUT", f"/connectors/{name}/resume")
+
+    def rewind(self, name: str, offsets: list[dict[str, Any]], wait_s: float = 60.0) -> None:
+        """Stop, set the offsets back, resume: the connector replays what came after them."""
+        self.stop(name)
+        if not wait_until(lambda: self.state(name).state == "STOPPED", wait_s):
+            raise AccordError(f"connector {name} did not stop within {wait_s:.0f}s")
+        self._request("PATCH", f"/connectors/{name}/offsets", json={"offsets": offsets})
+        self.resume(name)
+        if not wait_until(lambda: self.state(name).running, wait_s):
+            raise AccordError(f"connector {name} did not resume within {wait_s:.0f}s")

@@ -31,6 +31,9 @@ def apply_connectors(
     files = [load_connector(settings.connectors_dir, system) for system in systems or SYSTEMS]
     for connector in files:
         client.apply(connector)
+        state = client.state(connector.name)
+        if state.state == "FAILED" or "FAILED" in state.tasks:
+            client.restart(connector.name, only_failed=True)  # a failed task stays failed
     if wait_s > 0:
 
         def all_running() -> bool:

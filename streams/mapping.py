@@ -15,7 +15,7 @@ The format and every transform are documented in `connectors/README.md` ("Mappin
 
 from __future__ import annotations
 
-import difflib
+import datetime as dt
 import functools
 import re
 import unicodedata
@@ -28,13 +28,13 @@ from typing import Any
 
 import phonenumbers
 import pycountry
-import yaml
 from email_validator import EmailNotValidError, validate_email
 from prometheus_client import Counter
 
 from streams.debezium import SourceChange
 from streams.errors import ConfigError
 from streams.model import FIELDS, Change, Op, Value, sortable_position
+from streams.yamlconf import Map, Problem, Problems, Seq, did_you_mean, plain, read
 
 DROPPED = Counter(
     "accord_mapping_dropped_total",
@@ -48,7 +48,7 @@ REJECTED = Counter(
 )
 
 MAPPING_FILE = "mapping.yaml"
-TOP_LEVEL_KEYS = ("system", "topic", "key", "fields", "sink")
+TOP_LEVEL_KEYS = ("system", "topic", "key", "commit_time", "fields", "sink")
 REQUIRED_TOP_LEVEL = ("system", "topic", "key", "fields")
 FIELD_KEYS = ("column", "transforms", "required", "on_invalid")
 
@@ -547,6 +547,7 @@ class SystemMapping:
     sink: dict[str, Any] | None
     path: Path
     order: tuple[str, ...] = ()  # evaluation order: a field after those it depends on
+    commit_time: str | None = None  # a row column finer than the log's commit time
 
 
 # -- loading ------------------------------------------------------------------------------
@@ -570,9 +571,9 @@ def load_mappings(connectors_dir: Path) -> dict[str, SystemMapping]:
 
 def load_mapping(path: Path) -> SystemMapping:
     """One mapping file; the system name must be the name of its directory."""
-    document = _read_yaml(path)
-    problems = _Problems(path)
-    if not isinstance(document, _Map):
+    document = read(path)
+    problems = Problems(path)
+    if not isinstance(document, Map):
         raise problems.fatal(getattr(document, "line", 1), "expected a mapping of settings")
     for key in document:
         if key not in TOP_LEVEL_KEYS:
@@ -604,19 +605,28 @@ def load_mapping(path: Path) -> SystemMapping:
     sink = document.get("sink")
     if sink is not None and not isinstance(sink, dict):
         problems.add(document.line_of("sink"), "sink must be a mapping")
+    commit_time = document.get("commit_time")
+    if commit_time is not None and (
+        not isinstance(commit_time, str) or (columns and commit_time not in columns)
+    ):
+        problems.add(
+            document.line_of("commit_time"),
+            _not_a_column(str(commit_time), columns) if columns else "commit_time: a column",
+        )
     problems.raise_any()
     return SystemMapping(
         system=system,
         topic=topic,
         key=key,
         fields=fields,
-        sink=_plain(sink) if sink is not None else None,
+        sink=plain(sink) if sink is not None else None,
         path=path,
         order=order,
+        commit_time=commit_time,
     )
 
 
-def _parse_key(document: _Map, problems: _Problems) -> tuple[str, ...]:
+def _parse_key(document: Map, problems: Problems) -> tuple[str, ...]:
     key = document["key"]
     if isinstance(key, list) and key and all(isinstance(c, str) and c for c in key):
         return tuple(key)
@@ -625,17 +635,17 @@ def _parse_key(document: _Map, problems: _Problems) -> tuple[str, ...]:
 
 
 def _parse_fields(
-    document: _Map, columns: frozenset[str], problems: _Problems
+    document: Map, columns: frozenset[str], problems: Problems
 ) -> dict[str, FieldSpec]:
     raw = document["fields"]
-    if not isinstance(raw, _Map) or not raw:
+    if not isinstance(raw, Map) or not raw:
         problems.add(document.line_of("fields"), "fields must map canonical fields to columns")
         return {}
     fields: dict[str, FieldSpec] = {}
     for name, spec in raw.items():
         line = raw.line_of(name)
         if name not in FIELDS:
-            problems.add(line, f"unknown canonical field {name!r}{_did_you_mean(name, FIELDS)}")
+            problems.add(line, f"unknown canonical field {name!r}{did_you_mean(name, FIELDS)}")
             continue
         parsed = _parse_field(name, spec, line, columns, problems)
         if parsed is not None:
@@ -652,10 +662,10 @@ def _parse_fields(
 
 
 def _parse_field(
-    name: str, spec: Any, line: int, columns: frozenset[str], problems: _Problems
+    name: str, spec: Any, line: int, columns: frozenset[str], problems: Problems
 ) -> FieldSpec | None:
     """One field's settings; every problem is recorded, None when there was any."""
-    if not isinstance(spec, _Map):
+    if not isinstance(spec, Map):
         problems.add(line, f"{name}: expected a mapping with at least 'column'")
         return None
     before = len(problems.found)
@@ -694,43 +704,35 @@ def _parse_field(
     )
 
 
-def _parse_transforms(name: str, spec: _Map, problems: _Problems) -> tuple[TransformSpec, ...]:
+def _parse_transforms(name: str, spec: Map, problems: Problems) -> tuple[TransformSpec, ...]:
     raw = spec.get("transforms")
     if raw is None:
         return ()
-    if not isinstance(raw, _Seq):
+    if not isinstance(raw, Seq):
         problems.add(spec.line_of("transforms"), f"{name}: transforms must be a list")
         return ()
     parsed: list[TransformSpec] = []
     for item, line in zip(raw, raw.item_lines, strict=True):
         try:
             parsed.append(_parse_transform(name, item, line))
-        except _Problem as problem:
+        except Problem as problem:
             problems.add(problem.line, problem.message)
     return tuple(parsed)
-
-
-class _Problem(Exception):
-    """A mistake at one line, raised where recording it and going on is not worth it."""
-
-    def __init__(self, line: int, message: str) -> None:
-        super().__init__(message)
-        self.line, self.message = line, message
 
 
 def _parse_transform(field_name: str, item: Any, line: int) -> TransformSpec:
     if isinstance(item, str):
         name, options, options_line = item, None, line
-    elif isinstance(item, _Map) and len(item) == 1:
+    elif isinstance(item, Map) and len(item) == 1:
         name, options = next(iter(item.items()))
         options_line = item.line_of(name)
     else:
-        raise _Problem(line, f"{field_name}: a transform is a name or {{name: options}}")
+        raise Problem(line, f"{field_name}: a transform is a name or {{name: options}}")
     builder = TRANSFORMS.get(name)
     if builder is None:
-        raise _Problem(
+        raise Problem(
             line,
-            f"{field_name}: unknown transform {name!r}{_did_you_mean(str(name), TRANSFORMS)}"
+            f"{field_name}: unknown transform {name!r}{did_you_mean(str(name), TRANSFORMS)}"
             f" (known: {', '.join(TRANSFORMS)})",
         )
     return builder(f"{field_name}: {name}", options, options_line)
@@ -739,9 +741,9 @@ def _parse_transform(field_name: str, item: Any, line: int) -> TransformSpec:
 def _no_options(function: Callable[[Any], Any]) -> Callable[[str, Any, int], TransformSpec]:
     def build(where: str, options: Any, line: int) -> TransformSpec:
         if options not in (None, {}):
-            first = next(iter(options)) if isinstance(options, _Map) else options
-            at = options.line_of(first) if isinstance(options, _Map) else line
-            raise _Problem(at, f"{where}: unknown transform option {first!r} (takes none)")
+            first = next(iter(options)) if isinstance(options, Map) else options
+            at = options.line_of(first) if isinstance(options, Map) else line
+            raise Problem(at, f"{where}: unknown transform option {first!r} (takes none)")
         return TransformSpec(function.__name__, lambda value, _values: function(value))
 
     return build
@@ -749,31 +751,31 @@ def _no_options(function: Callable[[Any], Any]) -> Callable[[str, Any, int], Tra
 
 def _options(
     where: str, options: Any, line: int, allowed: tuple[str, ...], required: tuple[str, ...] = ()
-) -> _Map:
+) -> Map:
     if options is None:
-        options = _Map(line)
-    if not isinstance(options, _Map):
-        raise _Problem(line, f"{where}: options must be a mapping of {', '.join(allowed)}")
+        options = Map(line)
+    if not isinstance(options, Map):
+        raise Problem(line, f"{where}: options must be a mapping of {', '.join(allowed)}")
     for key in options:
         if key not in allowed:
-            raise _Problem(
+            raise Problem(
                 options.line_of(key),
                 f"{where}: unknown transform option {key!r} (expected {', '.join(allowed)})",
             )
     for key in required:
         if key not in options:
-            raise _Problem(line, f"{where}: missing option {key!r}")
+            raise Problem(line, f"{where}: missing option {key!r}")
     return options
 
 
 def _build_phone(where: str, options: Any, line: int) -> TransformSpec:
     opts = _options(where, options, line, ("region", "region_from"))
     if "region" in opts and "region_from" in opts:
-        raise _Problem(opts.line_of("region"), f"{where}: give region or region_from, not both")
+        raise Problem(opts.line_of("region"), f"{where}: give region or region_from, not both")
     if "region" in opts:
         region = region_code(str(opts["region"]).upper())
         if region is None:
-            raise _Problem(
+            raise Problem(
                 opts.line_of("region"),
                 f"{where}: region {opts['region']!r} is not a country code or locale",
             )
@@ -782,10 +784,10 @@ def _build_phone(where: str, options: Any, line: int) -> TransformSpec:
     if source is None:
         return TransformSpec("phone", lambda value, _values: phone(value), {})
     if source not in FIELDS:
-        raise _Problem(
+        raise Problem(
             opts.line_of("region_from"),
             f"{where}: region_from {source!r} is not a canonical field"
-            f"{_did_you_mean(str(source), FIELDS)}",
+            f"{did_you_mean(str(source), FIELDS)}",
         )
     return TransformSpec(
         "phone",
@@ -800,14 +802,14 @@ def _build_enum(where: str, options: Any, line: int) -> TransformSpec:
     opts = _options(where, options, line, ("map",), required=("map",))
     table = opts["map"]
     if not isinstance(table, dict) or not table:
-        raise _Problem(opts.line_of("map"), f"{where}: map must be a non-empty mapping")
-    table = _plain(table)
+        raise Problem(opts.line_of("map"), f"{where}: map must be a non-empty mapping")
+    table = plain(table)
     return TransformSpec("enum", lambda value, _values: enum(value, table), {"map": table})
 
 
 def _build_split_name(where: str, options: Any, line: int) -> TransformSpec:
     if options not in ("first", "last"):
-        raise _Problem(line, f"{where}: expected first or last, not {options!r}")
+        raise Problem(line, f"{where}: expected first or last, not {options!r}")
     return TransformSpec(
         "split_name", lambda value, _values: split_name(value, options), {"part": options}
     )
@@ -818,7 +820,7 @@ def _build_decimal(where: str, options: Any, line: int) -> TransformSpec:
     settings = {"scale": opts.get("scale", 2), "precision": opts.get("precision", 12)}
     for key, number in settings.items():
         if not isinstance(number, int) or isinstance(number, bool) or not 0 <= number <= 38:
-            raise _Problem(opts.line_of(key), f"{where}: {key} must be a whole number 0-38")
+            raise Problem(opts.line_of(key), f"{where}: {key} must be a whole number 0-38")
     scale, precision = settings["scale"], settings["precision"]
     return TransformSpec(
         "decimal", lambda value, _values: decimal(value, scale, precision), settings
@@ -843,7 +845,7 @@ TRANSFORMS: dict[str, Callable[[str, Any, int], TransformSpec]] = {
 }
 
 
-def _evaluation_order(fields: Mapping[str, FieldSpec], problems: _Problems) -> tuple[str, ...]:
+def _evaluation_order(fields: Mapping[str, FieldSpec], problems: Problems) -> tuple[str, ...]:
     """File order, except that a field comes after the fields it reads (region_from)."""
     order: list[str] = []
     visiting: set[str] = set()
@@ -908,110 +910,7 @@ def _table_columns(schema_sql: Path) -> frozenset[str]:
 
 
 def _not_a_column(column: str, columns: frozenset[str]) -> str:
-    return f"column {column!r} is not in the source table{_did_you_mean(column, columns)}"
-
-
-def _did_you_mean(name: str, choices: Any) -> str:
-    close = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-# -- YAML that remembers lines ------------------------------------------------------------
-
-
-class _Map(dict):  # type: ignore[type-arg]
-    """A YAML mapping that knows the (1-based) line of itself and of each key."""
-
-    def __init__(self, line: int = 1) -> None:
-        super().__init__()
-        self.line = line
-        self.key_lines: dict[Any, int] = {}
-
-    def line_of(self, key: Any) -> int:
-        return self.key_lines.get(key, self.line)
-
-
-class _Seq(list):  # type: ignore[type-arg]
-    """A YAML sequence that knows the line of each item."""
-
-    def __init__(self, line: int = 1, item_lines: list[int] | None = None) -> None:
-        super().__init__()
-        self.line = line
-        self.item_lines = item_lines or []
-
-
-class _LineLoader(yaml.SafeLoader):
-    """A safe loader whose mappings and sequences remember where they were written."""
-
-
-def _construct_map(loader: _LineLoader, node: yaml.MappingNode) -> Any:
-    data = _Map(node.start_mark.line + 1)
-    yield data
-    loader.flatten_mapping(node)
-    for key_node, value_node in node.value:
-        key = loader.construct_object(key_node, deep=True)
-        line = key_node.start_mark.line + 1
-        if not isinstance(key, Hashable):
-            raise _Problem(line, f"a key must be a plain value, not {key!r}")
-        if key in data:
-            raise _Problem(line, f"duplicate key {key!r}")
-        data[key] = loader.construct_object(value_node, deep=True)
-        data.key_lines[key] = line
-
-
-def _construct_seq(loader: _LineLoader, node: yaml.SequenceNode) -> Any:
-    data = _Seq(node.start_mark.line + 1, [item.start_mark.line + 1 for item in node.value])
-    yield data
-    data.extend(loader.construct_object(item, deep=True) for item in node.value)
-
-
-_LineLoader.add_constructor("tag:yaml.org,2002:map", _construct_map)
-_LineLoader.add_constructor("tag:yaml.org,2002:seq", _construct_seq)
-
-
-def _read_yaml(path: Path) -> Any:
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from exc
-    try:
-        return yaml.load(text, Loader=_LineLoader)  # a SafeLoader subclass: safe
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line = mark.line + 1 if mark else 1
-        started = exc.context_mark.line + 1 if exc.context_mark else line
-        where = f" ({exc.context} at line {started})" if started != line else ""
-        raise ConfigError(f"{path}:{line}: invalid YAML: {exc.problem or exc}{where}") from exc
-    except _Problem as problem:
-        raise ConfigError(f"{path}:{problem.line}: {problem.message}") from None
-
-
-def _plain(value: Any) -> Any:
-    """Plain dicts and lists, for data handed to code that does not care about lines."""
-    if isinstance(value, dict):
-        return {key: _plain(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_plain(item) for item in value]
-    return value
-
-
-class _Problems:
-    """Every mistake in one file, reported together, in line order."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.found: list[tuple[int, str]] = []
-
-    def add(self, line: int, message: str) -> None:
-        self.found.append((line, message))
-
-    def fatal(self, line: int, message: str) -> ConfigError:
-        return ConfigError(f"{self.path}:{line}: {message}")
-
-    def raise_any(self) -> None:
-        if self.found:
-            lines = sorted(self.found, key=lambda found: found[0])
-            raise ConfigError("\n".join(f"{self.path}:{line}: {msg}" for line, msg in lines))
+    return f"column {column!r} is not in the source table{did_you_mean(column, columns)}"
 
 
 # -- mapping changes ----------------------------------------------------------------------
@@ -1057,6 +956,8 @@ class Mapper:
             return self._reject(mapping.system, hard)
         for issue in soft:
             DROPPED.labels(mapping.system, issue.field, issue.rule).inc()
+        if change.op == "u" and change.before is not None:
+            values = _changed_only(self._plans[mapping.topic], change.before, values)
         position = change.position
         return Mapped(
             Change(
@@ -1064,7 +965,7 @@ class Mapper:
                 system=mapping.system,
                 source_key=source_key,
                 op=op,
-                source_ts=position.commit_ts_us,
+                source_ts=_commit_time(mapping, change),
                 position=sortable_position(position),
                 values=values,
                 snapshot=position.snapshot,
@@ -1078,6 +979,26 @@ class Mapper:
         for rule in dict.fromkeys(issue.rule for issue in issues):
             REJECTED.labels(system, rule).inc()
         return Rejected(system, tuple(issues))
+
+
+def _commit_time(mapping: SystemMapping, change: SourceChange) -> int:
+    """When the change was made, in microseconds.
+
+    MariaDB's binlog stamps events with whole seconds, which would make every change of
+    a second look older than a PostgreSQL change of the same second. A `commit_time`
+    column (an `updated_at timestamp(6)` maintained by the database) gives the row's own
+    microseconds; a delete carries the last update's value and is then ordered after it
+    by its log position.
+    """
+    logged = change.position.commit_ts_us
+    if mapping.commit_time is None:
+        return logged
+    stamp = change.row.get(mapping.commit_time)
+    if not isinstance(stamp, dt.datetime):
+        return logged
+    if stamp.tzinfo is None:
+        stamp = stamp.replace(tzinfo=dt.UTC)
+    return max(logged, int(stamp.timestamp() * 1_000_000))
 
 
 def _source_key(columns: tuple[str, ...], change: SourceChange) -> tuple[str, list[FieldIssue]]:
@@ -1096,6 +1017,27 @@ def _source_key(columns: tuple[str, ...], change: SourceChange) -> tuple[str, li
         else:
             parts.append(str(value))
     return "|".join(parts), issues
+
+
+def _changed_only(
+    plan: tuple[FieldSpec, ...], before: Mapping[str, Any], after: dict[str, Value]
+) -> dict[str, Value]:
+    """The fields an update actually changed.
+
+    A row update re-sends every column. Were the untouched ones carried too, they would
+    look freshly written at this commit and win last-writer-wins against a newer edit
+    of the same field made in another system. So an update carries only what differs
+    from its before image (by canonical value); an insert or a snapshot read carries all.
+    """
+    previous: dict[str, Value] = {}
+    _map_values(plan, before, previous, [], [])
+    return {
+        name: value
+        for name, value in after.items()
+        if name not in previous
+        or type(previous[name]) is not type(value)
+        or previous[name] != value
+    }
 
 
 def _map_values(

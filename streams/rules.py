@@ -1,7 +1,9 @@
 """Survivorship, identity and delete rules, loaded from `connectors/survivorship.yaml`.
 
 Every canonical field must have a rule, every system named must be known: a rules file
-that would silently leave a field unmerged is refused at start-up, with file and line.
+that would silently leave a field unmerged is refused at start-up, with every mistake in
+it reported at once as `path:line: message` (read by `streams.yamlconf`, which also
+refuses duplicate keys). The format is documented in `connectors/README.md`.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 from streams import yamlconf
 from streams.identity import MatchRule
 from streams.model import FIELDS, SYSTEMS
+from streams.yamlconf import Map, Seq
 
 
 class Rule(StrEnum):
@@ -55,86 +58,177 @@ def default_rules() -> Rules:
     return load_rules(Path(__file__).resolve().parents[1] / "connectors" / "survivorship.yaml")
 
 
+TOP_LEVEL_KEYS = ("priority", "delete_policy", "match", "fields")
+MATCH_KEYS = ("field", "systems")
+FIELD_OPTIONS = {
+    Rule.LWW: ("rule",),
+    Rule.PRIORITY: ("rule", "order"),
+    Rule.OWNER: ("rule", "owner"),
+}
+ALL_FIELD_OPTIONS = ("rule", "order", "owner")
+
+
 def load_rules(path: Path) -> Rules:
-    data, where = yamlconf.load(path)
-    if not isinstance(data, dict):
-        raise where.error((), "expected a mapping with priority, delete_policy, match, fields")
-    unknown = set(data) - {"priority", "delete_policy", "match", "fields"}
-    if unknown:
-        key = sorted(unknown)[0]
-        raise where.error(
-            (key,), f"unknown key {key!r}; expected priority, delete_policy, match, fields"
+    """The rules file, fully checked: every mistake in it is reported at once."""
+    document = yamlconf.read(path)
+    problems = yamlconf.Problems(path)
+    if not isinstance(document, Map):
+        raise problems.fatal(
+            yamlconf.line_of(document), f"expected a mapping of {', '.join(TOP_LEVEL_KEYS)}"
         )
-
-    priority = _systems(data.get("priority", list(SYSTEMS)), where, ("priority",))
-    try:
-        policy = DeletePolicy(data.get("delete_policy", DeletePolicy.DEACTIVATE))
-    except ValueError:
-        raise where.error(
-            ("delete_policy",),
-            f"delete_policy {data['delete_policy']!r} is not one of: "
-            + ", ".join(p.value for p in DeletePolicy),
-        ) from None
-
-    match = []
-    for i, spec in enumerate(data.get("match") or []):
-        if not isinstance(spec, dict) or spec.get("field") not in FIELDS:
-            raise where.error(("match", i), "each match rule needs `field: <canonical field>`")
-        extra = set(spec) - {"field", "systems"}
-        if extra:
-            raise where.error(("match", i), f"unknown match option {sorted(extra)[0]!r}")
-        systems = spec.get("systems")
-        match.append(
-            MatchRule(
-                spec["field"],
-                _systems(systems, where, ("match", i, "systems")) if systems else None,
+    for key in document:
+        if key not in TOP_LEVEL_KEYS:
+            problems.add(
+                document.line_of(key),
+                f"unknown key {key!r}{yamlconf.did_you_mean(key, TOP_LEVEL_KEYS)} "
+                f"(expected one of {', '.join(TOP_LEVEL_KEYS)})",
             )
+    priority = SYSTEMS
+    if "priority" in document:
+        priority = _systems(document, "priority", "priority", problems)
+    policy = _delete_policy(document, problems)
+    match = _match_rules(document, problems)
+    fields = _field_rules(document, problems)
+    problems.raise_any()
+    return Rules(fields, priority, policy, match)
+
+
+def _delete_policy(document: Map, problems: yamlconf.Problems) -> DeletePolicy:
+    value = document.get("delete_policy", DeletePolicy.DEACTIVATE.value)
+    if isinstance(value, str) and value in {p.value for p in DeletePolicy}:
+        return DeletePolicy(value)
+    problems.add(
+        document.line_of("delete_policy"),
+        f"delete_policy {value!r} is not one of: {', '.join(p.value for p in DeletePolicy)}",
+    )
+    return DeletePolicy.DEACTIVATE
+
+
+def _match_rules(document: Map, problems: yamlconf.Problems) -> tuple[MatchRule, ...]:
+    """Identity match rules, in file order (the order they are tried in)."""
+    specs = document.get("match")
+    if specs is None:
+        return ()
+    if not isinstance(specs, Seq):
+        problems.add(document.line_of("match"), "match must be a list of {field: ...} rules")
+        return ()
+    rules: list[MatchRule] = []
+    for i, spec in enumerate(specs):
+        line = specs.line_of(i)
+        if not isinstance(spec, Map) or "field" not in spec:
+            problems.add(line, "match: each rule needs `field: <canonical field>`")
+            continue
+        before = len(problems.found)
+        for key in spec:
+            if key not in MATCH_KEYS:
+                problems.add(
+                    spec.line_of(key),
+                    f"match: unknown option {key!r} (expected {', '.join(MATCH_KEYS)})",
+                )
+        name = spec["field"]
+        if not isinstance(name, str) or name not in FIELDS:
+            problems.add(
+                spec.line_of("field"),
+                f"match: {name!r} is not a canonical field{yamlconf.did_you_mean(name, FIELDS)}",
+            )
+        systems = None
+        if spec.get("systems") is not None:
+            systems = _systems(spec, "systems", f"match on {name}: systems", problems)
+        if len(problems.found) == before:
+            rules.append(MatchRule(name, systems))
+    return tuple(rules)
+
+
+def _field_rules(document: Map, problems: yamlconf.Problems) -> dict[str, FieldRule]:
+    specs = document.get("fields")
+    if not isinstance(specs, Map) or not specs:
+        what = "missing fields" if "fields" not in document else "fields"
+        problems.add(
+            document.line_of("fields"), f"{what}: must map every canonical field to its rule"
         )
-
-    specs = data.get("fields")
-    if not isinstance(specs, dict):
-        raise where.error(("fields",), "`fields` must map every canonical field to its rule")
-    rules = {name: _field_rule(name, spec, where) for name, spec in specs.items()}
-    missing = [name for name in FIELDS if name not in rules]
+        return {}
+    rules: dict[str, FieldRule] = {}
+    for name, spec in specs.items():
+        line = specs.line_of(name)
+        if not isinstance(name, str) or name not in FIELDS:
+            problems.add(
+                line,
+                f"unknown canonical field {name!r}{yamlconf.did_you_mean(name, FIELDS)}",
+            )
+            continue
+        rule = _field_rule(name, spec, line, problems)
+        if rule is not None:
+            rules[name] = rule
+    missing = [name for name in FIELDS if name not in specs]
     if missing:
-        raise where.error(("fields",), f"no rule for canonical field(s): {', '.join(missing)}")
-    return Rules(rules, priority, policy, tuple(match))
+        problems.add(
+            document.line_of("fields"), f"no rule for canonical field(s): {', '.join(missing)}"
+        )
+    return rules
 
 
-def _field_rule(name: str, spec: Any, where: yamlconf.Locator) -> FieldRule:
-    at = ("fields", name)
-    if name not in FIELDS:
-        raise where.error(at, f"{name!r} is not a canonical field")
-    if not isinstance(spec, dict) or "rule" not in spec:
-        raise where.error(at, f"{name}: expected {{rule: lww|priority|owner, ...}}")
-    try:
-        rule = Rule(spec["rule"])
-    except ValueError:
-        raise where.error(
-            at, f"{name}: rule {spec['rule']!r} is not one of: lww, priority, owner"
-        ) from None
-    allowed = {Rule.LWW: {"rule"}, Rule.PRIORITY: {"rule", "order"}, Rule.OWNER: {"rule", "owner"}}
-    extra = set(spec) - allowed[rule]
-    if extra:
-        raise where.error(at, f"{name}: option {sorted(extra)[0]!r} does not apply to {rule}")
+def _field_rule(name: str, spec: Any, line: int, problems: yamlconf.Problems) -> FieldRule | None:
+    """One field's rule; every problem is recorded, None when there was any."""
+    if not isinstance(spec, Map) or "rule" not in spec:
+        problems.add(line, f"{name}: expected {{rule: lww|priority|owner, ...}}")
+        return None
+    value = spec["rule"]
+    if not isinstance(value, str) or value not in {r.value for r in Rule}:
+        problems.add(
+            spec.line_of("rule"),
+            f"{name}: rule {value!r} is not one of: {', '.join(r.value for r in Rule)}",
+        )
+        return None
+    rule = Rule(value)
+    before = len(problems.found)
+    for key in spec:
+        if key not in ALL_FIELD_OPTIONS:
+            problems.add(
+                spec.line_of(key),
+                f"{name}: unknown option {key!r} (expected {', '.join(FIELD_OPTIONS[rule])})",
+            )
+        elif key not in FIELD_OPTIONS[rule]:
+            problems.add(spec.line_of(key), f"{name}: option {key!r} does not apply to {rule}")
     if rule is Rule.PRIORITY:
-        if not spec.get("order"):
-            raise where.error(at, f"{name}: a priority rule needs `order: [systems...]`")
-        return FieldRule(rule, order=_systems(spec["order"], where, (*at, "order")))
+        if spec.get("order") is None:
+            problems.add(spec.line_of("rule"), f"{name}: a priority rule needs `order: [systems]`")
+            return None
+        order = _systems(spec, "order", f"{name}: order", problems)
+        return FieldRule(rule, order=order) if len(problems.found) == before else None
     if rule is Rule.OWNER:
         owner = spec.get("owner")
-        if owner not in SYSTEMS:
-            raise where.error(at, f"{name}: owner must be one of {', '.join(SYSTEMS)}")
-        return FieldRule(rule, owner=owner)
-    return FieldRule(rule)
+        if "owner" not in spec:
+            problems.add(
+                spec.line_of("rule"),
+                f"{name}: an owner rule needs `owner: <system>` ({', '.join(SYSTEMS)})",
+            )
+            return None
+        if not isinstance(owner, str) or owner not in SYSTEMS:
+            problems.add(
+                spec.line_of("owner"),
+                f"{name}: owner must be one of {', '.join(SYSTEMS)}, not {owner!r}",
+            )
+            return None
+        return FieldRule(rule, owner=owner) if len(problems.found) == before else None
+    return FieldRule(rule) if len(problems.found) == before else None
 
 
-def _systems(value: Any, where: yamlconf.Locator, at: tuple[str | int, ...]) -> tuple[str, ...]:
-    if not isinstance(value, list) or not value:
-        raise where.error(at, "expected a list of systems")
-    for system in value:
-        if system not in SYSTEMS:
-            raise where.error(at, f"unknown system {system!r}; expected {', '.join(SYSTEMS)}")
-    if len(set(value)) != len(value):
-        raise where.error(at, "a system is listed twice")
-    return tuple(value)
+def _systems(parent: Map, key: str, what: str, problems: yamlconf.Problems) -> tuple[str, ...]:
+    """`parent[key]`, a non-empty list of distinct known systems; () when it is not."""
+    value = parent[key]
+    if not isinstance(value, Seq) or not value:
+        problems.add(parent.line_of(key), f"{what}: expected a list of systems")
+        return ()
+    before = len(problems.found)
+    seen: list[Any] = []
+    for i, system in enumerate(value):
+        if system in seen:
+            problems.add(value.line_of(i), f"{what}: {system!r} is listed twice")
+        elif not isinstance(system, str) or system not in SYSTEMS:
+            problems.add(
+                value.line_of(i),
+                f"{what}: unknown system {system!r}{yamlconf.did_you_mean(system, SYSTEMS)} "
+                f"(expected one of {', '.join(SYSTEMS)})",
+            )
+        seen.append(system)
+    return tuple(value) if len(problems.found) == before else ()

@@ -824,6 +824,9 @@ class Connect(Component):
                 ".apicurio.registry.as-confluent=true",
                 ".apicurio.registry.use-id=contentId",
                 ".apicurio.registry.headers.enabled=false",
+                # A registry hiccup must not kill a connector task: retry schema lookups.
+                ".apicurio.registry.retry-count=10",
+                ".apicurio.registry.retry-backoff-ms=500",
             )
         )
         self.config.write_text(
@@ -872,6 +875,10 @@ class Connect(Component):
                 f"-Xmx{self.stack.connect_heap}",
                 "-XX:+UseG1GC",
                 "-Djava.awt.headless=true",
+                # The converter's JDK HTTP client would otherwise reuse pooled connections
+                # the registry has already closed ("header parser received no bytes") and
+                # fail the task; a short keep-alive makes it open a fresh one instead.
+                "-Djdk.httpclient.keepalive.timeout=5",
                 f"-Dlog4j2.configurationFile={self.home / 'log4j2.properties'}",
                 "-cp",
                 f"{self.paths.kafka_libs}/*",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -10,7 +12,7 @@ from streams.errors import StackError
 from streams.settings import AccordSettings
 from streams.stack import install
 from streams.stack.components import COMPONENT_TYPES, Component, StackPaths, find_java
-from streams.stack.process import port_in_use, read_pid, spawn, stop, tail, wait_until
+from streams.stack.process import ProcessSpec, port_in_use, read_pid, spawn, stop, tail, wait_until
 
 Progress = Callable[[str], None]
 
@@ -106,9 +108,15 @@ class Stack:
 
     def _start(self, component: Component) -> bool:
         spec = component.process()
+        fingerprint_file = spec.pid_file.with_suffix(".cmdline")
+        fingerprint = _fingerprint(spec)
         if read_pid(spec) is not None:
-            self.progress(f"{component.name}: already running")
-            return False
+            if fingerprint_file.exists() and fingerprint_file.read_text() == fingerprint:
+                self.progress(f"{component.name}: already running")
+                return False
+            # Started by an older Accord or other settings: restart it with the new ones.
+            self.progress(f"{component.name}: command line changed, restarting")
+            stop(spec)
         if port_in_use(self.settings.stack.host, component.port):
             raise StackError(
                 component.name,
@@ -120,6 +128,7 @@ class Stack:
         component.prepare()
         self.progress(f"{component.name}: starting on port {component.port}")
         spawn(component.process())
+        fingerprint_file.write_text(fingerprint)
         return True
 
     def _await_healthy(self, component: Component, just_started: bool) -> None:
@@ -179,3 +188,9 @@ class Stack:
                 )
             )
         return statuses
+
+
+def _fingerprint(spec: ProcessSpec) -> str:
+    """What a running component was started with: argv and environment."""
+    text = json.dumps([list(spec.argv), sorted((spec.env or {}).items())])
+    return hashlib.sha256(text.encode()).hexdigest()

@@ -613,3 +613,42 @@ def test_email_is_idempotent(text: str) -> None:
     except FieldError:
         return
     assert m.email(once) == once
+
+
+def test_commit_time_column_gives_mariadb_changes_their_microseconds() -> None:
+    import dataclasses
+    import datetime as _dt
+
+    from streams.debezium import SourceChange, SourcePosition
+
+    billing = load_mappings(Path("connectors"))["billing"]
+    assert billing.commit_time == "updated_at"
+    updated = _dt.datetime(2026, 11, 23, 4, 5, 6, 789012, tzinfo=_dt.UTC)
+    position = SourcePosition(
+        connector="mysql", database="billing", table="accounts",
+        commit_ts_us=int(updated.replace(microsecond=0).timestamp()) * 1_000_000,
+        snapshot=False, binlog_file="b.000001", binlog_pos=4, binlog_row=0,
+    )  # fmt: skip
+    row = {"account_no": "A-1", "contact_email": "a@example.com", "updated_at": updated}
+    change = SourceChange("billing.billing.accounts", "u", {"account_no": "A-1"}, row, row,
+                          position, 0)  # fmt: skip
+    mapper = Mapper({"billing": billing})
+    assert mapper.map(change).change.source_ts == int(updated.timestamp() * 1_000_000)
+    later_log = dataclasses.replace(position, commit_ts_us=position.commit_ts_us + 2_000_000)
+    delayed = dataclasses.replace(change, position=later_log)
+    assert mapper.map(delayed).change.source_ts == later_log.commit_ts_us
+
+
+def test_an_update_carries_only_the_fields_it_changed() -> None:
+    from streams.debezium import SourceChange, SourcePosition
+
+    crm = load_mappings(Path("connectors"))["crm"]
+    position = SourcePosition("postgresql", "crm", "customers", 1, False, lsn=10)
+    before = {"id": 7, "email": " A@Example.com", "phone": "(212) 555-0142", "country": "US"}
+    after = {**before, "email": "a@example.com", "phone": "212-555-0199"}
+    change = SourceChange("crm.public.customers", "u", {"id": 7}, before, after, position, 0)
+    mapped = Mapper({"crm": crm}).map(change).change
+    # The email only changed its spelling: same canonical value, so not carried.
+    assert dict(mapped.values) == {"phone": "+12125550199"}
+    insert = SourceChange("crm.public.customers", "c", {"id": 7}, None, after, position, 0)
+    assert {"email", "phone", "country"} <= set(Mapper({"crm": crm}).map(insert).change.values)

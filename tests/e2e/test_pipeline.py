@@ -1,0 +1,301 @@
+"""The core pipeline on the real stack: three systems, one golden record, by the rules.
+
+Each test runs a real `accord worker` process with topics, consumer groups and Redis keys
+of its own, fed by the real Debezium connectors.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from decimal import Decimal
+from typing import Any
+
+import pytest
+
+from streams.connect import ConnectClient
+from streams.settings import AccordSettings
+from streams.sources import mariadb, postgres
+from streams.stack.process import wait_until
+from streams.topics import RAW_TOPICS
+from streams.workers import WorkerProcess
+from tests.support import TopicTail, drained, isolated, latest_by_key, start_group_at_end
+
+pytestmark = pytest.mark.e2e
+BILLING_CONNECTOR = "accord-billing-source"
+
+
+@pytest.fixture
+def pipeline(connectors: AccordSettings) -> Iterator[tuple[AccordSettings, WorkerProcess]]:
+    settings = isolated(connectors)
+    start_group_at_end(settings, settings.worker.app_id)
+    worker = WorkerProcess(settings)
+    worker.start()
+    try:
+        yield settings, worker
+    finally:
+        worker.stop()
+
+
+def golden_with_email(records: list[Any], email: str) -> list[dict]:
+    return [r for r in latest_by_key(records).values() if r["fields"]["email"] == email]
+
+
+def audit_of(records: list[Any], golden_id: str, version: int) -> set[str]:
+    return {
+        r["field"]
+        for r in records
+        if r["golden_id"] == golden_id and r["golden_version"] == version
+    }
+
+
+def test_three_systems_become_one_golden_record_and_edits_move_only_their_fields(
+    pipeline: tuple[AccordSettings, WorkerProcess],
+) -> None:
+    settings, _ = pipeline
+    tag = uuid.uuid4().hex[:8]
+    email = f"ada.{tag}@example.com"
+    account_no = f"AC-{tag}"
+    user_id = str(uuid.uuid4())
+    golden = TopicTail(settings, settings.topics.golden)
+    audit = TopicTail(settings, settings.topics.audit)
+    client = ConnectClient(settings.connect)
+    replay_from = client.offsets(BILLING_CONNECTOR)
+
+    with postgres(settings, "crm") as conn:
+        (crm_id,) = conn.execute(
+            "INSERT INTO customers (first_name, last_name, email, phone, company, segment, "
+            "country, marketing_opt_in) VALUES (' ada ', 'LOVELACE', %s, '020 7946 0142', "
+            "'Engines (crm)', 'Enterprise', 'United Kingdom', true) RETURNING id",
+            (f"  Ada.{tag}@Example.COM ",),
+        ).fetchone()
+    with mariadb(settings) as conn, conn.cursor() as cur:
+        cur.execute(
+            "INSERT INTO accounts (account_no, legal_name, contact_email, phone, tax_id, "
+            "billing_street, billing_city, billing_postal_code, billing_country, currency, "
+            "payment_terms, credit_limit, status) VALUES (%s, 'Analytical Engines Ltd', %s, "
+            "'+44 20 7946 0999', %s, '12 St James Sq', 'London', 'SW1Y 4JH', 'GB', 'GBP', "
+            "'net30', 1000.50, 'active')",
+            (account_no, email.upper(), f"gb{tag}"),
+        )
+    with postgres(settings, "support") as conn:
+        conn.execute(
+            "INSERT INTO users (id, email, display_name, tier, locale) "
+            "VALUES (%s, %s, 'Ada Lovelace', 'Premium', 'en_GB')",
+            (user_id, email),
+        )
+
+    def merged(records: list[Any]) -> bool:
+        found = golden_with_email(records, email)
+        return len(found) == 1 and len(found[0]["links"]) == 3
+
+    assert golden.wait_for(merged, 120), golden_with_email(golden.records, email)
+    (record,) = golden_with_email(golden.records, email)
+    assert record["active"] is True
+    assert record["fields"] == {
+        "first_name": "Ada",  # priority crm > support > billing
+        "last_name": "Lovelace",
+        "email": email,  # three messy spellings, one normalized address
+        "phone": "+442079460999",  # lww: billing's is the latest non-null
+        "company": "Analytical Engines Ltd",  # priority billing > crm
+        "segment": "enterprise",  # owner crm
+        "country": "GB",
+        "marketing_opt_in": True,
+        "tax_id": f"GB{tag.upper()}",
+        "street": "12 St James Sq",
+        "city": "London",
+        "postal_code": "SW1Y 4JH",
+        "currency": "GBP",
+        "payment_terms": "NET30",
+        "credit_limit": Decimal("1000.50"),
+        "account_status": "active",
+        "support_tier": "premium",  # owner support
+        "locale": "en-GB",
+    }
+    assert sorted((link["system"], link["key"]) for link in record["links"]) == sorted(
+        [("crm", str(crm_id)), ("billing", account_no), ("support", user_id)]
+    )
+    assert record["provenance"]["company"]["system"] == "billing"
+    assert record["provenance"]["company"]["rule"] == "priority"
+    golden_id = record["golden_id"]
+
+    def next_version(expected: int) -> dict:
+        assert golden.wait_for(
+            lambda rs: latest_by_key(rs)[golden_id]["version"] >= expected, 90
+        ), latest_by_key(golden.records)[golden_id]
+        current = latest_by_key(golden.records)[golden_id]
+        assert current["version"] == expected
+        assert audit.wait_for(lambda rs: audit_of(rs, golden_id, expected), 30)
+        return current
+
+    version = record["version"]
+    with postgres(settings, "crm") as conn:
+        conn.execute("UPDATE customers SET phone = '020 7946 0111' WHERE id = %s", (crm_id,))
+    version += 1
+    assert next_version(version)["fields"]["phone"] == "+442079460111"
+    assert audit_of(audit.records, golden_id, version) == {"phone"}
+
+    with mariadb(settings) as conn, conn.cursor() as cur:
+        cur.execute(
+            "UPDATE accounts SET legal_name = 'Analytical Engines plc' WHERE account_no = %s",
+            (account_no,),
+        )
+    version += 1
+    assert next_version(version)["fields"]["company"] == "Analytical Engines plc"
+    assert audit_of(audit.records, golden_id, version) == {"company"}
+
+    with postgres(settings, "support") as conn:
+        conn.execute("UPDATE users SET tier = 'enterprise' WHERE id = %s", (user_id,))
+    version += 1
+    assert next_version(version)["fields"]["support_tier"] == "enterprise"
+    assert audit_of(audit.records, golden_id, version) == {"support_tier"}
+
+    # A delete follows the policy (deactivate, as shipped): inactive, values kept.
+    with postgres(settings, "support") as conn:
+        conn.execute("DELETE FROM users WHERE id = %s", (user_id,))
+    version += 1
+    deactivated = next_version(version)
+    assert deactivated["active"] is False
+    assert deactivated["fields"]["support_tier"] == "enterprise"
+    assert audit_of(audit.records, golden_id, version) == {"active"}
+
+    # Replay: the billing connector is rewound to before this test's rows and emits
+    # them again. Dedupe drops them: no new version, no new audit entry.
+    raw_before = _raw_count(settings, account_no)
+    client.rewind(BILLING_CONNECTOR, replay_from)
+    assert wait_until(lambda: _raw_count(settings, account_no) >= 2 * raw_before, 90)
+    assert wait_until(lambda: drained(settings), 90)
+    golden.read_to_end()
+    audit.read_to_end()
+    assert latest_by_key(golden.records)[golden_id]["version"] == version
+    assert max(r["golden_version"] for r in audit.records if r["golden_id"] == golden_id) == version
+    _assert_no_duplicates(golden.records, audit.records)
+
+
+def _raw_count(settings: AccordSettings, account_no: str) -> int:
+    """How many billing change events the raw topic holds for one account."""
+    tail = TopicTail(settings, RAW_TOPICS["billing"])
+    try:
+        tail.read_to_end()
+        return sum(
+            1
+            for r in tail.records
+            if r and ((r.get("after") or r.get("before") or {}).get("account_no") == account_no)
+        )
+    finally:
+        tail.close()
+
+
+def _assert_no_duplicates(golden: list[Any], audit: list[Any]) -> None:
+    versions = Counter((r["golden_id"], r["version"]) for r in golden if r)
+    assert [k for k, n in versions.items() if n > 1] == []
+    entries = Counter(r["audit_id"] for r in audit)
+    assert [k for k, n in entries.items() if n > 1] == []
+
+
+def test_invalid_records_go_to_the_dlq_with_every_reason_and_the_rest_flows(
+    pipeline: tuple[AccordSettings, WorkerProcess],
+) -> None:
+    settings, _ = pipeline
+    tag = uuid.uuid4().hex[:8]
+    dlq = TopicTail(settings, settings.topics.dlq)
+    golden = TopicTail(settings, settings.topics.golden)
+    with postgres(settings, "crm") as conn:
+        conn.execute(
+            "INSERT INTO customers (email, country) VALUES (%s, 'GB')", (f"before-{tag}@x.io",)
+        )
+        (bad_id,) = conn.execute(
+            "INSERT INTO customers (email, country) VALUES ('not-an-email', 'Atlantis') "
+            "RETURNING id"
+        ).fetchone()
+        conn.execute(
+            "INSERT INTO customers (email, country) VALUES (%s, 'GB')", (f"after-{tag}@x.io",)
+        )
+    with mariadb(settings) as conn, conn.cursor() as cur:
+        cur.execute(
+            "INSERT INTO accounts (account_no, contact_email, billing_country) "
+            "VALUES (%s, %s, 'Narnia')",
+            (f"BAD-{tag}", f"billing-{tag}@x.io"),
+        )
+
+    assert dlq.wait_for(lambda rs: len(rs) >= 2, 90), dlq.records
+    by_topic = {r["topic"]: r for r in dlq.records}
+    crm = by_topic[RAW_TOPICS["crm"]]
+    assert crm["reason"] == "validation_failed"
+    assert "email" in crm["detail"] and "Atlantis" in crm["detail"]
+    assert crm["value"] and crm["value"][0] == 0  # the original wire-format bytes
+    assert crm["offset"] >= 0 and crm["error_class"] == "ValidationFailed"
+    billing = by_topic[RAW_TOPICS["billing"]]
+    assert "Narnia" in billing["detail"]
+    assert str(bad_id) not in {link["key"] for r in golden.records for link in r["links"]}
+
+    emails = {f"before-{tag}@x.io", f"after-{tag}@x.io"}
+    assert golden.wait_for(
+        lambda rs: emails <= {r["fields"]["email"] for r in latest_by_key(rs).values()}, 90
+    )
+
+
+def test_sigkill_mid_stream_loses_nothing_and_duplicates_nothing(
+    pipeline: tuple[AccordSettings, WorkerProcess],
+) -> None:
+    settings, worker = pipeline
+    tag = uuid.uuid4().hex[:8]
+    customers, edits = 30, 12
+    golden = TopicTail(settings, settings.topics.golden)
+    audit = TopicTail(settings, settings.topics.audit)
+    with postgres(settings, "crm") as conn:
+        ids = [
+            conn.execute(
+                "INSERT INTO customers (email, company, country) VALUES (%s, 'v0', 'US') "
+                "RETURNING id",
+                (f"kill-{tag}-{i}@example.com",),
+            ).fetchone()[0]
+            for i in range(customers)
+        ]
+
+    def edit() -> None:
+        with postgres(settings, "crm") as conn:
+            for round_ in range(1, edits + 1):
+                for crm_id in ids:
+                    conn.execute(
+                        "UPDATE customers SET company = %s WHERE id = %s", (f"v{round_}", crm_id)
+                    )
+
+    writer = threading.Thread(target=edit)
+    writer.start()
+    # Kill once outputs are flowing, while edits are still being made and processed.
+    assert golden.wait_for(lambda rs: len(rs) >= customers + 20, 120)
+    worker.kill()
+    writer.join(120)
+    worker.start()
+
+    def converged(records: list[Any]) -> bool:
+        latest = [
+            r
+            for r in latest_by_key(records).values()
+            if r["fields"]["email"].startswith(f"kill-{tag}")
+        ]
+        return len(latest) == customers and all(
+            r["fields"]["company"] == f"v{edits}" for r in latest
+        )
+
+    assert golden.wait_for(converged, 180)
+    assert wait_until(lambda: drained(settings), 90)
+    golden.read_to_end()
+    audit.read_to_end()
+    _assert_no_duplicates(golden.records, audit.records)
+    # Nothing lost: every version of every record was emitted, in order, once.
+    ours = {
+        r["golden_id"] for r in golden.records if r["fields"]["email"].startswith(f"kill-{tag}")
+    }
+    for golden_id in ours:
+        versions = [r["version"] for r in golden.records if r["golden_id"] == golden_id]
+        assert versions == list(range(1, len(versions) + 1)), versions
+        company_history = [
+            r["after"]
+            for r in audit.records
+            if r["golden_id"] == golden_id and r["field"] == "company"
+        ]
+        assert company_history == [f"v{i}" for i in range(edits + 1)]

@@ -1,0 +1,167 @@
+"""Helpers shared by integration and end-to-end tests: isolation and reading outputs."""
+
+from __future__ import annotations
+
+import socket
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+from confluent_kafka.schema_registry.avro import AvroDeserializer
+from confluent_kafka.serialization import MessageField, SerializationContext
+
+from streams.registry import registry_client
+from streams.settings import AccordSettings, TopicSettings
+from streams.topics import RAW_TOPICS
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def isolated(settings: AccordSettings, partitions: int = 3) -> AccordSettings:
+    """The same stack with this test's own Accord topics, consumer groups, Redis keys and
+    worker state: tests never see each other's outputs."""
+    run = uuid.uuid4().hex[:8]
+    topics = TopicSettings(
+        changes=f"test-{run}.changes",
+        golden=f"test-{run}.golden",
+        audit=f"test-{run}.audit",
+        dlq=f"test-{run}.dlq",
+        sink_prefix=f"test-{run}.sink.",
+    )
+    worker = settings.worker.model_copy(
+        update={
+            "app_id": f"test-{run}",
+            "redis_prefix": f"test-{run}:",
+            "web_port": free_port(),
+            "partitions": partitions,
+            "data_dir": settings.stack.state_dir.resolve() / "test-workers",
+        }
+    )
+    return settings.model_copy(update={"topics": topics, "worker": worker})
+
+
+def start_group_at_end(settings: AccordSettings, group_id: str) -> None:
+    """Commit the raw topics' current ends for a new consumer group, so a test's worker
+    processes only what the test itself writes, not every earlier test's rows."""
+    consumer = Consumer({"bootstrap.servers": settings.kafka, "group.id": group_id})
+    try:
+        metadata = consumer.list_topics(timeout=10)
+        offsets = []
+        for topic in RAW_TOPICS.values():
+            if topic not in metadata.topics:
+                continue
+            for partition in metadata.topics[topic].partitions:
+                _, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), 10)
+                offsets.append(TopicPartition(topic, partition, high))
+        if offsets:
+            consumer.commit(offsets=offsets, asynchronous=False)
+    finally:
+        consumer.close()
+
+
+class TopicTail:
+    """Every record of an Avro topic from its start, decoded, read committed, as it grows.
+
+    The topic must exist (the worker creates Accord's topics before it reports ready).
+    """
+
+    def __init__(self, settings: AccordSettings, topic: str) -> None:
+        self.topic = topic
+        self.records: list[dict[str, Any] | None] = []
+        self._deserializer = AvroDeserializer(registry_client(settings))
+        self._context = SerializationContext(topic, MessageField.VALUE)
+        self._consumer = Consumer(
+            {
+                "bootstrap.servers": settings.kafka,
+                "group.id": f"test-tail-{uuid.uuid4().hex[:8]}",
+                "enable.auto.commit": False,
+                "isolation.level": "read_committed",
+            }
+        )
+        partitions = self._consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        self._partitions = [TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions]
+        self._consumer.assign(self._partitions)
+
+    def poll(self, timeout_s: float = 0.5) -> int:
+        """Read what is there now; returns how many records arrived."""
+        count = 0
+        for message in self._consumer.consume(1000, timeout_s):
+            if message.error():
+                continue
+            value = message.value()
+            self.records.append(self._deserializer(value, self._context) if value else None)
+            count += 1
+        return count
+
+    def wait_for(self, condition: Callable[[list[Any]], bool], timeout_s: float) -> bool:
+        return _wait(lambda: self.poll() >= 0 and condition(self.records), timeout_s)
+
+    def read_to_end(self, timeout_s: float = 60.0) -> None:
+        """Read everything committed so far: up to each partition's current end."""
+        ends = {
+            tp.partition: self._consumer.get_watermark_offsets(tp, timeout=10)[1]
+            for tp in self._partitions
+        }
+
+        def at_end() -> bool:
+            self.poll(0.2)
+            positions = self._consumer.position(self._partitions)
+            return all(ends[tp.partition] == 0 or tp.offset >= ends[tp.partition]
+                       for tp in positions)  # fmt: skip
+
+        if not _wait(at_end, timeout_s):
+            raise AssertionError(f"could not read {self.topic} to its end in {timeout_s:.0f}s")
+
+    def close(self) -> None:
+        self._consumer.close()
+
+
+def _wait(condition: Callable[[], bool], timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+    return condition()
+
+
+def drained(settings: AccordSettings) -> bool:
+    """True when the worker has processed and committed everything on its inputs: raw
+    topics and accord.changes (the Faust group) and the golden changelog (emit)."""
+    from streams.topology import changelog_topic
+
+    app_id = settings.worker.app_id
+    groups = {
+        app_id: [*RAW_TOPICS.values(), settings.topics.changes],
+        f"{app_id}-emit": [changelog_topic(settings)],
+    }
+    for group, topics in groups.items():
+        consumer = Consumer({"bootstrap.servers": settings.kafka, "group.id": group})
+        try:
+            metadata = consumer.list_topics(timeout=10).topics
+            partitions = [
+                TopicPartition(topic, p)
+                for topic in topics
+                if topic in metadata
+                for p in metadata[topic].partitions
+            ]
+            for tp in consumer.committed(partitions, timeout=10):
+                _, high = consumer.get_watermark_offsets(tp, 10)
+                if high > 0 and tp.offset < high:
+                    return False
+        finally:
+            consumer.close()
+    return True
+
+
+def latest_by_key(records: list[dict[str, Any]], key: str = "golden_id") -> dict[str, dict]:
+    latest: dict[str, dict] = {}
+    for record in records:
+        if record is not None:
+            latest[record[key]] = record
+    return latest
