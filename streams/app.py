@@ -23,19 +23,21 @@ from typing import Any, TypeVar
 import faust
 import mode
 import redis
+from prometheus_client import Counter
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from streams.codec import AvroCodec, RegistryUnavailable, SchemaCache, registry_fetcher
 from streams.dedupe import Deduplicator, RedisUnavailable
 from streams.dlq import DeadLetterWriter
-from streams.emit import Emitter, EmitTopics
+from streams.emit import Emitter, EmitTopics, plan_sinks
 from streams.faust_codec import canonical_codec
 from streams.identity import IdentityResolver
 from streams.ingest import IngestPipeline, RawDecoder
 from streams.mapping import Mapper, load_mappings
-from streams.merge import GoldenState, apply, dumps, loads
+from streams.merge import GoldenState, apply, dumps, loads, stage
 from streams.model import Change
+from streams.projection import load_sinks
 from streams.registry import registry_client
 from streams.rules import Rules, load_rules
 from streams.settings import AccordSettings
@@ -43,6 +45,22 @@ from streams.topology import changelog_topic, ensure_topics
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+MERGED = Counter(
+    "accord_merge_changes_total",
+    "Changes merged, by effect: new_version, state_only (provenance, echo), no_op (replay)",
+    ["outcome"],
+)
+REJECTED = Counter(
+    "accord_merge_rejected_total", "Values an owner rule refused", ["system", "field"]
+)
+
+
+def _merge_outcome(outcome: Any) -> str:
+    if outcome.new_version:
+        return "new_version"
+    return "state_only" if outcome.state_changed else "no_op"
+
 
 CLEAN_STOP_MARKER = "running"  # present while a worker runs; left behind by a crash
 
@@ -103,6 +121,7 @@ def create_app(settings: AccordSettings, rules: Rules | None = None) -> faust.Ap
     worker = settings.worker
     rules = rules or load_rules(worker.rules_file)
     mappings = load_mappings(settings.connectors_dir)
+    sinks = load_sinks(settings.connectors_dir)
     registry = registry_client(settings)
     redis_conn = redis_client(settings)
 
@@ -171,7 +190,11 @@ def create_app(settings: AccordSettings, rules: Rules | None = None) -> faust.Ap
             stored = golden.get(key)
             state = loads(stored) if stored else GoldenState(key.decode())
             outcome = apply(state, change, rules)
+            MERGED.labels(_merge_outcome(outcome)).inc()
+            for name in outcome.rejected:
+                REJECTED.labels(change.system, name).inc()
             if outcome.state_changed:
+                stage(state, change, outcome, plan_sinks(state, change, sinks, rules))
                 golden[key] = dumps(state)  # the changelog write `emit` turns into outputs
 
     emitter = EmitterStatus()
@@ -221,13 +244,16 @@ def _emitter_service(
                 settings.kafka,
                 group_id=f"{settings.worker.app_id}-emit",
                 transactional_id=f"{settings.worker.app_id}-emit-{settings.worker.instance}",
-                topics=EmitTopics(changelog_topic(settings), topics.golden, topics.audit),
+                topics=EmitTopics(
+                    changelog_topic(settings), topics.golden, topics.audit, topics.sink_prefix
+                ),
                 encode_golden=canonical_codec(
                     settings, registry, "dev.accord.Customer", topics.golden
                 ).dumps,
                 encode_audit=canonical_codec(
                     settings, registry, "dev.accord.AuditEntry", topics.audit
                 ).dumps,
+                encode_sink=_sink_encoder(settings, registry),
                 batch_size=settings.worker.batch_size,
             )
             self._thread = threading.Thread(
@@ -260,6 +286,17 @@ def _emitter_service(
                 await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 30)
 
     return EmitterService
+
+
+def _sink_encoder(settings: AccordSettings, registry: Any) -> Callable[[dict[str, Any]], bytes]:
+    """SinkEvent encoders, one per target topic (each topic has its own subject)."""
+    codecs = {
+        target: canonical_codec(
+            settings, registry, "dev.accord.SinkEvent", settings.topics.sink(target)
+        )
+        for target in load_sinks(settings.connectors_dir)
+    }
+    return lambda event: codecs[event["target"]].dumps(event)
 
 
 def run_worker(settings: AccordSettings, loglevel: str = "info") -> None:

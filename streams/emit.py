@@ -1,18 +1,22 @@
-"""Emit: every new golden version becomes its outputs, exactly once.
+"""Emit: every new revision of a golden record becomes its outputs, exactly once.
 
-The merge writes each golden record's state to the `golden` table, whose changelog is
-the one source of truth: a version is written there once, together with what it
-changed. This stage reads that changelog and, inside one Kafka transaction with its
-consumer offsets, writes the golden record to `accord.golden` and one entry per changed
-field to `accord.audit`. A crash anywhere replays into the same transaction boundary,
-so readers with `isolation.level=read_committed` never see an entry twice.
+Two halves. `plan_sinks` runs in the merge, beside the state it reads: it decides what
+each target must apply (echo suppression: a target is never sent a value it already
+holds). The merge writes the state with those orders to the `golden` table, whose
+changelog is the one source of truth: each revision is written there once.
 
-`outputs` is plain: state in, records out. `Emitter` is the Kafka glue around it.
+`Emitter` reads that changelog and, inside one Kafka transaction with its consumer
+offsets, writes the golden record to `accord.golden`, one entry per changed field to
+`accord.audit` and each order to `accord.sink.<target>`. A crash anywhere replays into
+the same transaction boundary, so readers with `isolation.level=read_committed` never
+see an output twice.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import json
 import logging
 import threading
 import time
@@ -24,8 +28,10 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from prometheus_client import Counter
 
-from streams.merge import GoldenState, loads
-from streams.model import EPOCH, FIELDS, Value
+from streams.merge import GoldenState, SinkOrder, deletes_everywhere, loads
+from streams.model import EPOCH, FIELDS, Change, Op, Value
+from streams.projection import SinkSpec
+from streams.rules import Rules
 
 log = logging.getLogger(__name__)
 
@@ -33,10 +39,80 @@ EMITTED = Counter("accord_emit_records_total", "Records emitted", ["topic_kind"]
 STATUS_FIELD = "active"  # the audit entry of an activation or deactivation
 
 
+DELETED = "deleted"  # `sent` marker of a row Accord asked its target to delete
+PENDING_CREATE = "+"  # `sent` key suffix of a row Accord asked its target to create
+
+
+# ------------------------------------------------------------------ deciding: in merge
+
+
+def plan_sinks(
+    state: GoldenState, change: Change, sinks: dict[str, SinkSpec], rules: Rules
+) -> list[SinkOrder]:
+    """What each target must apply after `change` merged into `state` (updates `state.sent`).
+
+    A target row gets the fields where the golden value differs from what that row last
+    reported (its cells), never its own values back. The same projection is not sent
+    twice to a row, unless the row itself reported again and still differs (a lossy
+    round trip, or an edit that lost): the applier then writes only what differs in the
+    row, which ends any exchange in one step.
+    """
+    golden = state.values()
+    orders: list[SinkOrder] = []
+    delete_everywhere = deletes_everywhere(state, rules)
+    for target, spec in sinks.items():
+        projected = {name: golden.get(name) for name in spec.fields}
+        fingerprint = _fingerprint(projected)
+        rows = [c for c in state.contributions.values() if c.system == target]
+        if delete_everywhere:
+            for row in rows:
+                if spec.delete and row.alive and state.sent.get(row.link) != DELETED:
+                    orders.append(SinkOrder(target, Op.DELETE, row.key, {}, ()))
+                    state.sent[row.link] = DELETED
+            continue
+        if not rows:
+            pending = f"{target}:{PENDING_CREATE}"
+            wanted = tuple(name for name, value in projected.items() if value is not None)
+            if spec.create and state.active and wanted and state.sent.get(pending) != fingerprint:
+                orders.append(SinkOrder(target, Op.UPSERT, None, projected, wanted))
+                state.sent[pending] = fingerprint
+            continue
+        for row in rows:
+            if not row.alive:
+                continue
+            differs = tuple(
+                name
+                for name, value in projected.items()
+                if (name in row.cells and not _same(row.cells[name].value, value))
+                or (name not in row.cells and value is not None)
+            )
+            if not differs:
+                state.sent.pop(row.link, None)
+                continue
+            if state.sent.get(row.link) == fingerprint and change.link != row.link:
+                continue
+            orders.append(SinkOrder(target, Op.UPSERT, row.key, projected, differs))
+            state.sent[row.link] = fingerprint
+    return orders
+
+
+def _fingerprint(values: dict[str, Value]) -> str:
+    text = json.dumps(sorted(values.items()), default=str)
+    return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
+
+
+def _same(a: Value, b: Value) -> bool:
+    return type(a) is type(b) and a == b
+
+
+# --------------------------------------------------------------- producing: in emit
+
+
 @dataclass(frozen=True)
 class Outputs:
-    golden: dict[str, Any]  # dev.accord.Customer
+    golden: dict[str, Any] | None  # dev.accord.Customer, when the record itself changed
     audit: list[dict[str, Any]] = field(default_factory=list)  # dev.accord.AuditEntry
+    sinks: list[dict[str, Any]] = field(default_factory=list)  # dev.accord.SinkEvent
 
 
 def customer_record(state: GoldenState) -> dict[str, Any]:
@@ -102,8 +178,36 @@ def audit_records(state: GoldenState, recorded_ms: int) -> list[dict[str, Any]]:
     return entries
 
 
-def outputs(state: GoldenState, recorded_ms: int) -> Outputs:
-    return Outputs(customer_record(state), audit_records(state, recorded_ms))
+def sink_records(state: GoldenState, emitted_ms: int) -> list[dict[str, Any]]:
+    records = []
+    for order in state.outbox:
+        records.append(
+            {
+                "event_id": f"{order.target}:{state.golden_id}:{state.revision}:"
+                f"{order.target_key or PENDING_CREATE}",
+                "target": order.target,
+                "op": order.op.value,
+                "target_key": order.target_key,
+                "golden_id": state.golden_id,
+                "golden_version": state.revision,
+                "fields": {name: order.values.get(name) for name in FIELDS},
+                "changed": list(order.changed),
+                "caused_by": state.caused_by,
+                "emitted_at": _millis(emitted_ms),
+                "source_ts": _micros(state.caused_ts) if state.caused_ts else None,
+            }
+        )
+    return records
+
+
+def outputs(state: GoldenState, now_ms: int) -> Outputs:
+    """Everything the latest revision of `state` emits."""
+    changed = state.version_revision == state.revision
+    return Outputs(
+        customer_record(state) if changed else None,
+        audit_records(state, now_ms) if changed else [],
+        sink_records(state, now_ms),
+    )
 
 
 def as_text(value: Value) -> str | None:
@@ -135,6 +239,10 @@ class EmitTopics:
     changelog: str  # the golden table's changelog (input)
     golden: str
     audit: str
+    sink_prefix: str  # + target name
+
+    def sink(self, target: str) -> str:
+        return f"{self.sink_prefix}{target}"
 
 
 class Emitter:
@@ -148,11 +256,13 @@ class Emitter:
         topics: EmitTopics,
         encode_golden: Encoder,
         encode_audit: Encoder,
+        encode_sink: Encoder,
         batch_size: int = 500,
     ) -> None:
         self.topics = topics
         self.encode_golden = encode_golden
         self.encode_audit = encode_audit
+        self.encode_sink = encode_sink
         self.batch_size = batch_size
         self.consumer = Consumer(
             {
@@ -173,11 +283,11 @@ class Emitter:
         )
         self.producer.init_transactions(30)
         self.consumer.subscribe([topics.changelog])
-        self._emitted: dict[str, int] = {}  # golden id -> last version emitted in this run
-        self.versions_emitted = 0
+        self._emitted: dict[str, int] = {}  # golden id -> last revision emitted in this run
+        self.revisions_emitted = 0
 
     def step(self, timeout_s: float = 0.5) -> int:
-        """One batch: returns how many golden versions it emitted."""
+        """One batch: returns how many revisions it emitted."""
         messages = self.consumer.consume(self.batch_size, timeout_s)
         messages = [m for m in messages if _ok(m)]
         if not messages:
@@ -191,10 +301,10 @@ class Emitter:
                     continue
                 state = loads(message.value())
                 last = emitted.get(state.golden_id, self._emitted.get(state.golden_id, 0))
-                if not state.fresh or state.version <= last:
+                if not state.fresh or state.revision <= last:
                     continue
                 self._produce(state, now_ms)
-                emitted[state.golden_id] = state.version
+                emitted[state.golden_id] = state.revision
             self.producer.send_offsets_to_transaction(
                 self.consumer.position(self.consumer.assignment()),
                 self.consumer.consumer_group_metadata(),
@@ -205,17 +315,23 @@ class Emitter:
             self._abort(messages)
             return 0
         self._emitted.update(emitted)
-        self.versions_emitted += len(emitted)
+        self.revisions_emitted += len(emitted)
         return len(emitted)
 
     def _produce(self, state: GoldenState, now_ms: int) -> None:
         result = outputs(state, now_ms)
         key = state.golden_id.encode()
-        self.producer.produce(self.topics.golden, key=key, value=self.encode_golden(result.golden))
-        EMITTED.labels("golden").inc()
+        if result.golden is not None:
+            golden = self.encode_golden(result.golden)
+            self.producer.produce(self.topics.golden, key=key, value=golden)
+            EMITTED.labels("golden").inc()
         for entry in result.audit:
             self.producer.produce(self.topics.audit, key=key, value=self.encode_audit(entry))
         EMITTED.labels("audit").inc(len(result.audit))
+        for event in result.sinks:
+            topic = self.topics.sink(event["target"])
+            self.producer.produce(topic, key=key, value=self.encode_sink(event))
+        EMITTED.labels("sink").inc(len(result.sinks))
 
     def _abort(self, messages: list[Any]) -> None:
         try:

@@ -88,6 +88,17 @@ class Cause:
     order: Order
 
 
+@dataclass(frozen=True, slots=True)
+class SinkOrder:
+    """What one target must apply, decided by the merge (see `streams.emit.plan_sinks`)."""
+
+    target: str
+    op: Op
+    target_key: str | None  # None: create the row
+    values: dict[str, Value]  # the target's projection of the golden record
+    changed: tuple[str, ...]  # the fields that differ in the target
+
+
 @dataclass(slots=True)
 class GoldenState:
     golden_id: str
@@ -99,7 +110,14 @@ class GoldenState:
     last_changes: tuple[FieldChange, ...] = ()  # what this version changed
     status_changed: bool = False  # this version flipped `active`
     cause: Cause | None = None  # the change that made this version
-    fresh: bool = False  # the latest write made a new version (emit acts on it)
+    # The outbox, read by `emit` from the table's changelog: see `stage`.
+    revision: int = 0  # grows with every write that has outputs
+    version_revision: int = 0  # the revision at which `version` last grew
+    fresh: bool = False  # this write advanced the revision: emit its outputs
+    outbox: tuple[SinkOrder, ...] = ()  # sink events of the latest revision
+    sent: dict[str, str] = field(default_factory=dict)  # target row -> projection last sent
+    caused_by: str | None = None  # change id that made the latest revision
+    caused_ts: int = 0  # its source commit time: where end-to-end latency starts
 
     @property
     def last_change_id(self) -> str | None:
@@ -182,8 +200,6 @@ def apply(state: GoldenState, change: Change, rules: Rules) -> Outcome:
         state.active = active
 
     outcome = Outcome(tuple(changed), status_changed, state_changed, tuple(rejected))
-    if state_changed:
-        state.fresh = outcome.new_version
     if outcome.new_version:
         state.version += 1
         state.updated_ts = change.source_ts
@@ -191,6 +207,24 @@ def apply(state: GoldenState, change: Change, rules: Rules) -> Outcome:
         state.status_changed = status_changed
         state.cause = Cause(change.system, change.source_key, order)
     return outcome
+
+
+def stage(
+    state: GoldenState, change: Change, outcome: Outcome, orders: Iterable[SinkOrder]
+) -> None:
+    """Put this write's outputs in the outbox; a write with outputs advances the revision.
+
+    The table's changelog holds each revision exactly once (a replayed change is a no-op
+    and writes nothing), so `emit` turns each fresh revision into its outputs once.
+    """
+    orders = tuple(orders)
+    state.fresh = outcome.new_version or bool(orders)
+    state.outbox = orders
+    if state.fresh:
+        state.revision += 1
+        state.caused_by, state.caused_ts = change.change_id, change.source_ts
+        if outcome.new_version:
+            state.version_revision = state.revision
 
 
 def fold(golden_id: str, changes: Iterable[Change], rules: Rules) -> GoldenState:
@@ -277,7 +311,15 @@ def dumps(state: GoldenState) -> bytes:
             ],
             "s": state.status_changed,
             "k": [state.cause.system, state.cause.key, state.cause.order] if state.cause else None,
+            "r": state.revision,
+            "vr": state.version_revision,
             "f": state.fresh,
+            "o": [
+                [o.target, o.op.value, o.target_key, _values_out(o.values), list(o.changed)]
+                for o in state.outbox
+            ],
+            "t": state.sent,
+            "cb": [state.caused_by, state.caused_ts],
         },
         separators=(",", ":"),
     ).encode()
@@ -309,8 +351,25 @@ def loads(payload: bytes) -> GoldenState:
         ),
         status_changed=raw["s"],
         cause=Cause(raw["k"][0], raw["k"][1], tuple(raw["k"][2])) if raw["k"] else None,
+        revision=raw["r"],
+        version_revision=raw["vr"],
         fresh=raw["f"],
+        outbox=tuple(
+            SinkOrder(target, Op(op), key, _values_in(values), tuple(changed))
+            for target, op, key, values, changed in raw["o"]
+        ),
+        sent=raw["t"],
+        caused_by=raw["cb"][0],
+        caused_ts=raw["cb"][1],
     )
+
+
+def _values_out(values: dict[str, Value]) -> dict[str, Any]:
+    return {name: _out(name, value) for name, value in values.items()}
+
+
+def _values_in(values: dict[str, Any]) -> dict[str, Value]:
+    return {name: _in(name, value) for name, value in values.items()}
 
 
 def _out(name: str, value: Value) -> Any:

@@ -33,6 +33,13 @@ def changelog_topic(settings: AccordSettings) -> str:
     return f"{settings.worker.app_id}-golden-changelog"
 
 
+def sink_targets(settings: AccordSettings) -> list[str]:
+    """Every target with a sink section; the sample systems even without one."""
+    from streams.projection import load_sinks
+
+    return sorted(set(SYSTEMS) | set(load_sinks(settings.connectors_dir)))
+
+
 def accord_topics(settings: AccordSettings) -> list[TopicSpec]:
     topics, partitions = settings.topics, settings.worker.partitions
     return [
@@ -48,7 +55,7 @@ def accord_topics(settings: AccordSettings) -> list[TopicSpec]:
         TopicSpec(topics.golden, partitions, {"cleanup.policy": "compact"}),
         TopicSpec(topics.audit, partitions),
         TopicSpec(topics.dlq, 1),
-        *(TopicSpec(topics.sink(system), partitions) for system in SYSTEMS),
+        *(TopicSpec(topics.sink(target), partitions) for target in sink_targets(settings)),
     ]
 
 

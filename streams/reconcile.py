@@ -1,0 +1,231 @@
+"""Reconcile: does every target hold the projection of every golden record?
+
+Reads the golden records (the compacted `accord.golden`) and each SQL target's rows, and
+compares them field by field. A field is in accord when the row's value, read through
+the system's own mapping, equals the golden value (so `United Kingdom` in a column
+agrees with `GB`), or when the column holds exactly what Accord would write (so a
+display name that cannot be split back into the golden first and last names still
+agrees). The comparison is plain (`compare`); reading is batched.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+from psycopg import sql
+
+from streams.codec import AvroCodec, SchemaCache, registry_fetcher
+from streams.debezium import SourceChange, SourcePosition
+from streams.mapping import Mapped, Mapper, SystemMapping
+from streams.projection import SinkKind, SinkSpec
+from streams.registry import registry_client
+from streams.settings import AccordSettings
+from streams.sources import mariadb, postgres
+
+BATCH = 5_000
+
+
+@dataclass(frozen=True)
+class Drift:
+    golden_id: str
+    target: str
+    key: str
+    field: str
+    golden: Any
+    target_value: Any
+
+
+@dataclass
+class Scorecard:
+    target: str
+    checked: int = 0
+    in_accord: int = 0
+    drifted: int = 0
+    missing: int = 0  # a golden record the target should hold and does not
+    orphaned: int = 0  # a target row no golden record links to
+    drifts: list[Drift] = field(default_factory=list)
+    missing_ids: list[str] = field(default_factory=list)
+    orphaned_keys: list[str] = field(default_factory=list)
+
+    def as_dict(self, details: int = 20) -> dict[str, Any]:
+        return {
+            "target": self.target,
+            "checked": self.checked,
+            "in_accord": self.in_accord,
+            "drifted": self.drifted,
+            "missing": self.missing,
+            "orphaned": self.orphaned,
+            "drifts": [asdict(d) for d in self.drifts[:details]],
+            "missing_ids": self.missing_ids[:details],
+            "orphaned_keys": self.orphaned_keys[:details],
+        }
+
+
+# ------------------------------------------------------------------------ comparing
+
+
+def compare(
+    spec: SinkSpec,
+    mapping: SystemMapping,
+    golden: Mapping[str, dict[str, Any]],
+    rows: Mapping[str, dict[str, Any]],
+    deleted_everywhere: bool = False,
+) -> Scorecard:
+    """One target's scorecard. `golden`: golden id -> Customer record; `rows`: key -> row.
+
+    `deleted_everywhere`: inactive records are deleted in every system (`propagate`).
+    """
+    card = Scorecard(spec.target)
+    mapper = Mapper({mapping.system: mapping})
+    linked: set[str] = set()
+    for golden_id, record in golden.items():
+        keys = [link["key"] for link in record["links"] if link["system"] == spec.target]
+        linked.update(keys)
+        expected_absent = deleted_everywhere and not record["active"]
+        present = [key for key in keys if key in rows]
+        if expected_absent:
+            card.checked += 1
+            if present:
+                card.drifted += 1
+                card.drifts.append(Drift(golden_id, spec.target, present[0], "*", None, "exists"))
+            else:
+                card.in_accord += 1
+            continue
+        if not present:
+            # Linked but gone is expected only for an inactive record (its row was
+            # deleted); never linked is expected unless Accord should have created it.
+            should_exist = record["active"] and (bool(keys) or spec.create)
+            if should_exist:
+                card.checked += 1
+                card.missing += 1
+                card.missing_ids.append(golden_id)
+            continue
+        for key in present:
+            card.checked += 1
+            drifts = _row_drifts(spec, mapper, mapping, golden_id, record["fields"], key, rows[key])
+            if drifts:
+                card.drifted += 1
+                card.drifts.extend(drifts)
+            else:
+                card.in_accord += 1
+    orphans = sorted(set(rows) - linked)
+    card.orphaned, card.orphaned_keys = len(orphans), orphans
+    return card
+
+
+def _row_drifts(
+    spec: SinkSpec,
+    mapper: Mapper,
+    mapping: SystemMapping,
+    golden_id: str,
+    values: Mapping[str, Any],
+    key: str,
+    row: dict[str, Any],
+) -> list[Drift]:
+    canonical = _canonical(mapper, mapping, key, row)
+    projected = spec.project(values)
+    drifts = []
+    for column in spec.columns:
+        if _equal(row.get(column.name), projected[column.name]):
+            continue
+        if all(_equal(canonical.get(f), values.get(f)) for f in column.fields):
+            continue
+        drifts.append(
+            Drift(
+                golden_id,
+                spec.target,
+                key,
+                column.name,
+                projected[column.name],
+                row.get(column.name),
+            )
+        )
+    return drifts
+
+
+def _canonical(mapper: Mapper, mapping: SystemMapping, key: str, row: dict[str, Any]) -> dict:
+    position = SourcePosition("reconcile", "", "", 0, True, lsn=0)
+    keys = dict(zip(mapping.key, key.split("|"), strict=False))
+    result = mapper.map(SourceChange(mapping.topic, "r", keys, None, row, position, 0))
+    return dict(result.change.values) if isinstance(result, Mapped) else {}
+
+
+def _equal(a: Any, b: Any) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    if isinstance(a, bool) or isinstance(b, bool):
+        return bool(a) == bool(b)
+    return str(a) == str(b) if not isinstance(a, type(b)) else a == b
+
+
+# -------------------------------------------------------------------------- reading
+
+
+def golden_records(settings: AccordSettings, timeout_s: float = 60.0) -> dict[str, dict]:
+    """The latest version of every golden record, from the compacted `accord.golden`."""
+    codec = AvroCodec(SchemaCache(registry_fetcher(registry_client(settings))))
+    consumer = Consumer(
+        {
+            "bootstrap.servers": settings.kafka,
+            "group.id": f"accord-reconcile-{uuid.uuid4().hex[:8]}",
+            "enable.auto.commit": False,
+            "isolation.level": "read_committed",
+        }
+    )
+    topic = settings.topics.golden
+    try:
+        metadata = consumer.list_topics(topic, timeout=10).topics.get(topic)
+        if metadata is None or metadata.error is not None:
+            return {}
+        partitions = [TopicPartition(topic, p, OFFSET_BEGINNING) for p in metadata.partitions]
+        ends = {tp.partition: consumer.get_watermark_offsets(tp, 10)[1] for tp in partitions}
+        remaining = {p for p, end in ends.items() if end > 0}
+        consumer.assign(partitions)
+        latest: dict[str, dict] = {}
+        while remaining:
+            messages = consumer.consume(1000, timeout_s)
+            if not messages:
+                raise TimeoutError(f"reading {topic} stalled for {timeout_s:.0f}s")
+            for message in messages:
+                if message.error():
+                    continue
+                if message.value() is not None:
+                    record = codec.decode(message.value()).value
+                    latest[record["golden_id"]] = record
+                if message.offset() + 1 >= ends[message.partition()]:
+                    remaining.discard(message.partition())
+            for tp in consumer.position([TopicPartition(topic, p) for p in remaining]):
+                if tp.offset >= ends[tp.partition]:
+                    remaining.discard(tp.partition)
+        return latest
+    finally:
+        consumer.close()
+
+
+def target_rows(settings: AccordSettings, spec: SinkSpec) -> dict[str, dict[str, Any]]:
+    """Every row of an SQL target, keyed by its key as text, read in batches."""
+    if spec.kind is not SinkKind.SQL:
+        raise ValueError(f"{spec.target} is a {spec.kind} target: it has no rows to read")
+    return {str(row[spec.key_column]): row for row in _rows(settings, spec)}
+
+
+def _rows(settings: AccordSettings, spec: SinkSpec) -> Iterator[dict[str, Any]]:
+    if spec.target == "billing":
+        with mariadb(settings) as conn, conn.cursor() as cur:
+            cur.execute(f"SELECT * FROM `{spec.table}`")
+            columns = [d[0] for d in cur.description]
+            while batch := cur.fetchmany(BATCH):
+                yield from (dict(zip(columns, row, strict=True)) for row in batch)
+        return
+    with postgres(settings, spec.target) as conn, conn.cursor(name="reconcile") as cur:
+        conn.autocommit = False
+        cur.itersize = BATCH
+        cur.execute(sql.SQL("SELECT * FROM {}").format(sql.Identifier(spec.table)))
+        columns = None
+        for row in cur:
+            columns = columns or [d.name for d in cur.description]
+            yield dict(zip(columns, row, strict=True))

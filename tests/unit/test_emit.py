@@ -1,0 +1,132 @@
+"""What the merge decides to send each target, and the records emit makes of a revision."""
+
+from __future__ import annotations
+
+import itertools
+from decimal import Decimal
+from pathlib import Path
+
+from streams.emit import outputs, plan_sinks
+from streams.merge import GoldenState, apply, dumps, loads, stage
+from streams.model import Change, Op
+from streams.projection import load_sinks
+from streams.rules import DeletePolicy, Rules, default_rules
+
+RULES = default_rules()
+SINKS = load_sinks(Path(__file__).resolve().parents[2] / "connectors")
+_positions = itertools.count(1)
+
+
+def change(system: str, key: str, ts: int, op: Op = Op.UPSERT, **values: object) -> Change:
+    position = f"p{next(_positions):08d}"
+    return Change(f"{system}|{key}|{position}", system, key, op, ts, position, values)
+
+
+def merge(state: GoldenState, c: Change, rules: Rules = RULES) -> list:
+    outcome = apply(state, c, rules)
+    orders = plan_sinks(state, c, SINKS, rules) if outcome.state_changed else []
+    stage(state, c, outcome, orders)
+    return orders
+
+
+def test_a_new_crm_customer_is_created_in_support_but_not_in_billing() -> None:
+    state = GoldenState("g")
+    orders = merge(state, change("crm", "1", 1, email="a@x.io", first_name="Ada",
+                                 last_name="Lovelace", phone="+442079460001"))  # fmt: skip
+    assert [(o.target, o.op, o.target_key) for o in orders] == [("support", Op.UPSERT, None)]
+    (create,) = orders
+    assert set(create.changed) == {"email", "first_name", "last_name", "phone"}
+    assert "company" not in create.values  # data minimisation: support's fields only
+
+
+def test_a_pending_create_is_not_sent_twice_for_the_same_projection() -> None:
+    state = GoldenState("g")
+    merge(state, change("crm", "1", 1, email="a@x.io"))
+    assert merge(state, change("crm", "1", 2, segment="smb")) == []  # support gets no segment
+    again = merge(state, change("crm", "1", 3, email="b@x.io"))
+    assert [(o.target, o.target_key) for o in again] == [("support", None)]
+
+
+def test_the_system_that_made_a_change_gets_no_echo_of_it() -> None:
+    state = GoldenState("g")
+    merge(state, change("crm", "1", 1, email="a@x.io"))
+    merge(state, change("support", "u-1", 2, email="a@x.io"))  # the create, echoed back
+    orders = merge(state, change("support", "u-1", 3, email="new@x.io"))
+    assert [(o.target, o.target_key, o.changed) for o in orders] == [("crm", "1", ("email",))]
+    # crm applies it; its echo changes nothing and sends nothing anywhere.
+    assert merge(state, change("crm", "1", 4, email="new@x.io")) == []
+
+
+def test_an_edit_that_loses_is_corrected_in_its_own_system() -> None:
+    state = GoldenState("g")
+    merge(state, change("crm", "1", 1, email="a@x.io", first_name="Ada"))
+    merge(state, change("support", "u-1", 2, email="a@x.io", first_name="Ada"))
+    orders = merge(state, change("support", "u-1", 3, first_name="Adeline"))  # crm has priority
+    assert [(o.target, o.target_key, o.changed) for o in orders] == [
+        ("support", "u-1", ("first_name",))
+    ]
+    assert orders[0].values["first_name"] == "Ada"
+
+
+def test_a_lossy_round_trip_is_resent_only_when_the_row_reports_again() -> None:
+    state = GoldenState("g")
+    merge(state, change("crm", "1", 1, email="a@x.io", first_name="Mary", last_name="Smith Jones"))
+    # support splits "Mary Smith Jones" its own way: it can never hold the golden names.
+    first = merge(state, change("support", "u-1", 2, email="a@x.io", first_name="Mary Smith",
+                                last_name="Jones"))  # fmt: skip
+    assert [o.target for o in first] == ["support"]
+    # A change elsewhere with the same projection does not resend it...
+    assert merge(state, change("crm", "1", 3, segment="smb")) == []
+    # ...the row reporting again does: its applier then finds nothing to write.
+    again = merge(state, change("support", "u-1", 4, first_name="Mary Smith", last_name="Jones"))
+    assert [o.target for o in again] == ["support"]
+
+
+def test_propagate_deletes_every_other_row_once() -> None:
+    rules = Rules(RULES.fields, RULES.priority, DeletePolicy.PROPAGATE, RULES.match)
+    state = GoldenState("g")
+    merge(state, change("crm", "1", 1, email="a@x.io"), rules)
+    merge(state, change("billing", "AC-1", 2, email="a@x.io"), rules)
+    merge(state, change("support", "u-1", 3, email="a@x.io"), rules)
+    orders = merge(state, change("crm", "1", 4, op=Op.DELETE), rules)
+    assert sorted((o.target, o.op, o.target_key) for o in orders) == [
+        ("billing", Op.DELETE, "AC-1"),
+        ("support", Op.DELETE, "u-1"),
+    ]
+    assert merge(state, change("billing", "AC-1", 5, op=Op.DELETE), rules) == []
+
+
+def test_deactivate_sends_no_delete_and_recreates_nothing() -> None:
+    state = GoldenState("g")
+    merge(state, change("crm", "1", 1, email="a@x.io"))
+    merge(state, change("support", "u-1", 2, email="a@x.io"))
+    assert merge(state, change("support", "u-1", 3, op=Op.DELETE)) == []
+    assert not state.active
+    assert merge(state, change("crm", "1", 4, email="b@x.io")) == []  # support row is gone
+
+
+def test_a_revision_emits_sink_events_and_only_changed_records() -> None:
+    state = GoldenState("g")
+    merge(state, change("billing", "AC-1", 1, email="a@x.io", credit_limit=Decimal("10.00")))
+    merge(state, change("crm", "1", 2, email="a@x.io"))  # echo-free: nothing changes
+    merge(state, change("crm", "1", 3, email="b@x.io"))
+    result = outputs(loads(dumps(state)), now_ms=0)
+    assert result.golden is not None and result.golden["fields"]["email"] == "b@x.io"
+    assert [a["field"] for a in result.audit] == ["email"]
+    targets = {e["target"]: e for e in result.sinks}
+    assert set(targets) == {"billing", "support"}
+    billing = targets["billing"]
+    assert billing["target_key"] == "AC-1" and billing["changed"] == ["email"]
+    assert billing["golden_version"] == state.revision
+    assert billing["fields"]["credit_limit"] is None  # not billing's to receive back
+    assert billing["source_ts"] is not None and billing["caused_by"] == state.caused_by
+
+
+def test_a_revision_without_golden_changes_emits_no_golden_record() -> None:
+    state = GoldenState("g")
+    merge(state, change("crm", "1", 1, email="a@x.io", first_name="Ada"))
+    merge(state, change("support", "u-1", 2, email="a@x.io", first_name="Ada"))
+    merge(state, change("support", "u-1", 3, first_name="Adeline"))  # loses: correction only
+    result = outputs(state, now_ms=0)
+    assert result.golden is None and result.audit == []
+    assert [e["target"] for e in result.sinks] == ["support"]
