@@ -31,16 +31,18 @@ from streams.codec import AvroCodec, RegistryUnavailable, SchemaCache, registry_
 from streams.dedupe import Deduplicator, RedisUnavailable
 from streams.dlq import DeadLetterWriter
 from streams.emit import Emitter, EmitTopics, plan_sinks
+from streams.errors import ConfigError
 from streams.faust_codec import canonical_codec
 from streams.identity import IdentityResolver
 from streams.ingest import IngestPipeline, RawDecoder
 from streams.mapping import Mapper, load_mappings
 from streams.merge import GoldenState, apply, dumps, loads, stage
 from streams.model import Change
-from streams.projection import load_sinks
+from streams.projection import SinkKind, load_sinks
 from streams.registry import registry_client
 from streams.rules import Rules, load_rules
 from streams.settings import AccordSettings
+from streams.sinks import SinkRunner
 from streams.topology import changelog_topic, ensure_topics
 
 log = logging.getLogger(__name__)
@@ -197,8 +199,12 @@ def create_app(settings: AccordSettings, rules: Rules | None = None) -> faust.Ap
                 stage(state, change, outcome, plan_sinks(state, change, sinks, rules))
                 golden[key] = dumps(state)  # the changelog write `emit` turns into outputs
 
-    emitter = EmitterStatus()
-    app.service(_emitter_service(settings, registry, emitter))
+    services = [ThreadStatus("emitter")]
+    app.service(_thread_service(services[0], _make_emitter(settings, registry)))
+    for target in in_worker_sinks(settings):
+        status = ThreadStatus(f"sink-{target}")
+        services.append(status)
+        app.service(_thread_service(status, partial(SinkRunner, settings, target)))
 
     @app.page("/health")
     async def health(web: Any, request: Any) -> Any:
@@ -206,8 +212,7 @@ def create_app(settings: AccordSettings, rules: Rules | None = None) -> faust.Ap
         problems = []
         if app.rebalancing or not app.consumer.assignment():
             problems.append("waiting for partitions (rebalancing)")
-        if not emitter.ready:
-            problems.append("emitter not running")
+        problems += [f"{s.name} not running" for s in services if not s.ready]
         body = {"ready": not problems, "problems": problems}
         return web.json(body, status=200 if not problems else 503)
 
@@ -220,57 +225,47 @@ def _dlq_producer(settings: AccordSettings) -> Any:
     return Producer({"bootstrap.servers": settings.kafka, "enable.idempotence": True})
 
 
-class EmitterStatus:
-    """Shared between the emitter service and the health page."""
+class ThreadStatus:
+    """Shared between a background-thread service and the health page."""
 
-    ready: bool = False
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.ready = False
 
 
-def _emitter_service(
-    settings: AccordSettings, registry: Any, status: EmitterStatus
-) -> type[mode.Service]:
-    topics = settings.topics
+Runnable = Any  # an object with run(stop: threading.Event) and close()
 
-    class EmitterService(mode.Service):
-        """Runs the transactional emitter on its own thread beside the Faust agents."""
 
+def _thread_service(status: ThreadStatus, make: Callable[[], Runnable]) -> type[mode.Service]:
+    """A Faust service that runs a blocking loop (`run(stop)`) on its own thread.
+
+    The emitter and the in-worker appliers are confluent-kafka loops; they run beside
+    the agents, and a failure of one crashes the worker instead of going unnoticed.
+    """
+
+    class ThreadService(mode.Service):
         def __post_init__(self) -> None:
             self._stop = threading.Event()
             self._thread: threading.Thread | None = None
             self._failure: BaseException | None = None
 
         async def on_start(self) -> None:
-            emitter = Emitter(
-                settings.kafka,
-                group_id=f"{settings.worker.app_id}-emit",
-                transactional_id=f"{settings.worker.app_id}-emit-{settings.worker.instance}",
-                topics=EmitTopics(
-                    changelog_topic(settings), topics.golden, topics.audit, topics.sink_prefix
-                ),
-                encode_golden=canonical_codec(
-                    settings, registry, "dev.accord.Customer", topics.golden
-                ).dumps,
-                encode_audit=canonical_codec(
-                    settings, registry, "dev.accord.AuditEntry", topics.audit
-                ).dumps,
-                encode_sink=_sink_encoder(settings, registry),
-                batch_size=settings.worker.batch_size,
-            )
+            runnable = await asyncio.get_running_loop().run_in_executor(None, make)
             self._thread = threading.Thread(
-                target=self._run, args=(emitter,), name="accord-emit", daemon=True
+                target=self._run, args=(runnable,), name=f"accord-{status.name}", daemon=True
             )
             self._thread.start()
             status.ready = True
 
-        def _run(self, emitter: Emitter) -> None:
+        def _run(self, runnable: Runnable) -> None:
             try:
-                emitter.run(self._stop)
+                runnable.run(self._stop)
             except BaseException as exc:  # surfaced by the watchdog below
                 status.ready = False
                 self._failure = exc
-                log.exception("emitter failed")
+                log.exception("%s failed", status.name)
             finally:
-                emitter.close()
+                runnable.close()
 
         @mode.Service.task
         async def _watchdog(self) -> None:
@@ -285,7 +280,46 @@ def _emitter_service(
             if self._thread is not None:
                 await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 30)
 
-    return EmitterService
+    ThreadService.__name__ = f"{status.name.title().replace('-', '')}Service"
+    return ThreadService
+
+
+def _make_emitter(settings: AccordSettings, registry: Any) -> Callable[[], Emitter]:
+    topics = settings.topics
+
+    def make() -> Emitter:
+        return Emitter(
+            settings.kafka,
+            group_id=f"{settings.worker.app_id}-emit",
+            transactional_id=f"{settings.worker.app_id}-emit-{settings.worker.instance}",
+            topics=EmitTopics(
+                changelog_topic(settings), topics.golden, topics.audit, topics.sink_prefix
+            ),
+            encode_golden=canonical_codec(
+                settings, registry, "dev.accord.Customer", topics.golden
+            ).dumps,
+            encode_audit=canonical_codec(
+                settings, registry, "dev.accord.AuditEntry", topics.audit
+            ).dumps,
+            encode_sink=_sink_encoder(settings, registry),
+            batch_size=settings.worker.batch_size,
+        )
+
+    return make
+
+
+def in_worker_sinks(settings: AccordSettings) -> list[str]:
+    """The targets whose appliers this worker runs (`worker.sinks`; None: every SQL one)."""
+    specs = load_sinks(settings.connectors_dir)
+    if settings.worker.sinks is None:
+        return sorted(t for t, spec in specs.items() if spec.kind is SinkKind.SQL)
+    unknown = [t for t in settings.worker.sinks if t not in specs]
+    if unknown:
+        raise ConfigError(
+            f"worker.sinks names {', '.join(unknown)}, which has no sink section in "
+            f"{settings.connectors_dir} (targets: {', '.join(sorted(specs))})"
+        )
+    return list(settings.worker.sinks)
 
 
 def _sink_encoder(settings: AccordSettings, registry: Any) -> Callable[[dict[str, Any]], bytes]:

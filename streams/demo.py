@@ -7,16 +7,20 @@ envelope that decodes through the schema registry.
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
+
+from psycopg import sql
 
 from streams.connect import SYSTEMS, ConnectClient, load_connector
 from streams.errors import AccordError
 from streams.samples import SampleGenerator
 from streams.settings import AccordSettings
-from streams.sources import insert_rows, mariadb, postgres
+from streams.sources import PRIMARY_KEYS, insert_rows, mariadb, postgres
 from streams.stack.process import wait_until
 from streams.topics import RAW_TOPICS, DecodedMessage, RawTopicReader
 
@@ -153,3 +157,322 @@ def trace_changes(
             if not pending:
                 break
     return changes
+
+
+# ------------------------------------------------------------------ the sync demo
+
+
+@dataclass
+class Edit:
+    """One scripted edit, and how long each other system took to apply it."""
+
+    title: str
+    system: str
+    key: str
+    field: str  # the canonical field it changes
+    committed_us: int = 0
+    golden_id: str | None = None
+    value: object = None  # the golden value every system converged to
+    latency_ms: dict[str, float | str] = field(default_factory=dict)  # target -> ms or why not
+
+
+@dataclass
+class DemoReport:
+    seeded: dict[str, int]
+    edits: list[Edit]
+    scorecards: list[dict[str, object]]
+    latencies_ms: dict[str, list[float]]  # target -> commit-to-applied of every apply
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def run_sync_demo(
+    settings: AccordSettings, count: int, progress: Progress, timeout_s: float = 120.0
+) -> DemoReport:
+    """Seed, run the worker with its appliers, make scripted edits, watch every system follow."""
+    from streams.app import redis_client
+    from streams.identity import IdentityResolver
+    from streams.projection import load_sinks
+    from streams.rules import load_rules
+    from streams.workers import WorkerProcess
+
+    started_us = _now_us()
+    seeded = seed(settings, count)
+    progress("seeded " + ", ".join(f"{k}: {v} new" for k, v in seeded.items()))
+    worker = WorkerProcess(settings)
+    started_here = not worker.ready()
+    if started_here:
+        progress(f"starting the worker (log: {worker.log})")
+        worker.start()
+    try:
+        sinks = load_sinks(settings.connectors_dir)
+        identity = IdentityResolver(
+            redis_client(settings),
+            settings.worker.redis_prefix,
+            load_rules(settings.worker.rules_file).match,
+        )
+        progress("waiting until every system holds the sample customers (reconcile)")
+        ours = _seeded_golden_ids(settings, identity, count, timeout_s)
+        _wait_converged(settings, sinks, timeout_s, ours)
+        edits = []
+        for edit in _scripted_edits(settings, identity, uuid.uuid4().hex[:6]):
+            progress(f"{edit.system}: {edit.title}")
+            _await_sync(settings, edit, sinks, identity, timeout_s)
+            edits.append(edit)
+        ours |= {edit.golden_id for edit in edits if edit.golden_id}
+        scorecards = _wait_converged(settings, sinks, timeout_s, ours)
+        latencies = {
+            target: _ledger_since(settings, spec, started_us) for target, spec in sinks.items()
+        }
+    finally:
+        if started_here:
+            worker.stop()
+    return DemoReport(seeded, edits, scorecards, latencies)
+
+
+def _scripted_edits(settings: AccordSettings, identity: Any, tag: str) -> Iterator[Edit]:
+    """Edits on customers every system knows: each yielded after its commit."""
+    generator = SampleGenerator(7)
+    people = [i for i in range(50) if len(generator.systems_for(i)) == 3]
+    keys = [_sample_keys(generator, i) for i in people[:4]]
+    phone = f"+1 212 555 {int(tag, 16) % 10000:04d}"
+
+    yield _edit(settings, identity, "crm", keys[0]["crm"], "phone", f"phone -> {phone}",
+                "customers", "phone", phone)  # fmt: skip
+    yield _edit(settings, identity, "billing", keys[0]["billing"], "company",
+                f"legal name -> Demo Holdings {tag}", "accounts", "legal_name",
+                f"Demo Holdings {tag}")  # fmt: skip
+    yield _edit(settings, identity, "support", keys[1]["support"], "email",
+                f"email -> moved-{tag}@example.com", "users", "email",
+                f"moved-{tag}@example.com")  # fmt: skip
+
+    # A conflicting pair: CRM and support change one customer's email at the same moment.
+    crm_email, support_email = f"crm-{tag}@example.com", f"support-{tag}@example.com"
+    barrier = threading.Barrier(2)
+
+    def concurrently(system: str, table: str, key: str, value: str) -> None:
+        barrier.wait(10)
+        _update(settings, system, table, "email", key, value)
+
+    threads = [
+        threading.Thread(target=concurrently, args=("crm", "customers", keys[2]["crm"], crm_email)),
+        threading.Thread(
+            target=concurrently, args=("support", "users", keys[2]["support"], support_email)
+        ),
+    ]
+    committed = _now_us()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    yield Edit(
+        f"conflict: crm sets {crm_email}, support sets {support_email} at the same moment",
+        "crm+support",
+        keys[2]["crm"],
+        "email",
+        committed,
+        identity.lookup("crm", keys[2]["crm"]),
+    )
+
+    with postgres(settings, "support") as conn:
+        (user_id,) = conn.execute(
+            "INSERT INTO users (email, display_name, tier, locale) "
+            "VALUES (%s, 'Nova Demo', 'standard', 'en-US') RETURNING id",
+            (f"new-{tag}@example.com",),
+        ).fetchone()
+    yield Edit(f"new user new-{tag}@example.com", "support", str(user_id), "email", _now_us())
+
+
+def _edit(
+    settings: AccordSettings,
+    identity: Any,
+    system: str,
+    key: str,
+    field_name: str,
+    title: str,
+    table: str,
+    column: str,
+    value: object,
+) -> Edit:
+    _update(settings, system, table, column, key, value)
+    return Edit(title, system, key, field_name, _now_us(), identity.lookup(system, key))
+
+
+def _update(
+    settings: AccordSettings, system: str, table: str, column: str, key: str, value: object
+) -> None:
+    primary = PRIMARY_KEYS[system]
+    if system == "billing":
+        with mariadb(settings) as conn, conn.cursor() as cur:
+            cur.execute(f"UPDATE {table} SET {column} = %s WHERE {primary} = %s", (value, key))
+        return
+    with postgres(settings, system) as conn:
+        conn.execute(
+            sql.SQL("UPDATE {} SET {} = %s WHERE {} = %s").format(
+                sql.Identifier(table), sql.Identifier(column), sql.Identifier(primary)
+            ),
+            (value, key),
+        )
+
+
+def _sample_keys(generator: SampleGenerator, index: int) -> dict[str, str]:
+    person = generator.person(index)
+    return {
+        "crm": str(generator.crm_row(person)["id"]),
+        "billing": str(generator.billing_row(person)["account_no"]),
+        "support": str(generator.support_row(person)["id"]),
+    }
+
+
+def _now_us() -> int:
+    return int(time.time() * 1_000_000)
+
+
+def _await_sync(
+    settings: AccordSettings, edit: Edit, sinks: dict[str, Any], identity: Any, timeout_s: float
+) -> None:
+    """Wait until every other system holds the golden value; record each one's latency."""
+    from streams.reconcile import golden_records
+
+    first_system = edit.system.split("+")[0]
+    if edit.golden_id is None:
+        wait_until(lambda: identity.lookup(first_system, edit.key) is not None, timeout_s)
+        edit.golden_id = identity.lookup(first_system, edit.key)
+    if edit.golden_id is None:
+        raise AccordError(f"{edit.system} row {edit.key} was never linked to a golden record")
+
+    def targets_in_step() -> bool:
+        record = golden_records(settings).get(edit.golden_id)
+        if record is None:
+            return False
+        edit.value = record["fields"][edit.field]
+        links = {link["system"]: link["key"] for link in record["links"]}
+        for target, spec in sinks.items():
+            if edit.field not in spec.fields:
+                edit.latency_ms[target] = "not its field"
+                continue
+            if target not in links:
+                if spec.create:
+                    return False  # the create has not come back through CDC yet
+                edit.latency_ms[target] = "no record here"
+                continue
+            column = next(c for c in spec.columns if edit.field in c.fields)
+            held = _column_value(settings, spec, links[target], column.name)
+            if str(held) != str(column.value(record["fields"])):
+                return False
+            edit.latency_ms[target] = _ledger_latency(settings, spec, edit)
+        return True
+
+    if not wait_until(targets_in_step, timeout_s, interval_s=0.2):
+        raise AccordError(f"{edit.title}: systems not in step after {timeout_s:.0f}s")
+
+
+def _column_value(settings: AccordSettings, spec: Any, key: str, column: str) -> object:
+    if spec.target == "billing":
+        with mariadb(settings) as conn, conn.cursor() as cur:
+            cur.execute(f"SELECT {column} FROM {spec.table} WHERE {spec.key_column} = %s", (key,))
+            row = cur.fetchone()
+    else:
+        with postgres(settings, spec.target) as conn:
+            row = conn.execute(
+                sql.SQL("SELECT {} FROM {} WHERE {} = %s").format(
+                    sql.Identifier(column), sql.Identifier(spec.table),
+                    sql.Identifier(spec.key_column),
+                ),
+                (key,),
+            ).fetchone()  # fmt: skip
+    return row[0] if row else None
+
+
+def _ledger_latency(settings: AccordSettings, spec: Any, edit: Edit) -> float | str:
+    """Commit in the source to applied in the target, from the target's own ledger."""
+    query = (
+        "SELECT applied_at_us - source_ts_us FROM accord_applied WHERE golden_id = %s "
+        "AND source_ts_us >= %s ORDER BY golden_version LIMIT 1"
+    )
+    params = (edit.golden_id, edit.committed_us - 5_000_000)
+    if spec.target == "billing":
+        with mariadb(settings) as conn, conn.cursor() as cur:
+            cur.execute(query, params)
+            row = cur.fetchone()
+    else:
+        with postgres(settings, spec.target) as conn:
+            row = conn.execute(query, params).fetchone()
+    if row is None:
+        return "already held it"  # the golden value was the target's own: nothing to apply
+    return round(row[0] / 1000, 1)
+
+
+def _seeded_golden_ids(
+    settings: AccordSettings, identity: Any, count: int, timeout_s: float
+) -> set[str]:
+    """The golden records of the seeded sample customers, once each is linked."""
+    generator = SampleGenerator(7)
+    rows = [
+        (system, _sample_keys(generator, index)[system])
+        for index in range(count)
+        for system in generator.systems_for(index)
+    ]
+    found: dict[tuple[str, str], str] = {}
+
+    def all_linked() -> bool:
+        for row in rows:
+            if row not in found and (golden_id := identity.lookup(*row)) is not None:
+                found[row] = golden_id
+        return len(found) == len(rows)
+
+    if not wait_until(all_linked, timeout_s, interval_s=0.5):
+        raise AccordError(
+            f"{len(rows) - len(found)} of {len(rows)} seeded rows were not linked to golden "
+            f"records within {timeout_s:.0f}s: is the worker running? (accord worker)"
+        )
+    return set(found.values())
+
+
+def _ledger_since(settings: AccordSettings, spec: Any, since_us: int) -> list[float]:
+    """Commit-to-applied of every event a target applied since a moment, in ms."""
+    query = (
+        "SELECT applied_at_us - source_ts_us FROM accord_applied "
+        "WHERE applied_at_us >= %s AND source_ts_us IS NOT NULL"
+    )
+    if spec.target == "billing":
+        with mariadb(settings) as conn, conn.cursor() as cur:
+            cur.execute(query, (since_us,))
+            rows = cur.fetchall()
+    else:
+        with postgres(settings, spec.target) as conn:
+            rows = conn.execute(query, (since_us,)).fetchall()
+    return [row[0] / 1000 for row in rows]
+
+
+def _wait_converged(
+    settings: AccordSettings, sinks: dict[str, Any], timeout_s: float, only: set[str]
+) -> list[dict[str, object]]:
+    """Reconcile `only` these golden records until no target has drift or missing ones."""
+    from streams.mapping import load_mappings
+    from streams.reconcile import compare, golden_records, target_rows
+
+    mappings = load_mappings(settings.connectors_dir)
+    cards: list[dict[str, object]] = []
+
+    def converged() -> bool:
+        golden = {k: v for k, v in golden_records(settings).items() if k in only}
+        cards.clear()
+        for target, spec in sinks.items():
+            rows = target_rows(settings, spec)
+            linked = {
+                link["key"] for r in golden.values() for link in r["links"]
+                if link["system"] == target
+            }  # fmt: skip
+            ours = {key: row for key, row in rows.items() if key in linked}
+            cards.append(compare(spec, mappings[target], golden, ours).as_dict(details=5))
+        return len(golden) == len(only) and all(
+            c["drifted"] == 0 and c["missing"] == 0 for c in cards
+        )
+
+    if not wait_until(converged, timeout_s, interval_s=1.0):
+        raise AccordError(f"systems did not converge within {timeout_s:.0f}s: {cards}")
+    return cards

@@ -126,6 +126,11 @@ class WorkerSettings(BaseModel):
     dedupe_ttl_s: int = Field(
         7 * 24 * 3600, gt=0, description="How long a change identity is remembered."
     )
+    sinks: list[str] | None = Field(
+        None,
+        description="Targets whose appliers run inside the worker: None runs every SQL target's, "
+        "[] none (run `accord sink --target` instead).",
+    )
     rules_file: Path = Field(
         Path("connectors/survivorship.yaml"),
         description="Survivorship, match and delete rules.",

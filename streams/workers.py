@@ -7,6 +7,7 @@ same settings as the caller, and to know when one is ready (its `/health` says s
 
 from __future__ import annotations
 
+import json
 import signal
 import sys
 from dataclasses import replace
@@ -28,7 +29,8 @@ def worker_env(settings: AccordSettings) -> dict[str, str]:
                 continue
             if hasattr(value, "get_secret_value"):
                 value = value.get_secret_value()
-            env[f"ACCORD_{section.upper()}__{name.upper()}"] = str(value)
+            text = json.dumps(value) if isinstance(value, list | dict) else str(value)
+            env[f"ACCORD_{section.upper()}__{name.upper()}"] = text
     for name in ("kafka_bootstrap", "schema_registry_url", "connect_url", "redis_url"):
         if getattr(settings, name) is not None:
             env[f"ACCORD_{name.upper()}"] = str(getattr(settings, name))
