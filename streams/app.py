@@ -172,7 +172,9 @@ def create_app(settings: AccordSettings, rules: Rules | None = None) -> faust.Ap
     # Values are `streams.merge.dumps` bytes: the changelog format `emit` reads.
     golden = app.Table("golden", partitions=worker.partitions, key_type=bytes, value_type=bytes)
 
-    @app.agent(raw_topics, name="ingest")
+    # An unexpected error in an agent is a bug or broken state, not bad input (that goes
+    # to the DLQ): crash the worker, so it shows, instead of restarting the agent forever.
+    @app.agent(raw_topics, name="ingest", supervisor_strategy=mode.CrashingSupervisor)
     async def ingest(stream: faust.StreamT) -> None:
         async for events in stream.take_events(worker.batch_size, within=worker.batch_window_s):
             messages = [FaustMessage(event.message) for event in events]
@@ -184,7 +186,7 @@ def create_app(settings: AccordSettings, rules: Rules | None = None) -> faust.Ap
             for change in batch.changes:
                 await changes_topic.send(key=change.golden_id.encode(), value=change.to_record())
 
-    @app.agent(changes_topic, name="merge")
+    @app.agent(changes_topic, name="merge", supervisor_strategy=mode.CrashingSupervisor)
     async def merge(stream: faust.StreamT) -> None:
         async for event in stream.events():
             change = Change.from_record(event.value)

@@ -269,6 +269,30 @@ def sink(
     run_sink(settings(), target, metrics_port or None, webhook_deadline)
 
 
+@app.command("reset")
+def reset_app(
+    yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
+) -> None:
+    """Start the app over: delete its topics, groups, Redis keys, state and ledger rows.
+
+    Sources and raw topics are kept: the next worker rebuilds everything from them.
+    """
+    from streams.reset import reset
+
+    current = settings()
+    if not yes:
+        typer.confirm(
+            f"Delete every output and all state of Accord app {current.worker.app_id!r}?",
+            abort=True,
+        )
+    report = reset(current, _progress)
+    console.print(
+        f"reset app {current.worker.app_id!r}: {len(report.topics)} topics, "
+        f"{len(report.groups)} consumer groups, {report.redis_keys} Redis keys, ledger rows "
+        + ", ".join(f"{t}: {n}" for t, n in report.ledger_rows.items())
+    )
+
+
 # ------------------------------------------------------------------------------- demo
 
 

@@ -390,10 +390,10 @@ def _column_value(settings: AccordSettings, spec: Any, key: str, column: str) ->
 def _ledger_latency(settings: AccordSettings, spec: Any, edit: Edit) -> float | str:
     """Commit in the source to applied in the target, from the target's own ledger."""
     query = (
-        "SELECT applied_at_us - source_ts_us FROM accord_applied WHERE golden_id = %s "
-        "AND source_ts_us >= %s ORDER BY golden_version LIMIT 1"
+        "SELECT applied_at_us - source_ts_us FROM accord_applied WHERE app = %s "
+        "AND golden_id = %s AND source_ts_us >= %s ORDER BY golden_version LIMIT 1"
     )
-    params = (edit.golden_id, edit.committed_us - 5_000_000)
+    params = (settings.worker.app_id, edit.golden_id, edit.committed_us - 5_000_000)
     if spec.target == "billing":
         with mariadb(settings) as conn, conn.cursor() as cur:
             cur.execute(query, params)
@@ -436,15 +436,15 @@ def _ledger_since(settings: AccordSettings, spec: Any, since_us: int) -> list[fl
     """Commit-to-applied of every event a target applied since a moment, in ms."""
     query = (
         "SELECT applied_at_us - source_ts_us FROM accord_applied "
-        "WHERE applied_at_us >= %s AND source_ts_us IS NOT NULL"
+        "WHERE app = %s AND applied_at_us >= %s AND source_ts_us IS NOT NULL"
     )
     if spec.target == "billing":
         with mariadb(settings) as conn, conn.cursor() as cur:
-            cur.execute(query, (since_us,))
+            cur.execute(query, (settings.worker.app_id, since_us))
             rows = cur.fetchall()
     else:
         with postgres(settings, spec.target) as conn:
-            rows = conn.execute(query, (since_us,)).fetchall()
+            rows = conn.execute(query, (settings.worker.app_id, since_us)).fetchall()
     return [row[0] / 1000 for row in rows]
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
+from streams.errors import AccordError
 from streams.model import DECIMAL_FIELDS, Change, Op, Value
 from streams.rules import DeletePolicy, Rule, Rules
 
@@ -145,17 +146,18 @@ class Outcome:
     status_changed: bool  # active <-> inactive
     state_changed: bool  # anything at all to persist (provenance, a row's cells)
     rejected: tuple[str, ...]  # fields an `owner` rule refused from this change
+    linked: bool = False  # a source row joined the record (its links changed)
 
     @property
     def new_version(self) -> bool:
-        return bool(self.changed) or self.status_changed
+        return bool(self.changed) or self.status_changed or self.linked
 
 
 def apply(state: GoldenState, change: Change, rules: Rules) -> Outcome:
     """Merge one change into `state` (in place)."""
     order: Order = (change.source_ts, change.position, change.change_id)
     contribution = state.contributions.get(change.link)
-    state_changed = contribution is None
+    linked = state_changed = contribution is None
     if contribution is None:
         contribution = Contribution(change.system, change.source_key)
         state.contributions[change.link] = contribution
@@ -199,7 +201,7 @@ def apply(state: GoldenState, change: Change, rules: Rules) -> Outcome:
         status_changed = active != state.active
         state.active = active
 
-    outcome = Outcome(tuple(changed), status_changed, state_changed, tuple(rejected))
+    outcome = Outcome(tuple(changed), status_changed, state_changed, tuple(rejected), linked)
     if outcome.new_version:
         state.version += 1
         state.updated_ts = change.source_ts
@@ -283,10 +285,18 @@ def _same(a: Value, b: Value) -> bool:
 # ------------------------------------------------------------------- serialization
 
 
+STATE_FORMAT = 1  # bump on any incompatible change to `dumps`
+
+
+class StateFormatError(AccordError):
+    """Golden state written by another version of Accord."""
+
+
 def dumps(state: GoldenState) -> bytes:
     """Compact JSON for the table's changelog and RocksDB; `loads` reverses it."""
     return json.dumps(
         {
+            "fmt": STATE_FORMAT,
             "id": state.golden_id,
             "v": state.version,
             "a": state.active,
@@ -327,6 +337,11 @@ def dumps(state: GoldenState) -> bytes:
 
 def loads(payload: bytes) -> GoldenState:
     raw = json.loads(payload)
+    if raw.get("fmt") != STATE_FORMAT:
+        raise StateFormatError(
+            f"golden state of {raw.get('id')!r} has format {raw.get('fmt')!r}, this Accord "
+            f"reads format {STATE_FORMAT}: rebuild the state (`accord reset`, then replay)"
+        )
     return GoldenState(
         golden_id=raw["id"],
         version=raw["v"],

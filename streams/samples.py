@@ -31,6 +31,9 @@ _SEGMENTS = ("enterprise", "mid-market", "smb", "startup")
 _TIERS = ("free", "standard", "premium", "enterprise")
 _TERMS = ("NET15", "NET30", "NET45", "NET60", "PREPAID")
 _DOMAINS = ("gmail.com", "outlook.com", "yahoo.com", "proton.me", "icloud.com")
+# Sample CRM ids live far above what the table's own sequence hands out, so seeded rows
+# never collide with rows made by people, tests or Accord's own creates.
+SAMPLE_CRM_ID_BASE = 1_000_000_000
 _US_AREAS = ("212", "312", "415", "617", "206", "303", "512", "404", "646", "720")
 
 
@@ -94,7 +97,7 @@ class SampleGenerator:
     def crm_row(self, person: Person) -> dict[str, object]:
         rng = self._rng(person.index, "crm")
         return {
-            "id": person.index + 1,
+            "id": SAMPLE_CRM_ID_BASE + person.index,
             "first_name": _maybe_pad(person.first_name, rng),
             "last_name": person.last_name.upper() if rng.random() < 0.1 else person.last_name,
             "email": _messy_email(person.email, rng),

@@ -100,6 +100,7 @@ class Action(StrEnum):
     UPDATE = "UPDATE"
     DELETE = "DELETE"
     NOOP = "NOOP"  # the row already held every value: nothing written
+    ADOPT = "ADOPT"  # a create found its row already there: touched so CDC reports it
     POST = "POST"  # webhook
 
 
@@ -371,7 +372,7 @@ class Dialect:
         """A context manager around one transaction: commit on success, else roll back."""
         raise NotImplementedError
 
-    def last_version(self, cur: Any, golden_id: str, key: str) -> int | None:
+    def last_version(self, cur: Any, app: str, golden_id: str, key: str) -> int | None:
         """Highest applied version of the golden record, serializing its appliers."""
         raise NotImplementedError
 
@@ -391,11 +392,12 @@ class Dialect:
     def ledger_ddl(self) -> str:
         return (
             f"CREATE TABLE IF NOT EXISTS {LEDGER_TABLE} ("
+            "app varchar(128) NOT NULL, "
             "golden_id varchar(64) NOT NULL, golden_version bigint NOT NULL, "
             "event_id varchar(255) NOT NULL, op varchar(8) NOT NULL, "
             "target_key varchar(255) NOT NULL, source_ts_us bigint, "
             "applied_at_us bigint NOT NULL, "
-            f"PRIMARY KEY (golden_id, target_key, golden_version)){self.ledger_suffix}"
+            f"PRIMARY KEY (app, golden_id, target_key, golden_version)){self.ledger_suffix}"
         )
 
 
@@ -419,16 +421,16 @@ class PostgresDialect(Dialect):
         with conn.transaction():
             yield
 
-    def last_version(self, cur: Any, golden_id: str, key: str) -> int | None:
+    def last_version(self, cur: Any, app: str, golden_id: str, key: str) -> int | None:
         # Appliers of one golden record take turns (a rebalance can briefly run two).
         cur.execute(
             "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))",
-            (f"{LEDGER_TABLE}:{golden_id}",),
+            (f"{LEDGER_TABLE}:{app}:{golden_id}",),
         )
         cur.execute(
             f"SELECT max(golden_version) FROM {LEDGER_TABLE} "
-            "WHERE golden_id = %s AND target_key = %s",
-            (golden_id, key),
+            "WHERE app = %s AND golden_id = %s AND target_key = %s",
+            (app, golden_id, key),
         )
         row = cur.fetchone()
         return None if row is None else row[0]
@@ -491,13 +493,13 @@ class MariaDialect(Dialect):
             raise
         conn.commit()
 
-    def last_version(self, cur: Any, golden_id: str, key: str) -> int | None:
+    def last_version(self, cur: Any, app: str, golden_id: str, key: str) -> int | None:
         # A locking read: a concurrent applier of the same record waits (or deadlocks,
         # which is retried) instead of applying alongside.
         cur.execute(
-            f"SELECT golden_version FROM {LEDGER_TABLE} WHERE golden_id = %s "
+            f"SELECT golden_version FROM {LEDGER_TABLE} WHERE app = %s AND golden_id = %s "
             "AND target_key = %s ORDER BY golden_version DESC LIMIT 1 FOR UPDATE",
-            (golden_id, key),
+            (app, golden_id, key),
         )
         row = cur.fetchone()
         return None if row is None else row[0]
@@ -571,6 +573,7 @@ class SqlApplier(Applier):
             raise ConfigError(f"sink {spec.target!r}: key.generate sequence needs PostgreSQL")
         self.dialect = dialect
         self.identity = identity
+        self.app = settings.worker.app_id  # ledgers of several Accord apps share the table
         self._connect = connect or (lambda: dialect.connect(settings, spec.target))
         self._conn: Any = None
         self._columns = [c.name for c in spec.columns]
@@ -652,6 +655,16 @@ class SqlApplier(Applier):
             return self._done(cur, event, key, Action.INSERT, tuple(self._columns))
         candidates = self.spec.columns_for(set(event.changed))
         differs = tuple(c.name for c in candidates if not same(current[c.name], wanted[c.name]))
+        if not differs and event.target_key is None:
+            # A create whose row exists already (made before Accord's state was lost or
+            # reset). The golden record learns its rows from CDC, and an unchanged row
+            # says nothing: touch it, so it reports itself and joins the record.
+            cur.execute(
+                f"UPDATE {self._table} SET {self._key_column} = {self._key_column} "
+                f"WHERE {self._key_column} = %s",
+                (key,),
+            )
+            return self._done(cur, event, key, Action.ADOPT, ())
         if not differs:
             return self._done(cur, event, key, Action.NOOP, (), Status.SKIPPED, "no_change")
         assignments = ", ".join(f"{self.dialect.quote(c)} = %s" for c in differs)
@@ -675,7 +688,7 @@ class SqlApplier(Applier):
         return self._done(cur, event, key, Action.DELETE, ())
 
     def _stale(self, cur: Any, event: SinkEvent, key: str) -> bool:
-        last = self.dialect.last_version(cur, event.golden_id, key)
+        last = self.dialect.last_version(cur, self.app, event.golden_id, key)
         return last is not None and event.golden_version <= last
 
     def _key(self, cur: Any, event: SinkEvent) -> tuple[str | None, bool]:
@@ -745,9 +758,11 @@ class SqlApplier(Applier):
         """Write the ledger row, in the transaction of the row change."""
         try:
             cur.execute(
-                f"INSERT INTO {LEDGER_TABLE} (golden_id, golden_version, event_id, op, "
-                "target_key, source_ts_us, applied_at_us) VALUES (%s, %s, %s, %s, %s, %s, %s)",
+                f"INSERT INTO {LEDGER_TABLE} (app, golden_id, golden_version, event_id, op, "
+                "target_key, source_ts_us, applied_at_us) "
+                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
                 (
+                    self.app,
                     event.golden_id,
                     event.golden_version,
                     event.event_id,

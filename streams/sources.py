@@ -63,9 +63,4 @@ def insert_rows(settings: AccordSettings, system: str, rows: Iterable[Mapping[st
     with postgres(settings, system) as conn, conn.cursor() as cur:
         cur.executemany(query, [tuple(row[c] for c in columns) for row in rows])
         inserted = cur.rowcount
-        if system == "crm":  # explicit ids were used: move the sequence past them
-            cur.execute(
-                "SELECT setval(pg_get_serial_sequence('customers', 'id'), "
-                "GREATEST((SELECT max(id) FROM customers), 1))"
-            )
         return inserted

@@ -100,10 +100,13 @@ def test_an_older_change_arriving_late_moves_nothing() -> None:
     assert outcome.changed == () and state.values()["email"] == "new@example.com"
 
 
-def test_an_echo_of_the_golden_value_is_a_no_op_for_the_record() -> None:
+def test_a_new_row_joining_makes_a_version_and_its_echo_does_not() -> None:
     state = golden(change("crm", ts=100, email="a@example.com"))
+    joined = apply(state, change("billing", ts=150, email="b@example.com"), RULES)
+    assert joined.linked and joined.new_version  # the record's links changed
+    apply(state, change("crm", ts=170, email="b@example.com"), RULES)  # crm applies it
     version = state.version
-    outcome = apply(state, change("billing", ts=200, email="a@example.com"), RULES)
+    outcome = apply(state, change("billing", ts=200, email="b@example.com"), RULES)
     assert outcome.changed == () and not outcome.new_version
     assert state.version == version
     assert outcome.state_changed  # billing's row is now known, and provenance moved
