@@ -35,6 +35,7 @@ from streams.rules import Rules
 
 log = logging.getLogger(__name__)
 
+POLL_S = 0.02  # longest a lone record waits to be read (see `Emitter.run`)
 EMITTED = Counter("accord_emit_records_total", "Records emitted", ["topic_kind"])
 STATUS_FIELD = "active"  # the audit entry of an activation or deactivation
 
@@ -347,7 +348,9 @@ class Emitter:
 
     def run(self, stop: threading.Event) -> None:
         while not stop.is_set():
-            self.step()
+            # consume() waits its whole timeout unless a full batch is there: keep it
+            # short, or every revision waits that long before it is emitted.
+            self.step(timeout_s=POLL_S)
 
     def close(self) -> None:
         self.consumer.close()

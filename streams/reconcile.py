@@ -10,6 +10,7 @@ agrees). The comparison is plain (`compare`); reading is batched.
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
@@ -186,18 +187,16 @@ def golden_records(settings: AccordSettings, timeout_s: float = 60.0) -> dict[st
         remaining = {p for p, end in ends.items() if end > 0}
         consumer.assign(partitions)
         latest: dict[str, dict] = {}
+        deadline = time.monotonic() + timeout_s
         while remaining:
-            messages = consumer.consume(1000, timeout_s)
-            if not messages:
-                raise TimeoutError(f"reading {topic} stalled for {timeout_s:.0f}s")
-            for message in messages:
-                if message.error():
-                    continue
-                if message.value() is not None:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"reading {topic} to its end took over {timeout_s:.0f}s")
+            # Short waits: the end may be a transaction marker, which a fetch passes
+            # (moving the position) without returning a message.
+            for message in consumer.consume(1000, 0.2):
+                if message.error() is None and message.value() is not None:
                     record = codec.decode(message.value()).value
                     latest[record["golden_id"]] = record
-                if message.offset() + 1 >= ends[message.partition()]:
-                    remaining.discard(message.partition())
             for tp in consumer.position([TopicPartition(topic, p) for p in remaining]):
                 if tp.offset >= ends[tp.partition]:
                     remaining.discard(tp.partition)
@@ -206,25 +205,40 @@ def golden_records(settings: AccordSettings, timeout_s: float = 60.0) -> dict[st
         consumer.close()
 
 
-def target_rows(settings: AccordSettings, spec: SinkSpec) -> dict[str, dict[str, Any]]:
-    """Every row of an SQL target, keyed by its key as text, read in batches."""
+def target_rows(
+    settings: AccordSettings, spec: SinkSpec, keys: list[str] | None = None
+) -> dict[str, dict[str, Any]]:
+    """The rows of an SQL target (all, or those with `keys`), keyed by key as text."""
     if spec.kind is not SinkKind.SQL:
         raise ValueError(f"{spec.target} is a {spec.kind} target: it has no rows to read")
-    return {str(row[spec.key_column]): row for row in _rows(settings, spec)}
+    return {str(row[spec.key_column]): row for row in _rows(settings, spec, keys)}
 
 
-def _rows(settings: AccordSettings, spec: SinkSpec) -> Iterator[dict[str, Any]]:
+def _rows(
+    settings: AccordSettings, spec: SinkSpec, keys: list[str] | None
+) -> Iterator[dict[str, Any]]:
     if spec.target == "billing":
         with mariadb(settings) as conn, conn.cursor() as cur:
-            cur.execute(f"SELECT * FROM `{spec.table}`")
+            if keys is None:
+                cur.execute(f"SELECT * FROM `{spec.table}`")
+            elif keys:
+                marks = ", ".join(["%s"] * len(keys))
+                cur.execute(
+                    f"SELECT * FROM `{spec.table}` WHERE `{spec.key_column}` IN ({marks})", keys
+                )
+            else:
+                return
             columns = [d[0] for d in cur.description]
             while batch := cur.fetchmany(BATCH):
                 yield from (dict(zip(columns, row, strict=True)) for row in batch)
         return
+    query = sql.SQL("SELECT * FROM {}").format(sql.Identifier(spec.table))
+    if keys is not None:
+        query += sql.SQL(" WHERE {}::text = ANY(%s)").format(sql.Identifier(spec.key_column))
     with postgres(settings, spec.target) as conn, conn.cursor(name="reconcile") as cur:
         conn.autocommit = False
         cur.itersize = BATCH
-        cur.execute(sql.SQL("SELECT * FROM {}").format(sql.Identifier(spec.table)))
+        cur.execute(query, (keys,) if keys is not None else None)
         columns = None
         for row in cur:
             columns = columns or [d.name for d in cur.description]

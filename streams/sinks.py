@@ -1158,7 +1158,9 @@ class SinkRunner:
         except Interrupted:
             return
         while not stop.is_set():
-            self.step(stop=stop)
+            # consume() waits its whole timeout unless a full batch is there: keep it
+            # short, or every event waits that long before it is applied.
+            self.step(timeout_s=0.02, stop=stop)
 
     def close(self) -> None:
         self._stop.set()

@@ -132,13 +132,19 @@ def _wait(condition: Callable[[], bool], timeout_s: float) -> bool:
 
 def drained(settings: AccordSettings) -> bool:
     """True when the worker has processed and committed everything on its inputs: raw
-    topics and accord.changes (the Faust group) and the golden changelog (emit)."""
-    from streams.topology import changelog_topic
+    topics and accord.changes (the Faust group), the golden changelog (emit) and the
+    sink topics (the appliers of the sample systems)."""
+    from streams.topology import changelog_topic, sink_targets
 
     app_id = settings.worker.app_id
     groups = {
         app_id: [*RAW_TOPICS.values(), settings.topics.changes],
         f"{app_id}-emit": [changelog_topic(settings)],
+        **{
+            f"{app_id}-sink-{target}": [settings.topics.sink(target)]
+            for target in sink_targets(settings)
+            if target in RAW_TOPICS
+        },
     }
     for group, topics in groups.items():
         consumer = Consumer({"bootstrap.servers": settings.kafka, "group.id": group})
@@ -157,6 +163,39 @@ def drained(settings: AccordSettings) -> bool:
         finally:
             consumer.close()
     return True
+
+
+def end_offsets(settings: AccordSettings, topics: list[str]) -> dict[tuple[str, int], int]:
+    consumer = Consumer({"bootstrap.servers": settings.kafka, "group.id": "test-ends"})
+    try:
+        metadata = consumer.list_topics(timeout=10).topics
+        return {
+            (topic, p): consumer.get_watermark_offsets(TopicPartition(topic, p), 10)[1]
+            for topic in topics
+            if topic in metadata
+            for p in metadata[topic].partitions
+        }
+    finally:
+        consumer.close()
+
+
+def quiesced(
+    settings: AccordSettings, topics: list[str], timeout_s: float, stable_s: float = 5.0
+) -> bool:
+    """Wait until the pipeline stays drained, with no topic growing, for `stable_s`: long
+    enough for Debezium to have captured every write an applier made (it polls the logs
+    every 0.5 s). Every echo has then come back and produced nothing more; a loop between
+    systems never quiesces, so it fails here."""
+    deadline = time.monotonic() + timeout_s
+    previous: dict[tuple[str, int], int] | None = None
+    stable_since = 0.0
+    while time.monotonic() < deadline:
+        ends = end_offsets(settings, topics)
+        if not drained(settings) or ends != previous:
+            previous, stable_since = ends, time.monotonic()
+        elif time.monotonic() - stable_since >= stable_s:
+            return True
+    return False
 
 
 def latest_by_key(records: list[dict[str, Any]], key: str = "golden_id") -> dict[str, dict]:
