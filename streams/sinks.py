@@ -1076,6 +1076,7 @@ class SinkRunner:
         self.totals = StepResult()
         self.outcomes: list[Outcome] = []  # the last step's, in order
         self._stop = threading.Event()
+        self._committed: dict[tuple[str, int], int] = {}
 
     def step(self, timeout_s: float = 1.0, stop: threading.Event | None = None) -> StepResult:
         """Apply one batch and commit it; returns what happened."""
@@ -1097,6 +1098,8 @@ class SinkRunner:
         if done:
             self.dlq.flush()
             self._commit(done)
+        elif not messages:
+            self._commit_markers()
         result.consumed = len(done)
         self.totals.add(result)
         if registry_down:
@@ -1136,10 +1139,32 @@ class SinkRunner:
                 offsets=[TopicPartition(t, p, o) for (t, p), o in offsets.items()],
                 asynchronous=False,
             )
+            self._committed.update(offsets)
         except KafkaException as exc:
             # Lost the partitions (e.g. a long retry outlived max.poll.interval.ms): the
             # next owner redelivers from the last commit and the ledger skips what was done.
             log.warning("%s: commit failed, events will be redelivered: %s", self.target, exc)
+
+    def _commit_markers(self) -> None:
+        """When idle, commit positions that moved past transaction markers only.
+
+        The emitter writes sink events in transactions; each ends with a commit marker
+        that a read-committed fetch skips without returning a message. Committing the
+        position then keeps the group's lag at zero when all is applied, instead of one
+        per partition forever.
+        """
+        assignment = self.consumer.assignment()
+        if not assignment:
+            return
+        moved = [
+            tp
+            for tp in self.consumer.position(assignment)
+            if tp.offset >= 0 and tp.offset > self._committed.get((tp.topic, tp.partition), -1)
+        ]
+        if moved:
+            with suppress(KafkaException):
+                self.consumer.commit(offsets=moved, asynchronous=False)
+                self._committed.update({(tp.topic, tp.partition): tp.offset for tp in moved})
 
     def _rewind(self, messages: list[Any]) -> None:
         first: dict[tuple[str, int], int] = {}

@@ -740,6 +740,11 @@ class Registry(Component):
         props = {
             "quarkus.http.host": pg.host,
             "quarkus.http.port": str(self.port),
+            # The Avro converter's JDK HTTP client asks every new connection to upgrade
+            # to HTTP/2 (h2c); an upgrade on a POST with a body hangs or fails the
+            # request ("header parser received no bytes"), and with it a connector task.
+            # Plain HTTP/1.1 has neither problem.
+            "quarkus.http.http2": "false",
             "quarkus.management.host": pg.host,
             "quarkus.management.port": str(pg.registry_management_port),
             "quarkus.log.console.format": "%d{HH:mm:ss.SSS} %-5p [%c{2.}] %s%e%n",
@@ -875,10 +880,6 @@ class Connect(Component):
                 f"-Xmx{self.stack.connect_heap}",
                 "-XX:+UseG1GC",
                 "-Djava.awt.headless=true",
-                # The converter's JDK HTTP client would otherwise reuse pooled connections
-                # the registry has already closed ("header parser received no bytes") and
-                # fail the task; a short keep-alive makes it open a fresh one instead.
-                "-Djdk.httpclient.keepalive.timeout=5",
                 f"-Dlog4j2.configurationFile={self.home / 'log4j2.properties'}",
                 "-cp",
                 f"{self.paths.kafka_libs}/*",
