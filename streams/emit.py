@@ -92,7 +92,8 @@ def plan_sinks(
                 continue
             if state.sent.get(row.link) == fingerprint and change.link != row.link:
                 continue
-            orders.append(SinkOrder(target, Op.UPSERT, row.key, projected, differs))
+            held = {name: row.cells[name].value if name in row.cells else None for name in differs}
+            orders.append(SinkOrder(target, Op.UPSERT, row.key, projected, differs, held))
             state.sent[row.link] = fingerprint
     return orders
 
@@ -193,6 +194,9 @@ def sink_records(state: GoldenState, emitted_ms: int) -> list[dict[str, Any]]:
                 "golden_version": state.revision,
                 "fields": {name: order.values.get(name) for name in FIELDS},
                 "changed": list(order.changed),
+                "expected": None
+                if order.expected is None
+                else {name: order.expected.get(name) for name in FIELDS},
                 "caused_by": state.caused_by,
                 "emitted_at": _millis(emitted_ms),
                 "source_ts": _micros(state.caused_ts) if state.caused_ts else None,

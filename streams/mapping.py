@@ -31,7 +31,7 @@ import pycountry
 from email_validator import EmailNotValidError, validate_email
 from prometheus_client import Counter
 
-from streams.debezium import SourceChange
+from streams.debezium import SourceChange, SourcePosition
 from streams.errors import ConfigError
 from streams.model import FIELDS, Change, Op, Value, sortable_position
 from streams.yamlconf import Map, Problem, Problems, Seq, did_you_mean, plain, read
@@ -1070,3 +1070,19 @@ def _map_values(
             hard.append(FieldIssue(spec.name, "required", f"required: {spec.column!r} is empty"))
             continue
         values[spec.name] = value
+
+
+def canonical_row(
+    mapping: SystemMapping, key: str, row: Mapping[str, Any]
+) -> dict[str, Value] | None:
+    """A row as it stands in its table, read through the system's mapping.
+
+    What Accord would make of this row if it arrived as a snapshot read; None when the
+    row breaks a hard rule. Appliers and reconcile compare target rows with it.
+    """
+    position = SourcePosition("table", "", "", 0, True, lsn=0)
+    keys = dict(zip(mapping.key, key.split("|"), strict=False))
+    result = Mapper({mapping.system: mapping}).map(
+        SourceChange(mapping.topic, "r", keys, None, dict(row), position, 0)
+    )
+    return dict(result.change.values) if isinstance(result, Mapped) else None

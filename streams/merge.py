@@ -98,6 +98,9 @@ class SinkOrder:
     target_key: str | None  # None: create the row
     values: dict[str, Value]  # the target's projection of the golden record
     changed: tuple[str, ...]  # the fields that differ in the target
+    # What the row held for the changed fields when this was decided; None for a create.
+    # The applier writes only if the row still holds it (see `streams.sinks`).
+    expected: dict[str, Value] | None = None
 
 
 @dataclass(slots=True)
@@ -285,7 +288,7 @@ def _same(a: Value, b: Value) -> bool:
 # ------------------------------------------------------------------- serialization
 
 
-STATE_FORMAT = 1  # bump on any incompatible change to `dumps`
+STATE_FORMAT = 2  # bump on any incompatible change to `dumps`
 
 
 class StateFormatError(AccordError):
@@ -325,7 +328,14 @@ def dumps(state: GoldenState) -> bytes:
             "vr": state.version_revision,
             "f": state.fresh,
             "o": [
-                [o.target, o.op.value, o.target_key, _values_out(o.values), list(o.changed)]
+                [
+                    o.target,
+                    o.op.value,
+                    o.target_key,
+                    _values_out(o.values),
+                    list(o.changed),
+                    None if o.expected is None else _values_out(o.expected),
+                ]
                 for o in state.outbox
             ],
             "t": state.sent,
@@ -370,8 +380,15 @@ def loads(payload: bytes) -> GoldenState:
         version_revision=raw["vr"],
         fresh=raw["f"],
         outbox=tuple(
-            SinkOrder(target, Op(op), key, _values_in(values), tuple(changed))
-            for target, op, key, values, changed in raw["o"]
+            SinkOrder(
+                target,
+                Op(op),
+                key,
+                _values_in(values),
+                tuple(changed),
+                None if expected is None else _values_in(expected),
+            )
+            for target, op, key, values, changed, expected in raw["o"]
         ),
         sent=raw["t"],
         caused_by=raw["cb"][0],

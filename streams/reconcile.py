@@ -20,8 +20,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from psycopg import sql
 
 from streams.codec import AvroCodec, SchemaCache, registry_fetcher
-from streams.debezium import SourceChange, SourcePosition
-from streams.mapping import Mapped, Mapper, SystemMapping
+from streams.mapping import Mapper, SystemMapping, canonical_row
 from streams.projection import SinkKind, SinkSpec
 from streams.registry import registry_client
 from streams.settings import AccordSettings
@@ -149,10 +148,7 @@ def _row_drifts(
 
 
 def _canonical(mapper: Mapper, mapping: SystemMapping, key: str, row: dict[str, Any]) -> dict:
-    position = SourcePosition("reconcile", "", "", 0, True, lsn=0)
-    keys = dict(zip(mapping.key, key.split("|"), strict=False))
-    result = mapper.map(SourceChange(mapping.topic, "r", keys, None, row, position, 0))
-    return dict(result.change.values) if isinstance(result, Mapped) else {}
+    return canonical_row(mapping, key, row) or {}
 
 
 def _equal(a: Any, b: Any) -> bool:

@@ -59,6 +59,8 @@ class SourceDatabase(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     database: str
+    host: str | None = Field(None, description="Defaults to the local stack's host.")
+    port: int | None = Field(None, description="Defaults to the local stack's port.")
     app_user: str = "accord"
     app_password: SecretStr = SecretStr("accord")
     cdc_user: str = "debezium"
@@ -121,7 +123,8 @@ class WorkerSettings(BaseModel):
     batch_size: int = Field(500, ge=1, description="Most events one processing step takes.")
     batch_window_s: float = Field(0.05, gt=0, description="Longest wait to fill a batch.")
     data_dir: Path | None = Field(None, description="RocksDB state; default <state_dir>/worker.")
-    web_port: int = Field(16066, description="Faust web server (metrics, health) on loopback.")
+    web_host: str = Field("127.0.0.1", description="Interface of the web server (metrics, health).")
+    web_port: int = Field(16066, description="Port of the web server (metrics, health).")
     redis_prefix: str = Field("accord:", description="Prefix of every Redis key Accord writes.")
     dedupe_ttl_s: int = Field(
         7 * 24 * 3600, gt=0, description="How long a change identity is remembered."

@@ -55,6 +55,7 @@ from streams.dedupe import RedisUnavailable, redis_errors
 from streams.dlq import DeadLetter, DeadLetterWriter
 from streams.errors import AccordError, ConfigError
 from streams.identity import IdentityResolver
+from streams.mapping import canonical_row, load_mappings
 from streams.model import EPOCH
 from streams.projection import KeyGeneration, SinkKind, SinkSpec, load_sinks
 from streams.registry import registry_client
@@ -100,6 +101,7 @@ class Action(StrEnum):
     UPDATE = "UPDATE"
     DELETE = "DELETE"
     NOOP = "NOOP"  # the row already held every value: nothing written
+    SUPERSEDED = "SUPERSEDED"  # the row changed since the event was planned: not written
     ADOPT = "ADOPT"  # a create found its row already there: touched so CDC reports it
     POST = "POST"  # webhook
 
@@ -158,6 +160,7 @@ class SinkEvent:
     target_key: str | None = None
     source_ts_us: int | None = None
     emitted_at_us: int | None = None
+    expected: Mapping[str, Any] | None = None  # what the row held for the changed fields
 
     @classmethod
     def of(cls, record: Mapping[str, Any]) -> SinkEvent:
@@ -177,6 +180,7 @@ class SinkEvent:
                 target_key=None if key is None else str(key),
                 source_ts_us=_micros(record.get("source_ts")),
                 emitted_at_us=_micros(record.get("emitted_at"), millis_if_int=True),
+                expected=record.get("expected"),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise PermanentSinkError(f"malformed sink event: {type(exc).__name__}: {exc}") from exc
@@ -574,6 +578,7 @@ class SqlApplier(Applier):
         self.dialect = dialect
         self.identity = identity
         self.app = settings.worker.app_id  # ledgers of several Accord apps share the table
+        self.mapping = load_mappings(settings.connectors_dir).get(spec.target)
         self._connect = connect or (lambda: dialect.connect(settings, spec.target))
         self._conn: Any = None
         self._columns = [c.name for c in spec.columns]
@@ -653,6 +658,11 @@ class SqlApplier(Applier):
                 (key, *(wanted[c] for c in self._columns)),
             )
             return self._done(cur, event, key, Action.INSERT, tuple(self._columns))
+        if event.expected is not None and self._changed_since(cur, key, event):
+            # Compare-and-set: the row was edited after this event was planned. Writing
+            # would overwrite that newer edit with an older decision; the edit is on its
+            # way through CDC, and the merge decides again with it.
+            return self._done(cur, event, key, Action.SUPERSEDED, (), Status.SKIPPED, "superseded")
         candidates = self.spec.columns_for(set(event.changed))
         differs = tuple(c.name for c in candidates if not same(current[c.name], wanted[c.name]))
         if not differs and event.target_key is None:
@@ -686,6 +696,20 @@ class SqlApplier(Applier):
         if cur.rowcount == 0:
             return _skipped("no_row", key)
         return self._done(cur, event, key, Action.DELETE, ())
+
+    def _changed_since(self, cur: Any, key: str, event: SinkEvent) -> bool:
+        """Does the row, read through its own mapping, differ from what the merge saw?"""
+        if self.mapping is None or event.expected is None:
+            return False
+        cur.execute(f"SELECT * FROM {self._table} WHERE {self._key_column} = %s", (key,))
+        row = cur.fetchone()
+        if row is None:
+            return True
+        columns = [d[0] for d in cur.description]
+        current = canonical_row(self.mapping, key, dict(zip(columns, row, strict=True)))
+        if current is None:
+            return True  # the row does not pass its own mapping: not ours to overwrite
+        return any(not same(current.get(f), event.expected.get(f)) for f in event.changed)
 
     def _stale(self, cur: Any, event: SinkEvent, key: str) -> bool:
         last = self.dialect.last_version(cur, self.app, event.golden_id, key)

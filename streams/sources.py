@@ -17,8 +17,8 @@ PRIMARY_KEYS = {"crm": "id", "support": "id", "billing": "account_no"}
 def postgres(settings: AccordSettings, system: str) -> psycopg.Connection:
     source = settings.source(system)
     return psycopg.connect(
-        host=settings.stack.host,
-        port=settings.stack.postgres_port,
+        host=source.host or settings.stack.host,
+        port=source.port or settings.stack.postgres_port,
         user=source.app_user,
         password=source.app_password.get_secret_value(),
         dbname=source.database,
@@ -30,8 +30,8 @@ def postgres(settings: AccordSettings, system: str) -> psycopg.Connection:
 def mariadb(settings: AccordSettings) -> pymysql.connections.Connection:
     source = settings.billing
     return pymysql.connect(
-        host=settings.stack.host,
-        port=settings.stack.mariadb_port,
+        host=source.host or settings.stack.host,
+        port=source.port or settings.stack.mariadb_port,
         user=source.app_user,
         password=source.app_password.get_secret_value(),
         database=source.database,

@@ -56,6 +56,7 @@ def sink_event(
     op: str = "UPSERT",
     target_key: str | None = None,
     changed: list[str] | None = None,
+    expected: dict[str, Any] | None = None,
     **values: Any,
 ) -> dict[str, Any]:
     """A dev.accord.SinkEvent record as the emitter writes it (and the codec decodes it)."""
@@ -72,6 +73,7 @@ def sink_event(
         "caused_by": None,
         "emitted_at": now,
         "source_ts": now - dt.timedelta(milliseconds=30),
+        "expected": None if expected is None else {n: expected.get(n) for n in FIELDS},
     }
 
 
@@ -317,6 +319,32 @@ def test_an_update_writes_only_differing_columns_and_a_no_op_writes_nothing(env:
         (7, "UPDATE"),
         (8, "NOOP"),
     ]
+
+
+def test_an_update_planned_before_a_newer_edit_of_the_row_does_not_overwrite_it(
+    env: Env,
+) -> None:
+    """Compare-and-set: the event says what the row held when it was planned."""
+    settings, golden_id, email = env.settings, env.golden_id("crm"), env.email()
+    key = env.insert("crm", email=email, phone="+442079460001", country="GB")
+    applier = env.applier("crm")
+    planned_on = {"phone": "+442079460001"}
+    query(settings, "crm", "UPDATE customers SET phone = '020 7946 0777' WHERE id = %s", (key,))
+    stale = applier.apply(
+        sink_event("crm", golden_id, 3, target_key=key, changed=["phone"],
+                   expected=planned_on, email=email, phone="+442079460999")
+    )  # fmt: skip
+    assert (stale.status, stale.reason, stale.action) == (
+        Status.SKIPPED, "superseded", Action.SUPERSEDED
+    )  # fmt: skip
+    assert row(settings, "crm", key, "phone") == {"phone": "020 7946 0777"}  # the user's edit
+    # Planned on the row as it is now (in any spelling of the same number): it applies.
+    fresh = applier.apply(
+        sink_event("crm", golden_id, 4, target_key=key, changed=["phone"],
+                   expected={"phone": "+442079460777"}, email=email, phone="+442079460999")
+    )  # fmt: skip
+    assert (fresh.status, fresh.action) == (Status.APPLIED, Action.UPDATE)
+    assert row(settings, "crm", key, "phone") == {"phone": "+442079460999"}
 
 
 def test_a_stale_version_is_skipped(env: Env) -> None:

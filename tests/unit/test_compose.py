@@ -101,3 +101,17 @@ def test_registry_uses_postgres_storage_like_the_local_one(services: dict) -> No
     assert env["APICURIO_STORAGE_KIND"] == "sql"
     assert env["APICURIO_STORAGE_SQL_KIND"] == "postgresql"
     assert env["APICURIO_DATASOURCE_URL"].endswith("/registry")
+
+
+def test_worker_runs_the_stream_worker_with_every_source_reachable(services: dict) -> None:
+    worker = services["worker"]
+    assert worker["command"] == ["worker"]
+    env = worker["environment"]
+    for system, host in (("CRM", "postgres"), ("SUPPORT", "postgres"), ("BILLING", "mariadb")):
+        assert env[f"ACCORD_{system}__HOST"] == host
+    assert env["ACCORD_WORKER__WEB_HOST"] == "0.0.0.0"
+    assert services["connectors"]["command"][:2] == ["connectors", "apply"]
+
+
+def test_registry_speaks_http1_only_like_the_local_one(services: dict) -> None:
+    assert services["registry"]["environment"]["QUARKUS_HTTP_HTTP2"] == "false"

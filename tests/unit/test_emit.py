@@ -130,3 +130,13 @@ def test_a_revision_without_golden_changes_emits_no_golden_record() -> None:
     result = outputs(state, now_ms=0)
     assert result.golden is None and result.audit == []
     assert [e["target"] for e in result.sinks] == ["support"]
+
+
+def test_an_update_says_what_the_row_held_when_it_was_planned() -> None:
+    state = GoldenState("g")
+    merge(state, change("crm", "1", 1, email="a@x.io"))
+    merge(state, change("support", "u-1", 2, email="a@x.io"))
+    (order,) = merge(state, change("support", "u-1", 3, email="b@x.io"))
+    assert (order.target, order.changed, order.expected) == ("crm", ("email",), {"email": "a@x.io"})
+    (create,) = merge(GoldenState("h"), change("crm", "2", 1, email="c@x.io"))
+    assert create.expected is None
