@@ -28,6 +28,7 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from streams.codec import AvroCodec, RegistryUnavailable, SchemaCache, registry_fetcher
+from streams.connect import SYSTEMS, ConnectClient, ConnectorWatchdog, load_connector
 from streams.dedupe import Deduplicator, RedisUnavailable
 from streams.dlq import DeadLetterWriter
 from streams.emit import Emitter, EmitTopics, plan_sinks
@@ -203,6 +204,9 @@ def create_app(settings: AccordSettings, rules: Rules | None = None) -> faust.Ap
 
     services = [ThreadStatus("emitter")]
     app.service(_thread_service(services[0], _make_emitter(settings, registry)))
+    if worker.connector_watchdog:
+        services.append(ThreadStatus("connector-watchdog"))
+        app.service(_thread_service(services[-1], partial(_make_watchdog, settings)))
     for target in in_worker_sinks(settings):
         status = ThreadStatus(f"sink-{target}")
         services.append(status)
@@ -308,6 +312,29 @@ def _make_emitter(settings: AccordSettings, registry: Any) -> Callable[[], Emitt
         )
 
     return make
+
+
+def _make_watchdog(settings: AccordSettings) -> ConnectorWatchdog:
+    from confluent_kafka import Consumer, TopicPartition
+
+    consumer = Consumer({"bootstrap.servers": settings.kafka, "group.id": "accord-watchdog"})
+
+    def heartbeat_end(topic: str) -> int:
+        metadata = consumer.list_topics(topic, timeout=10).topics.get(topic)
+        if metadata is None or metadata.error is not None:
+            return -1
+        return sum(
+            consumer.get_watermark_offsets(TopicPartition(topic, p), 10)[1]
+            for p in metadata.partitions
+        )
+
+    connectors = [load_connector(settings.connectors_dir, system) for system in SYSTEMS]
+    return ConnectorWatchdog(
+        ConnectClient(settings.connect),
+        connectors,
+        heartbeat_end,
+        stall_s=settings.worker.connector_stall_s,
+    )
 
 
 def in_worker_sinks(settings: AccordSettings) -> list[str]:

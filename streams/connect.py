@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,6 +15,7 @@ from streams.errors import AccordError, ConfigError
 from streams.stack.process import wait_until
 
 SYSTEMS = ("crm", "billing", "support")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -142,3 +145,65 @@ class ConnectClient:
         self.resume(name)
         if not wait_until(lambda: self.state(name).running, wait_s):
             raise AccordError(f"connector {name} did not resume within {wait_s:.0f}s")
+
+
+class ConnectorWatchdog:
+    """Keeps the source connectors flowing: restarts failed tasks and hung ones.
+
+    Connect leaves a failed task failed until someone restarts it, and a task blocked
+    inside its converter (an HTTP call to the registry that never returns) still reports
+    RUNNING. Debezium writes a heartbeat every `heartbeat.interval.ms`; a connector
+    whose heartbeat topic has not grown for `stall_s` is hung, and is restarted.
+    """
+
+    def __init__(
+        self,
+        client: ConnectClient,
+        connectors: list[ConnectorFile],
+        heartbeat_end: Any,  # callable: topic -> end offset (sum over partitions)
+        stall_s: float = 60.0,
+        interval_s: float = 10.0,
+    ) -> None:
+        self.client = client
+        self.connectors = connectors
+        self.heartbeat_end = heartbeat_end
+        self.stall_s = stall_s
+        self.interval_s = interval_s
+        self.restarts: list[tuple[str, str]] = []  # (connector, why)
+        self._seen: dict[str, tuple[int, float]] = {}  # connector -> (end, since)
+
+    def check(self, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        for connector in self.connectors:
+            state = self.client.state(connector.name)
+            if state.state == "MISSING":
+                continue
+            if state.state == "FAILED" or "FAILED" in state.tasks:
+                self._restart(connector, f"failed: {state.trace or state.state}", only_failed=True)
+                continue
+            if state.state != "RUNNING":
+                continue
+            prefix = connector.config.get("topic.prefix", connector.system)
+            end = self.heartbeat_end(f"__debezium-heartbeat.{prefix}")
+            last_end, since = self._seen.get(connector.name, (end, now))
+            if end != last_end:
+                since = now
+            self._seen[connector.name] = (end, since)
+            if now - since > self.stall_s:
+                self._restart(connector, f"no heartbeat for {now - since:.0f}s")
+                self._seen[connector.name] = (end, now)
+
+    def _restart(self, connector: ConnectorFile, why: str, only_failed: bool = False) -> None:
+        log.warning("connector %s %s: restarting it", connector.name, why)
+        self.client.restart(connector.name, only_failed=only_failed)
+        self.restarts.append((connector.name, why))
+
+    def run(self, stop: Any) -> None:
+        while not stop.wait(self.interval_s):
+            try:
+                self.check()
+            except AccordError as exc:
+                log.warning("connector watchdog: %s", exc)
+
+    def close(self) -> None:
+        self.client.http.close()

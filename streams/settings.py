@@ -134,6 +134,12 @@ class WorkerSettings(BaseModel):
         description="Targets whose appliers run inside the worker: None runs every SQL target's, "
         "[] none (run `accord sink --target` instead).",
     )
+    connector_watchdog: bool = Field(
+        True, description="Restart failed source connector tasks, and hung ones (no heartbeat)."
+    )
+    connector_stall_s: float = Field(
+        60.0, gt=0, description="A connector without a heartbeat this long is restarted."
+    )
     rules_file: Path = Field(
         Path("connectors/survivorship.yaml"),
         description="Survivorship, match and delete rules.",

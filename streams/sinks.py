@@ -398,7 +398,7 @@ class Dialect:
             f"CREATE TABLE IF NOT EXISTS {LEDGER_TABLE} ("
             "app varchar(128) NOT NULL, "
             "golden_id varchar(64) NOT NULL, golden_version bigint NOT NULL, "
-            "event_id varchar(255) NOT NULL, op varchar(8) NOT NULL, "
+            "event_id varchar(255) NOT NULL, op varchar(16) NOT NULL, "
             "target_key varchar(255) NOT NULL, source_ts_us bigint, "
             "applied_at_us bigint NOT NULL, "
             f"PRIMARY KEY (app, golden_id, target_key, golden_version)){self.ledger_suffix}"

@@ -96,6 +96,10 @@ class Component:
     def prepare(self) -> None:
         """One-time initialisation of data directories and config files."""
 
+    def config_text(self) -> str:
+        """The generated configuration a running process was started with, if any."""
+        return ""
+
     def process(self) -> ProcessSpec:
         raise NotImplementedError
 
@@ -815,6 +819,9 @@ class Connect(Component):
     def prepare(self) -> None:
         self.home.mkdir(parents=True, exist_ok=True)
         write_log4j2(self.home / "log4j2.properties")
+        self.config.write_text(self.config_text())
+
+    def config_text(self) -> str:
         registry = f"http://{self.stack.host}:{self.stack.registry_port}/apis/registry/v2"
         converter = "\n".join(
             f"{side}.converter{suffix}"
@@ -832,9 +839,12 @@ class Connect(Component):
                 # A registry hiccup must not kill a connector task: retry schema lookups.
                 ".apicurio.registry.retry-count=10",
                 ".apicurio.registry.retry-backoff-ms=500",
+                # Keep resolved schemas a day instead of asking the registry again with
+                # every heartbeat: fewer calls, fewer chances for one to hang the task.
+                ".apicurio.registry.check-period-ms=86400000",
             )
         )
-        self.config.write_text(
+        return (
             f"bootstrap.servers={self.settings.kafka}\n"
             "group.id=accord-connect\n"
             "config.storage.topic=_accord-connect-configs\n"

@@ -109,7 +109,7 @@ class Stack:
     def _start(self, component: Component) -> bool:
         spec = component.process()
         fingerprint_file = spec.pid_file.with_suffix(".cmdline")
-        fingerprint = _fingerprint(spec)
+        fingerprint = _fingerprint(spec, component.config_text())
         if read_pid(spec) is not None:
             if fingerprint_file.exists() and fingerprint_file.read_text() == fingerprint:
                 self.progress(f"{component.name}: already running")
@@ -190,7 +190,7 @@ class Stack:
         return statuses
 
 
-def _fingerprint(spec: ProcessSpec) -> str:
-    """What a running component was started with: argv and environment."""
-    text = json.dumps([list(spec.argv), sorted((spec.env or {}).items())])
+def _fingerprint(spec: ProcessSpec, config: str) -> str:
+    """What a running component was started with: argv, environment, generated config."""
+    text = json.dumps([list(spec.argv), sorted((spec.env or {}).items()), config])
     return hashlib.sha256(text.encode()).hexdigest()
