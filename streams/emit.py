@@ -25,13 +25,14 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 from prometheus_client import Counter
 
 from streams.merge import GoldenState, SinkOrder, deletes_everywhere, loads
 from streams.model import EPOCH, FIELDS, Change, Op, Value
 from streams.projection import SinkSpec
 from streams.rules import Rules
+from streams.topics import usable
 
 log = logging.getLogger(__name__)
 
@@ -294,7 +295,7 @@ class Emitter:
     def step(self, timeout_s: float = 0.5) -> int:
         """One batch: returns how many revisions it emitted."""
         messages = self.consumer.consume(self.batch_size, timeout_s)
-        messages = [m for m in messages if _ok(m)]
+        messages = [m for m in messages if usable(m)]
         if not messages:
             return 0
         now_ms = int(time.time() * 1000)
@@ -359,14 +360,3 @@ class Emitter:
     def close(self) -> None:
         self.consumer.close()
         self.producer.flush(10)
-
-
-def _ok(message: Any) -> bool:
-    error = message.error()
-    if error is None:
-        return True
-    if error.fatal():
-        raise KafkaException(error)
-    if error.code() != KafkaError._PARTITION_EOF:
-        log.warning("emit consumer: %s", error)
-    return False

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
+from confluent_kafka import Consumer, Producer, TopicPartition
 from prometheus_client import Counter
 
 from streams.codec import AvroCodec, DecodeError, RegistryUnavailable, SchemaCache, registry_fetcher
@@ -31,6 +31,7 @@ from streams.mapping import Mapper, Rejected
 from streams.model import Change
 from streams.registry import registry_client
 from streams.settings import AccordSettings
+from streams.topics import usable
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +194,7 @@ class RawChangeConsumer:
 
     def step(self, timeout_s: float = 1.0) -> StepResult:
         result = StepResult()
-        messages = [m for m in self.consumer.consume(self.batch_size, timeout_s) if _ok(m)]
+        messages = [m for m in self.consumer.consume(self.batch_size, timeout_s) if usable(m)]
         if not messages:
             return result
         changes: list[SourceChange] = []
@@ -237,13 +238,3 @@ class RawChangeConsumer:
     def close(self) -> None:
         self.consumer.close()
         self.producer.flush(10)
-
-
-def _ok(message: Any) -> bool:
-    error = message.error()
-    if error is None:
-        return True
-    if error.fatal():
-        raise KafkaException(error)
-    log.warning("consumer: %s", error)
-    return False

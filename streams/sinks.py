@@ -47,7 +47,7 @@ import httpx
 import psycopg
 import pymysql
 import redis
-from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 from prometheus_client import Counter, Histogram
 
 from streams.codec import AvroCodec, DecodeError, RegistryUnavailable, SchemaCache, registry_fetcher
@@ -61,6 +61,7 @@ from streams.projection import KeyGeneration, SinkKind, SinkSpec, load_sinks
 from streams.registry import registry_client
 from streams.schemas import load_local
 from streams.settings import AccordSettings
+from streams.topics import usable
 
 log = logging.getLogger(__name__)
 
@@ -1107,7 +1108,7 @@ class SinkRunner:
         stop = stop or self._stop
         result = StepResult()
         self.outcomes = []
-        messages = [m for m in self.consumer.consume(self.batch_size, timeout_s) if _ok(m)]
+        messages = [m for m in self.consumer.consume(self.batch_size, timeout_s) if usable(m)]
         done: list[Any] = []
         registry_down = False
         try:
@@ -1218,17 +1219,6 @@ class SinkRunner:
         finally:
             self.producer.flush(10)
             self.applier.close()
-
-
-def _ok(message: Any) -> bool:
-    error = message.error()
-    if error is None:
-        return True
-    if error.fatal():
-        raise KafkaException(error)
-    if error.code() != KafkaError._PARTITION_EOF:
-        log.warning("consumer: %s", error)
-    return False
 
 
 def run_sink(

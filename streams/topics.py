@@ -6,18 +6,21 @@ Confluent-compatible API, exactly as any downstream consumer would.
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.schema_registry.avro import AvroDeserializer
 from confluent_kafka.serialization import MessageField, SerializationContext
 
 from streams.registry import registry_client
 from streams.settings import AccordSettings
+
+log = logging.getLogger(__name__)
 
 RAW_TOPICS = {
     "crm": "crm.public.customers",
@@ -139,3 +142,16 @@ class RawTopicReader:
 
     def __exit__(self, *_exc: object) -> None:
         self.close()
+
+
+def usable(message: Any) -> bool:
+    """A consumed message to process; False for a transient error (logged), which the
+    client recovers from by itself. A fatal error raises: the consumer is unusable."""
+    error = message.error()
+    if error is None:
+        return True
+    if error.fatal():
+        raise KafkaException(error)
+    if error.code() != KafkaError._PARTITION_EOF:
+        log.warning("consumer: %s", error)
+    return False

@@ -10,20 +10,7 @@ from typing import Any
 
 from streams.debezium import SourceChange
 from streams.ingest import RawChangeConsumer
-from streams.settings import AccordSettings, TopicSettings
-
-
-def isolated(settings: AccordSettings) -> AccordSettings:
-    """The same stack, with Accord topics of this test's own."""
-    run = uuid.uuid4().hex[:8]
-    topics = TopicSettings(
-        changes=f"test-{run}.changes",
-        golden=f"test-{run}.golden",
-        audit=f"test-{run}.audit",
-        dlq=f"test-{run}.dlq",
-        sink_prefix=f"test-{run}.sink.",
-    )
-    return settings.model_copy(update={"topics": topics})
+from streams.settings import AccordSettings
 
 
 @contextmanager

@@ -16,7 +16,8 @@ from streams.registry import registry_client
 from streams.settings import AccordSettings
 from streams.stack.process import wait_until
 from tests import vectors
-from tests.integration.conftest import isolated, running_consumer
+from tests.integration.conftest import running_consumer
+from tests.support import isolated
 
 pytestmark = pytest.mark.integration
 

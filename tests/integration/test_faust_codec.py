@@ -9,7 +9,7 @@ from faust.serializers.codecs import get_codec, register
 from streams.faust_codec import canonical_codec
 from streams.registry import registry_client
 from streams.settings import AccordSettings
-from tests.integration.conftest import isolated
+from tests.support import isolated
 
 pytestmark = pytest.mark.integration
 

@@ -10,7 +10,8 @@ from streams.settings import AccordSettings
 from streams.sources import postgres
 from streams.stack.process import wait_until
 from streams.topics import RAW_TOPICS
-from tests.integration.conftest import isolated, running_consumer
+from tests.integration.conftest import running_consumer
+from tests.support import isolated
 
 pytestmark = pytest.mark.integration
 
