@@ -78,6 +78,7 @@ def plan_sinks(
             if spec.create and state.active and wanted and state.sent.get(pending) != fingerprint:
                 orders.append(SinkOrder(target, Op.UPSERT, None, projected, wanted))
                 state.sent[pending] = fingerprint
+                state.remember_sent(pending, {name: projected[name] for name in wanted})
             continue
         for row in rows:
             if not row.alive:
@@ -96,6 +97,7 @@ def plan_sinks(
             held = {name: row.cells[name].value if name in row.cells else None for name in differs}
             orders.append(SinkOrder(target, Op.UPSERT, row.key, projected, differs, held))
             state.sent[row.link] = fingerprint
+            state.remember_sent(row.link, {name: projected[name] for name in differs})
     return orders
 
 

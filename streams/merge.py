@@ -23,6 +23,7 @@ from streams.errors import AccordError
 from streams.model import DECIMAL_FIELDS, Change, Op, Value
 from streams.rules import DeletePolicy, Rule, Rules
 
+ECHO_MEMORY = 4  # values remembered per target row and field as sent by Accord
 Order = tuple[int, str, str]  # source commit time (µs), log position, change id
 NEVER: Order = (-1, "", "")
 
@@ -33,6 +34,9 @@ class Cell:
 
     value: Value
     order: Order
+    # The value Accord itself wrote into the row (its CDC echo): the row holds it
+    # because Accord sent it, not as an opinion of its own, so it does not compete.
+    echo: bool = False
 
 
 @dataclass(slots=True)
@@ -120,6 +124,16 @@ class GoldenState:
     fresh: bool = False  # this write advanced the revision: emit its outputs
     outbox: tuple[SinkOrder, ...] = ()  # sink events of the latest revision
     sent: dict[str, str] = field(default_factory=dict)  # target row -> projection last sent
+    # Target row -> field -> the last values sent to it, so that their CDC echoes are
+    # recognised even when a newer value was sent before the echo came back.
+    sent_values: dict[str, dict[str, list[Value]]] = field(default_factory=dict)
+
+    def remember_sent(self, link: str, values: dict[str, Value]) -> None:
+        fields = self.sent_values.setdefault(link, {})
+        for name, value in values.items():
+            recent = [v for v in fields.get(name, []) if not _same(v, value)]
+            fields[name] = [*recent[-(ECHO_MEMORY - 1) :], value]
+
     caused_by: str | None = None  # change id that made the latest revision
     caused_ts: int = 0  # its source commit time: where end-to-end latency starts
 
@@ -174,11 +188,15 @@ def apply(state: GoldenState, change: Change, rules: Rules) -> Outcome:
 
     touched: list[str] = []
     rejected: list[str] = []
+    sent = state.sent_values.get(change.link)
+    if sent is None and linked:
+        sent = state.sent_values.get(f"{change.system}:+")  # the row Accord created
     for name, value in change.values.items():
         cell = contribution.cells.get(name)
         if cell is not None and order <= cell.order:
             continue
-        contribution.cells[name] = Cell(value, order)
+        echo = sent is not None and any(_same(v, value) for v in sent.get(name, ()))
+        contribution.cells[name] = Cell(value, order, echo)
         touched.append(name)
         owner = rules.fields[name].owner
         if owner is not None and owner != change.system and value is not None:
@@ -253,7 +271,7 @@ def resolve_field(
     winner: tuple[Contribution, Cell] | None = None
     for contribution in contributions:
         cell = contribution.cells.get(name)
-        if cell is None:
+        if cell is None or cell.echo:
             continue
         if spec.rule is Rule.LWW:
             if cell.value is None:
@@ -288,7 +306,7 @@ def _same(a: Value, b: Value) -> bool:
 # ------------------------------------------------------------------- serialization
 
 
-STATE_FORMAT = 2  # bump on any incompatible change to `dumps`
+STATE_FORMAT = 3  # bump on any incompatible change to `dumps`
 
 
 class StateFormatError(AccordError):
@@ -310,7 +328,10 @@ def dumps(state: GoldenState) -> bytes:
                     c.key,
                     c.alive,
                     c.lifecycle,
-                    {n: [_out(n, cell.value), cell.order] for n, cell in c.cells.items()},
+                    {
+                        n: [_out(n, cell.value), cell.order, cell.echo]
+                        for n, cell in c.cells.items()
+                    },
                 ]
                 for link, c in state.contributions.items()
             },
@@ -339,6 +360,10 @@ def dumps(state: GoldenState) -> bytes:
                 for o in state.outbox
             ],
             "t": state.sent,
+            "sv": {
+                link: {n: [_out(n, v) for v in values] for n, values in fields.items()}
+                for link, fields in state.sent_values.items()
+            },
             "cb": [state.caused_by, state.caused_ts],
         },
         separators=(",", ":"),
@@ -363,7 +388,10 @@ def loads(payload: bytes) -> GoldenState:
                 key,
                 alive,
                 tuple(lifecycle),
-                {n: Cell(_in(n, value), tuple(order)) for n, (value, order) in cells.items()},
+                {
+                    n: Cell(_in(n, value), tuple(order), echo)
+                    for n, (value, order, echo) in cells.items()
+                },
             )
             for link, (system, key, alive, lifecycle, cells) in raw["c"].items()
         },
@@ -391,6 +419,10 @@ def loads(payload: bytes) -> GoldenState:
             for target, op, key, values, changed, expected in raw["o"]
         ),
         sent=raw["t"],
+        sent_values={
+            link: {n: [_in(n, v) for v in values] for n, values in fields.items()}
+            for link, fields in raw["sv"].items()
+        },
         caused_by=raw["cb"][0],
         caused_ts=raw["cb"][1],
     )

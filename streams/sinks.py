@@ -659,6 +659,18 @@ class SqlApplier(Applier):
                 (key, *(wanted[c] for c in self._columns)),
             )
             return self._done(cur, event, key, Action.INSERT, tuple(self._columns))
+        if event.target_key is None:
+            # A create that found its row already there: a row the golden record learned
+            # of another way (a user made it, or Accord's state was reset). Its values are
+            # not overwritten on the strength of a create; it is touched, so that it
+            # reports itself through CDC and joins the record, whose next decisions
+            # about it carry what it holds (compare-and-set below).
+            cur.execute(
+                f"UPDATE {self._table} SET {self._key_column} = {self._key_column} "
+                f"WHERE {self._key_column} = %s",
+                (key,),
+            )
+            return self._done(cur, event, key, Action.ADOPT, ())
         if event.expected is not None and self._changed_since(cur, key, event):
             # Compare-and-set: the row was edited after this event was planned. Writing
             # would overwrite that newer edit with an older decision; the edit is on its
@@ -666,16 +678,6 @@ class SqlApplier(Applier):
             return self._done(cur, event, key, Action.SUPERSEDED, (), Status.SKIPPED, "superseded")
         candidates = self.spec.columns_for(set(event.changed))
         differs = tuple(c.name for c in candidates if not same(current[c.name], wanted[c.name]))
-        if not differs and event.target_key is None:
-            # A create whose row exists already (made before Accord's state was lost or
-            # reset). The golden record learns its rows from CDC, and an unchanged row
-            # says nothing: touch it, so it reports itself and joins the record.
-            cur.execute(
-                f"UPDATE {self._table} SET {self._key_column} = {self._key_column} "
-                f"WHERE {self._key_column} = %s",
-                (key,),
-            )
-            return self._done(cur, event, key, Action.ADOPT, ())
         if not differs:
             return self._done(cur, event, key, Action.NOOP, (), Status.SKIPPED, "no_change")
         assignments = ", ".join(f"{self.dialect.quote(c)} = %s" for c in differs)

@@ -140,3 +140,35 @@ def test_an_update_says_what_the_row_held_when_it_was_planned() -> None:
     assert (order.target, order.changed, order.expected) == ("crm", ("email",), {"email": "a@x.io"})
     (create,) = merge(GoldenState("h"), change("crm", "2", 1, email="c@x.io"))
     assert create.expected is None
+
+
+def test_an_echo_of_accord_s_own_write_does_not_outvote_a_newer_edit() -> None:
+    """crm's value is written into support; billing edits in between; support's echo
+    (committed last) must not bring crm's older value back."""
+    state = GoldenState("g")
+    merge(state, change("billing", "AC-1", 1, email="a@x.io", phone="+1"))
+    merge(state, change("support", "u-1", 2, email="a@x.io", phone="+1"))
+    orders = merge(state, change("crm", "1", 3, email="a@x.io", phone="+3"))
+    assert {o.target for o in orders} == {"support", "billing"}
+    merge(state, change("billing", "AC-1", 4, phone="+4"))  # a newer edit, in billing
+    merge(state, change("support", "u-1", 5, phone="+3"))  # the echo of Accord's write
+    assert state.values()["phone"] == "+4"
+    assert state.contributions["support:u-1"].cells["phone"].echo
+
+
+def test_a_value_a_row_holds_of_its_own_still_competes() -> None:
+    state = GoldenState("g")
+    merge(state, change("crm", "1", 1, email="a@x.io", phone="+1"))
+    merge(state, change("support", "u-1", 2, email="a@x.io", phone="+1"))
+    merge(state, change("support", "u-1", 3, phone="+9"))  # a user's own edit
+    assert state.values()["phone"] == "+9"
+    assert not state.contributions["support:u-1"].cells["phone"].echo
+
+
+def test_the_echo_of_a_created_row_is_recognised() -> None:
+    state = GoldenState("g")
+    (create,) = merge(state, change("crm", "1", 1, email="a@x.io", first_name="Ada"))
+    assert create.target == "support" and create.target_key is None
+    merge(state, change("support", "u-new", 2, email="a@x.io", first_name="Ada"))
+    cells = state.contributions["support:u-new"].cells
+    assert cells["email"].echo and cells["first_name"].echo
