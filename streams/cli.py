@@ -359,7 +359,7 @@ def demo_run(
     samples = [ms for values in report.latencies_ms.values() for ms in values]
     if samples:
         console.print(
-            f"{len(samples)} applies during the demo: commit -> applied median "
+            f"{len(samples)} applies of the edits above: commit -> applied median "
             f"{percentile(samples, 0.5):.0f} ms, p99 {percentile(samples, 0.99):.0f} ms"
         )
     console.print("[green]every system holds the golden records[/green]")
