@@ -29,7 +29,12 @@ BILLING_CONNECTOR = "accord-billing-source"
 
 @pytest.fixture
 def pipeline(connectors: AccordSettings) -> Iterator[tuple[AccordSettings, WorkerProcess]]:
+    """A worker without appliers: these tests are about the merge, and an applier creating
+    a row in a system the test is about to insert into would race the test."""
     settings = isolated(connectors)
+    settings = settings.model_copy(
+        update={"worker": settings.worker.model_copy(update={"sinks": []})}
+    )
     start_group_at_end(settings, settings.worker.app_id)
     worker = WorkerProcess(settings)
     worker.start()
