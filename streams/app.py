@@ -39,6 +39,7 @@ from streams.ingest import IngestPipeline, RawDecoder
 from streams.mapping import Mapper, load_mappings
 from streams.merge import GoldenState, apply, dumps, loads, stage
 from streams.model import Change
+from streams.offsets import guarded_consumer
 from streams.projection import SinkKind, load_sinks
 from streams.registry import registry_client
 from streams.rules import Rules, load_rules
@@ -90,6 +91,51 @@ class FaustMessage:
 
     def value(self) -> bytes | None:
         return self._message.value
+
+
+class GoldenTable(faust.Table):
+    """A Faust table whose latest changelog write can be awaited.
+
+    Faust hands table writes to a producer buffer, and its flush before an offset commit
+    gives up after 0.1 s with writes still in that buffer: a crash right after the commit
+    loses a write whose input is already committed. The merge therefore acks an input only
+    once the changelog has confirmed the write it caused (`AcksAfterWrites`).
+    """
+
+    last_write: asyncio.Future | None = None
+
+    def send_changelog(self, *args: Any, **kwargs: Any) -> Any:
+        self.last_write = future = super().send_changelog(*args, **kwargs)
+        return future
+
+
+class AcksAfterWrites:
+    """Acks each merge input once the changelog has confirmed the write it caused.
+
+    A write that fails stops the worker: its input stays uncommitted and is merged again
+    after the restart.
+    """
+
+    def __init__(self, app: faust.App, stream: faust.StreamT) -> None:
+        self.app = app
+        self.stream = stream
+        self._tasks: set[asyncio.Future] = set()
+
+    def after(self, write: asyncio.Future, event: Any) -> None:
+        write.add_done_callback(partial(self._written, event))
+
+    def _written(self, event: Any, write: asyncio.Future) -> None:
+        error = RuntimeError("cancelled") if write.cancelled() else write.exception()
+        if error is not None:
+            log.error("golden changelog write failed, stopping: %s", error)
+            self._keep(self.app.crash(error))
+        else:
+            self._keep(self.stream.ack(event))
+
+    def _keep(self, coroutine: Any) -> None:
+        task = asyncio.ensure_future(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
 
 def redis_client(settings: AccordSettings) -> redis.Redis:
@@ -146,6 +192,12 @@ def create_app(settings: AccordSettings, rules: Rules | None = None) -> faust.Ap
         table_standby_replicas=0,
     )
 
+    # Before anything creates the consumer: see `streams.offsets` for why.
+    app.transport.Consumer = guarded_consumer(
+        app.transport.Consumer,
+        [*(mapping.topic for mapping in mappings.values()), settings.topics.changes],
+    )
+
     pipeline = IngestPipeline(
         RawDecoder(AvroCodec(SchemaCache(registry_fetcher(registry)))),
         Mapper(mappings),
@@ -171,7 +223,16 @@ def create_app(settings: AccordSettings, rules: Rules | None = None) -> faust.Ap
         partitions=worker.partitions,
     )
     # Values are `streams.merge.dumps` bytes: the changelog format `emit` reads.
-    golden = app.Table("golden", partitions=worker.partitions, key_type=bytes, value_type=bytes)
+    golden = app.tables.add(
+        GoldenTable(
+            app,
+            name="golden",
+            beacon=app.tables.beacon,
+            partitions=worker.partitions,
+            key_type=bytes,
+            value_type=bytes,
+        )
+    )
 
     # An unexpected error in an agent is a bug or broken state, not bad input (that goes
     # to the DLQ): crash the worker, so it shows, instead of restarting the agent forever.
@@ -189,7 +250,9 @@ def create_app(settings: AccordSettings, rules: Rules | None = None) -> faust.Ap
 
     @app.agent(changes_topic, name="merge", supervisor_strategy=mode.CrashingSupervisor)
     async def merge(stream: faust.StreamT) -> None:
-        async for event in stream.events():
+        inputs = stream.noack()
+        acks = AcksAfterWrites(app, inputs)
+        async for event in inputs.events():
             change = Change.from_record(event.value)
             key = event.key
             stored = golden.get(key)
@@ -201,6 +264,9 @@ def create_app(settings: AccordSettings, rules: Rules | None = None) -> faust.Ap
             if outcome.state_changed:
                 stage(state, change, outcome, plan_sinks(state, change, sinks, rules))
                 golden[key] = dumps(state)  # the changelog write `emit` turns into outputs
+                acks.after(golden.last_write, event)
+            else:
+                await inputs.ack(event)
 
     services = [ThreadStatus("emitter")]
     app.service(_thread_service(services[0], _make_emitter(settings, registry)))

@@ -130,21 +130,20 @@ def _wait(condition: Callable[[], bool], timeout_s: float) -> bool:
     return condition()
 
 
-def drained(settings: AccordSettings) -> bool:
+def drained(settings: AccordSettings, appliers: list[str] | None = None) -> bool:
     """True when the worker has processed and committed everything on its inputs: raw
     topics and accord.changes (the Faust group), the golden changelog (emit) and the
-    sink topics of the appliers this worker runs."""
-    from streams.topology import changelog_topic, sink_targets
+    sink topics of `appliers` (default: every sample system's), wherever they run."""
+    from streams.topology import changelog_topic
 
     app_id = settings.worker.app_id
-    appliers = settings.worker.sinks
-    running = [t for t in sink_targets(settings) if t in RAW_TOPICS]
-    if appliers is not None:
-        running = [t for t in running if t in appliers]
     groups = {
         app_id: [*RAW_TOPICS.values(), settings.topics.changes],
         f"{app_id}-emit": [changelog_topic(settings)],
-        **{f"{app_id}-sink-{target}": [settings.topics.sink(target)] for target in running},
+        **{
+            f"{app_id}-sink-{target}": [settings.topics.sink(target)]
+            for target in (list(RAW_TOPICS) if appliers is None else appliers)
+        },
     }
     for group, topics in groups.items():
         consumer = Consumer({"bootstrap.servers": settings.kafka, "group.id": group})
