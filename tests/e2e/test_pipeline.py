@@ -224,16 +224,27 @@ def test_invalid_records_go_to_the_dlq_with_every_reason_and_the_rest_flows(
             "VALUES (%s, %s, 'Narnia')",
             (f"BAD-{tag}", f"billing-{tag}@x.io"),
         )
+        # An empty primary key: the row cannot be linked to anything. (An upsert, so that
+        # a rerun on the same database changes the row again instead of failing.)
+        cur.execute(
+            "INSERT INTO accounts (account_no, contact_email) VALUES ('', %s) "
+            "ON DUPLICATE KEY UPDATE contact_email = VALUES(contact_email)",
+            (f"nokey-{tag}@x.io",),
+        )
 
-    assert dlq.wait_for(lambda rs: len(rs) >= 2, 90), dlq.records
-    by_topic = {r["topic"]: r for r in dlq.records}
-    crm = by_topic[RAW_TOPICS["crm"]]
+    assert dlq.wait_for(lambda rs: len(rs) >= 3, 90), dlq.records
+    by_topic: dict[str, list[dict]] = {}
+    for record in dlq.records:
+        by_topic.setdefault(record["topic"], []).append(record)
+    [crm] = by_topic[RAW_TOPICS["crm"]]
     assert crm["reason"] == "validation_failed"
     assert "email" in crm["detail"] and "Atlantis" in crm["detail"]
     assert crm["value"] and crm["value"][0] == 0  # the original wire-format bytes
     assert crm["offset"] >= 0 and crm["error_class"] == "ValidationFailed"
     billing = by_topic[RAW_TOPICS["billing"]]
-    assert "Narnia" in billing["detail"]
+    assert len(billing) == 2
+    assert any("Narnia" in r["detail"] for r in billing)
+    assert any("primary key column 'account_no' is missing" in r["detail"] for r in billing)
     assert str(bad_id) not in {link["key"] for r in golden.records for link in r["links"]}
 
     emails = {f"before-{tag}@x.io", f"after-{tag}@x.io"}

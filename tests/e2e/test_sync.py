@@ -8,6 +8,7 @@ two systems, a connector replay (duplicate deliveries) and an applier killed mid
 
 from __future__ import annotations
 
+import json
 import random
 import signal
 import sys
@@ -269,7 +270,11 @@ def test_random_workload_converges_everywhere_and_quiesces(
         assert len(ledger) == len({row[0] for row in ledger}), "an event applied twice"
         load.counts[f"applied:{target}"] = len(ledger)
     load.counts["accepted_changes"] = accepted
-    print("\nworkload:", dict(sorted(load.counts.items())))
+    figures = dict(sorted(load.counts.items()))
+    print("\nworkload:", figures)
+    report = settings.stack.state_dir / "reports" / "sync-workload.json"
+    report.parent.mkdir(parents=True, exist_ok=True)
+    report.write_text(json.dumps(figures, indent=2) + "\n")
     assert (
         sum(v for k, v in load.counts.items() if k.split(":")[0] in ("create", "update", "delete"))
         >= 500
