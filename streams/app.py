@@ -190,6 +190,8 @@ def create_app(settings: AccordSettings, rules: Rules | None = None) -> faust.Ap
         web_port=worker.web_port,
         producer_acks=-1,
         table_standby_replicas=0,
+        broker_session_timeout=worker.session_timeout_s,
+        broker_heartbeat_interval=worker.session_timeout_s / 5,
     )
 
     # Before anything creates the consumer: see `streams.offsets` for why.
@@ -363,6 +365,7 @@ def _make_emitter(settings: AccordSettings, registry: Any) -> Callable[[], Emitt
         return Emitter(
             settings.kafka,
             group_id=f"{settings.worker.app_id}-emit",
+            session_timeout_s=settings.worker.session_timeout_s,
             transactional_id=f"{settings.worker.app_id}-emit-{settings.worker.instance}",
             topics=EmitTopics(
                 changelog_topic(settings), topics.golden, topics.audit, topics.sink_prefix

@@ -266,6 +266,7 @@ class Emitter:
         encode_audit: Encoder,
         encode_sink: Encoder,
         batch_size: int = 500,
+        session_timeout_s: float = 45.0,
     ) -> None:
         self.topics = topics
         self.encode_golden = encode_golden
@@ -279,6 +280,7 @@ class Emitter:
                 "enable.auto.commit": False,
                 "auto.offset.reset": "earliest",
                 "isolation.level": "read_committed",
+                "session.timeout.ms": int(session_timeout_s * 1000),
             }
         )
         self.producer = Producer(

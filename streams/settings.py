@@ -121,6 +121,12 @@ class WorkerSettings(BaseModel):
         6, ge=1, description="Partitions of accord.changes and the golden table (fixed once made)."
     )
     batch_size: int = Field(500, ge=1, description="Most events one processing step takes.")
+    session_timeout_s: float = Field(
+        10.0,
+        ge=6.0,
+        description="How long a dead worker or applier keeps its partitions before the group "
+        "hands them on (Kafka's session timeout; the broker's minimum is 6 s).",
+    )
     batch_window_s: float = Field(0.05, gt=0, description="Longest wait to fill a batch.")
     data_dir: Path | None = Field(None, description="RocksDB state; default <state_dir>/worker.")
     web_host: str = Field("127.0.0.1", description="Interface of the web server (metrics, health).")

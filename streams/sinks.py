@@ -1096,6 +1096,7 @@ class SinkRunner:
                 "auto.offset.reset": "earliest",
                 "isolation.level": "read_committed",
                 "topic.metadata.refresh.interval.ms": 5000,
+                "session.timeout.ms": int(settings.worker.session_timeout_s * 1000),
             }
         )
         self.consumer.subscribe([self.topic])
