@@ -293,6 +293,65 @@ def reset_app(
     )
 
 
+@app.command("explain")
+def explain_record(
+    who: Annotated[str, typer.Argument(help="An email address or a golden id.")],
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Why a golden record holds what it holds: per field, its source, the rule that chose
+    it, the values that lost and why, and the field's history from accord.audit."""
+    from streams.codec import AvroCodec, SchemaCache, registry_fetcher
+    from streams.explain import explain, read_audit, read_state
+    from streams.reconcile import golden_records
+    from streams.registry import registry_client
+    from streams.rules import load_rules
+    from streams.topology import changelog_topic
+
+    current = settings()
+    golden_id = who
+    if "@" in who:
+        matches = [
+            gid
+            for gid, record in golden_records(current).items()
+            if (record["fields"].get("email") or "").lower() == who.strip().lower()
+        ]
+        if not matches:
+            raise AccordError(f"no golden record has the email {who!r}")
+        if len(matches) > 1:
+            raise AccordError(f"{len(matches)} golden records have {who!r}: {', '.join(matches)}")
+        golden_id = matches[0]
+    state = read_state(current.kafka, changelog_topic(current), golden_id)
+    if state is None:
+        raise AccordError(f"no golden record {golden_id!r} in {changelog_topic(current)}")
+    codec = AvroCodec(SchemaCache(registry_fetcher(registry_client(current))))
+    audit = read_audit(
+        current.kafka, current.topics.audit, golden_id, lambda raw: codec.decode(raw).value
+    )
+    result = explain(state, load_rules(current.worker.rules_file), audit).as_dict()
+    if json_out:
+        print(json.dumps(result, indent=2, default=str))
+        return
+    console.print(
+        f"[bold]{result['golden_id']}[/bold] version {result['version']}, "
+        f"{'active' if result['active'] else 'inactive'}, linked to {', '.join(result['links'])}"
+    )
+    table = Table("field", "value", "from", "rule", "lost", "changes")
+    for entry in result["fields"]:
+        if entry["system"] is None and not entry["lost"]:
+            continue
+        source = ""
+        if entry["system"]:
+            source = f"{entry['system']} {entry['key']}\n{entry['source_time']}"
+        lost = "\n".join(
+            f"{loser['value']!r} from {loser['system']}: {loser['why']}"
+            for loser in entry["lost"]
+            if loser["value"] is not None  # a row without a value is no contender
+        )
+        changes = str(len(entry["history"]))
+        table.add_row(entry["name"], repr(entry["value"]), source, entry["rule"], lost, changes)
+    console.print(table)
+
+
 # ------------------------------------------------------------------------------- demo
 
 

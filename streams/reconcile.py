@@ -10,13 +10,10 @@ agrees). The comparison is plain (`compare`); reading is batched.
 
 from __future__ import annotations
 
-import time
-import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from psycopg import sql
 
 from streams.codec import AvroCodec, SchemaCache, registry_fetcher
@@ -25,6 +22,7 @@ from streams.projection import SinkKind, SinkSpec
 from streams.registry import registry_client
 from streams.settings import AccordSettings
 from streams.sources import mariadb, postgres
+from streams.topics import scan
 
 BATCH = 5_000
 
@@ -165,40 +163,13 @@ def _equal(a: Any, b: Any) -> bool:
 def golden_records(settings: AccordSettings, timeout_s: float = 60.0) -> dict[str, dict]:
     """The latest version of every golden record, from the compacted `accord.golden`."""
     codec = AvroCodec(SchemaCache(registry_fetcher(registry_client(settings))))
-    consumer = Consumer(
-        {
-            "bootstrap.servers": settings.kafka,
-            "group.id": f"accord-reconcile-{uuid.uuid4().hex[:8]}",
-            "enable.auto.commit": False,
-            "isolation.level": "read_committed",
-        }
-    )
-    topic = settings.topics.golden
-    try:
-        metadata = consumer.list_topics(topic, timeout=10).topics.get(topic)
-        if metadata is None or metadata.error is not None:
-            return {}
-        partitions = [TopicPartition(topic, p, OFFSET_BEGINNING) for p in metadata.partitions]
-        ends = {tp.partition: consumer.get_watermark_offsets(tp, 10)[1] for tp in partitions}
-        remaining = {p for p, end in ends.items() if end > 0}
-        consumer.assign(partitions)
-        latest: dict[str, dict] = {}
-        deadline = time.monotonic() + timeout_s
-        while remaining:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"reading {topic} to its end took over {timeout_s:.0f}s")
-            # Short waits: the end may be a transaction marker, which a fetch passes
-            # (moving the position) without returning a message.
-            for message in consumer.consume(1000, 0.2):
-                if message.error() is None and message.value() is not None:
-                    record = codec.decode(message.value()).value
-                    latest[record["golden_id"]] = record
-            for tp in consumer.position([TopicPartition(topic, p) for p in remaining]):
-                if tp.offset >= ends[tp.partition]:
-                    remaining.discard(tp.partition)
-        return latest
-    finally:
-        consumer.close()
+    latest: dict[str, dict] = {}
+    for message in scan(
+        settings.kafka, settings.topics.golden, lambda m: m.value() is not None, timeout_s
+    ):
+        record = codec.decode(message.value()).value
+        latest[record["golden_id"]] = record
+    return latest
 
 
 def target_rows(

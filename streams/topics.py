@@ -155,3 +155,40 @@ def usable(message: Any) -> bool:
     if error.code() != KafkaError._PARTITION_EOF:
         log.warning("consumer: %s", error)
     return False
+
+
+def scan(
+    bootstrap: str, topic: str, keep: Callable[[Any], bool], timeout_s: float = 60.0
+) -> Iterator[Any]:
+    """Every message of `topic` (committed ones) that `keep` accepts, from the beginning
+    to the end the topic had when the scan started."""
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"accord-scan-{uuid.uuid4().hex[:8]}",
+            "enable.auto.commit": False,
+            "isolation.level": "read_committed",
+        }
+    )
+    try:
+        metadata = consumer.list_topics(topic, timeout=10).topics.get(topic)
+        if metadata is None or metadata.error is not None:
+            return
+        partitions = [TopicPartition(topic, p, OFFSET_BEGINNING) for p in metadata.partitions]
+        ends = {tp.partition: consumer.get_watermark_offsets(tp, 10)[1] for tp in partitions}
+        remaining = {p for p, end in ends.items() if end > 0}
+        consumer.assign(partitions)
+        deadline = time.monotonic() + timeout_s
+        while remaining:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"reading {topic} to its end took over {timeout_s:.0f}s")
+            # Short waits: the end may be a transaction marker, which a fetch passes
+            # (moving the position) without returning a message.
+            for message in consumer.consume(1000, 0.2):
+                if message.error() is None and keep(message):
+                    yield message
+            for tp in consumer.position([TopicPartition(topic, p) for p in remaining]):
+                if tp.offset >= ends[tp.partition]:
+                    remaining.discard(tp.partition)
+    finally:
+        consumer.close()

@@ -6,6 +6,10 @@ of its own, fed by the real Debezium connectors.
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import threading
 import uuid
 from collections import Counter
@@ -20,7 +24,7 @@ from streams.settings import AccordSettings
 from streams.sources import mariadb, postgres
 from streams.stack.process import wait_until
 from streams.topics import RAW_TOPICS
-from streams.workers import WorkerProcess
+from streams.workers import WorkerProcess, worker_env
 from tests.support import TopicTail, drained, isolated, latest_by_key, start_group_at_end
 
 pytestmark = pytest.mark.e2e
@@ -315,3 +319,57 @@ def test_sigkill_mid_stream_loses_nothing_and_duplicates_nothing(
             if r["golden_id"] == golden_id and r["field"] == "company"
         ]
         assert company_history == [f"v{i}" for i in range(edits + 1)]
+
+
+def test_explain_names_the_rule_and_the_losing_value_of_a_conflict(
+    pipeline: tuple[AccordSettings, WorkerProcess],
+) -> None:
+    settings, _ = pipeline
+    tag = uuid.uuid4().hex[:8]
+    email = f"explain-{tag}@example.com"
+    golden = TopicTail(settings, settings.topics.golden)
+    with postgres(settings, "crm") as conn:
+        conn.execute(
+            "INSERT INTO customers (first_name, email, country) VALUES ('Ada', %s, 'GB')", (email,)
+        )
+    with postgres(settings, "support") as conn:
+        conn.execute(
+            "INSERT INTO users (id, email, display_name) VALUES (%s, %s, 'Augusta Lovelace')",
+            (uuid.uuid4(), email),
+        )
+    assert golden.wait_for(lambda rs: len(golden_with_email(rs, email)) == 1, 90)
+    # A conflict on phone (lww): CRM first, support a moment later; support wins.
+    with postgres(settings, "crm") as conn:
+        conn.execute("UPDATE customers SET phone = '020 7946 0000' WHERE email = %s", (email,))
+    with postgres(settings, "support") as conn:
+        conn.execute("UPDATE users SET phone = '+44 20 7946 1111' WHERE email = %s", (email,))
+
+    def settled(records: list[Any]) -> bool:
+        found = golden_with_email(records, email)
+        return bool(found) and found[0]["fields"]["phone"] == "+442079461111"
+
+    assert golden.wait_for(settled, 90)
+    assert wait_until(lambda: drained(settings, appliers=[]), 90)
+
+    result = subprocess.run(
+        [sys.executable, "-m", "streams.cli", "explain", email, "--json"],
+        env={**os.environ, **worker_env(settings)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    fields = {f["name"]: f for f in json.loads(result.stdout)["fields"]}
+    phone = fields["phone"]
+    assert (phone["value"], phone["system"], phone["rule"]) == ("+442079461111", "support", "lww")
+    assert [(lost["system"], lost["value"], lost["why"]) for lost in phone["lost"]] == [
+        ("crm", "+442079460000", "older")
+    ]
+    # CRM's value shows in the history only if it arrived before support's (two topics).
+    last = phone["history"][-1]
+    assert (last["after"], last["system"], last["rule"]) == ("+442079461111", "support", "lww")
+    first = fields["first_name"]
+    assert (first["value"], first["system"], first["rule"]) == ("Ada", "crm", "priority")
+    assert [(lost["system"], lost["value"], lost["why"]) for lost in first["lost"]] == [
+        ("support", "Augusta", "crm ranks above support")
+    ]

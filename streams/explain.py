@@ -1,0 +1,185 @@
+"""Explain a golden record: for each field, its value, where it came from, the rule that
+chose it, the values that lost and why, and the field's history.
+
+`explain` is plain: it reads a `GoldenState` (the merge's own state, which keeps every
+linked row's last value of every field) and audit entries. `read_state` and
+`read_audit` fetch them from Kafka: the golden table's changelog and `accord.audit`.
+Both scan their topic, which is fine for thousands of records; a keyed lookup (the
+table's own store) is the next step for millions.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from streams.merge import GoldenState, loads, resolve_field
+from streams.model import FIELDS, Value
+from streams.rules import Rule, Rules
+from streams.topics import scan
+
+EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+
+
+@dataclass(frozen=True)
+class Loser:
+    system: str
+    key: str
+    value: Value
+    source_ts: int  # µs since the epoch
+    why: str
+
+
+@dataclass(frozen=True)
+class FieldExplanation:
+    name: str
+    value: Value
+    rule: str
+    system: str | None  # None: no linked row has a value for it
+    key: str | None
+    source_ts: int | None
+    losers: tuple[Loser, ...] = ()
+    history: tuple[dict[str, Any], ...] = ()  # audit entries, oldest first
+
+
+@dataclass(frozen=True)
+class Explanation:
+    golden_id: str
+    version: int
+    active: bool
+    links: tuple[str, ...]
+    fields: tuple[FieldExplanation, ...] = field(default_factory=tuple)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "golden_id": self.golden_id,
+            "version": self.version,
+            "active": self.active,
+            "links": list(self.links),
+            "fields": [
+                {
+                    "name": f.name,
+                    "value": _json(f.value),
+                    "rule": f.rule,
+                    "system": f.system,
+                    "key": f.key,
+                    "source_time": _time(f.source_ts),
+                    "lost": [
+                        {
+                            "system": loser.system,
+                            "key": loser.key,
+                            "value": _json(loser.value),
+                            "source_time": _time(loser.source_ts),
+                            "why": loser.why,
+                        }
+                        for loser in f.losers
+                    ],
+                    "history": list(f.history),
+                }
+                for f in self.fields
+            ],
+        }
+
+
+def explain(state: GoldenState, rules: Rules, audit: list[dict[str, Any]]) -> Explanation:
+    """Why each field of `state` holds what it holds."""
+    contributions = list(state.contributions.values())
+    explained = []
+    for name in FIELDS:
+        spec = rules.fields[name]
+        winner = resolve_field(name, contributions, rules)
+        losers = []
+        for contribution in contributions:
+            cell = contribution.cells.get(name)
+            if cell is None:
+                continue
+            if winner and (contribution.system, contribution.key) == (winner.system, winner.key):
+                continue
+            why = _why_lost(spec.rule, spec.order, spec.owner, contribution.system, cell, winner)
+            losers.append(
+                Loser(contribution.system, contribution.key, cell.value, cell.order[0], why)
+            )
+        history = tuple(
+            sorted(
+                (entry for entry in audit if entry["field"] == name),
+                key=lambda entry: entry["golden_version"],
+            )
+        )
+        explained.append(
+            FieldExplanation(
+                name,
+                winner.value if winner else None,
+                spec.rule.value,
+                winner.system if winner else None,
+                winner.key if winner else None,
+                winner.source_ts if winner else None,
+                tuple(losers),
+                history,
+            )
+        )
+    return Explanation(
+        state.golden_id,
+        state.version,
+        state.active,
+        tuple(sorted(state.contributions)),
+        tuple(explained),
+    )
+
+
+def _why_lost(
+    rule: Rule,
+    order: tuple[str, ...],
+    owner: str | None,
+    system: str,
+    cell: Any,
+    winner: Any,
+) -> str:
+    if cell.echo:
+        return "Accord's own write, echoed back: it does not compete"
+    if cell.value is None:
+        return "no value"
+    if rule is Rule.OWNER and system != owner:
+        return f"only {owner} may set it"
+    if rule is Rule.PRIORITY and system not in order:
+        return f"{system} is not in the priority list"
+    if winner is None:
+        return "no winner"
+    if rule is Rule.PRIORITY and system != winner.system:
+        return f"{winner.system} ranks above {system}"
+    if cell.order[0] < winner.source_ts:
+        return "older"
+    return "same time: lost the tie (source priority, then log position)"
+
+
+# -------------------------------------------------------------------------- reading
+
+
+def read_state(bootstrap: str, changelog: str, golden_id: str) -> GoldenState | None:
+    """The merge's latest state of one golden record, from the table's changelog."""
+    key = golden_id.encode()
+    latest = None
+    for message in scan(bootstrap, changelog, lambda m: m.key() == key):
+        latest = message.value()
+    return loads(latest) if latest else None
+
+
+def read_audit(
+    bootstrap: str, topic: str, golden_id: str, decode: Callable[[bytes], dict[str, Any]]
+) -> list[dict[str, Any]]:
+    key = golden_id.encode()
+    return [
+        decode(message.value())
+        for message in scan(bootstrap, topic, lambda m: m.key() == key and m.value())
+    ]
+
+
+def _json(value: Value) -> Any:
+    return value if value is None or isinstance(value, bool | str) else str(value)
+
+
+def _time(micros: int | None) -> str | None:
+    if micros is None or micros < 0:
+        return None
+    return (EPOCH + dt.timedelta(microseconds=micros)).isoformat()
