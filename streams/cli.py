@@ -293,6 +293,48 @@ def reset_app(
     )
 
 
+@app.command("reconcile")
+def reconcile_systems(
+    system: Annotated[
+        list[str] | None, typer.Option("--system", help="Only this target (repeatable).")
+    ] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    details: Annotated[int, typer.Option(help="Drifts listed per target.")] = 20,
+) -> None:
+    """Compare every SQL target's rows with the golden records, field by field: checked,
+    in accord, drifted, missing, orphaned. Exits 1 when anything drifted or is missing."""
+    from streams.reconcile import reconcile
+
+    try:
+        cards = reconcile(settings(), system, progress=err.print if not json_out else _quiet)
+    except ValueError as exc:
+        raise AccordError(str(exc)) from exc
+    if json_out:
+        print(json.dumps([c.as_dict(details) for c in cards], indent=2, default=str))
+    else:
+        table = Table("system", "checked", "in accord", "drifted", "missing", "orphaned")
+        for card in cards:
+            row = card.as_dict(0)
+            table.add_row(
+                *(str(row[k]) for k in ("target", "checked", "in_accord", "drifted", "missing")),
+                str(row["orphaned"]),
+            )
+        console.print(table)
+        for card in cards:
+            for drift in card.drifts[:details]:
+                console.print(
+                    f"{card.target} {drift.key} ({drift.golden_id}): {drift.field} is "
+                    f"{drift.target_value!r}, golden {drift.golden!r}",
+                    markup=False,
+                )
+    if any(card.drifted or card.missing for card in cards):
+        raise typer.Exit(1)
+
+
+def _quiet(_message: str) -> None:
+    pass
+
+
 @app.command("explain")
 def explain_record(
     who: Annotated[str, typer.Argument(help="An email address or a golden id.")],

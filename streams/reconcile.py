@@ -10,7 +10,7 @@ agrees). The comparison is plain (`compare`); reading is batched.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -210,3 +210,37 @@ def _rows(
         for row in cur:
             columns = columns or [d.name for d in cur.description]
             yield dict(zip(columns, row, strict=True))
+
+
+# ------------------------------------------------------------------------ the command
+
+
+def reconcile(
+    settings: AccordSettings,
+    systems: list[str] | None = None,
+    progress: Callable[[str], None] = lambda _message: None,
+) -> list[Scorecard]:
+    """Every SQL target's scorecard against the golden records (all rows, batched)."""
+    from streams.mapping import load_mappings
+    from streams.projection import load_sinks
+    from streams.rules import DeletePolicy, load_rules
+
+    sinks = load_sinks(settings.connectors_dir)
+    unknown = sorted(set(systems or ()) - set(sinks))
+    if unknown:
+        raise ValueError(f"no sink target named {', '.join(unknown)}; known: {', '.join(sinks)}")
+    mappings = load_mappings(settings.connectors_dir)
+    propagate = load_rules(settings.worker.rules_file).delete_policy is DeletePolicy.PROPAGATE
+    progress(f"reading golden records from {settings.topics.golden}")
+    golden = golden_records(settings)
+    progress(f"{len(golden)} golden records")
+    cards = []
+    for target, spec in sorted(sinks.items()):
+        if spec.kind is not SinkKind.SQL or (systems and target not in systems):
+            continue
+        progress(f"{target}: reading {spec.table}")
+        rows = target_rows(settings, spec)
+        card = compare(spec, mappings[target], golden, rows, deleted_everywhere=propagate)
+        progress(f"{target}: {len(rows)} rows, {card.drifted} drifted, {card.missing} missing")
+        cards.append(card)
+    return cards
