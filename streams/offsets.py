@@ -31,7 +31,20 @@ from bisect import bisect_left
 from collections.abc import Iterable
 from typing import Any
 
+from prometheus_client import Counter
+
 log = logging.getLogger(__name__)
+
+REFUSED = Counter(
+    "accord_offsets_refused_acks_total",
+    "Acks not counted: the message was skipped by Faust or finished after a rebalance",
+    ["topic"],
+)
+REWOUND = Counter(
+    "accord_offsets_rewinds_total",
+    "Partitions read again from their committed offset after it stalled",
+    ["topic"],
+)
 
 REWIND_AFTER_S = 5.0
 
@@ -61,6 +74,7 @@ def guarded_consumer(base: type, topics: Iterable[str]) -> type:
                 # Skipped, or finished after a rebalance: not ours to commit. Forget it,
                 # so that a rebalance does not wait for it.
                 self._unacked_messages.discard(message)
+                REFUSED.labels(message.topic).inc()
                 return False
             return bool(super().ack(message))
 
@@ -99,6 +113,7 @@ def guarded_consumer(base: type, topics: Iterable[str]) -> type:
                 return
             log.warning("%s: offset %s was never processed; reading again from it", tp, committed)
             del self._stalled_since[tp]
+            REWOUND.labels(tp.topic).inc()
             rewind = asyncio.ensure_future(self.seek(tp, committed))
             self._rewinds.add(rewind)
             rewind.add_done_callback(self._rewinds.discard)

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 
 from streams import offsets
 from streams.offsets import guarded_consumer
@@ -135,4 +136,7 @@ def test_a_stalled_partition_is_read_again_from_its_committed_offset(
         await asyncio.sleep(0)
         return made.sought
 
+    before = REGISTRY.get_sample_value("accord_offsets_rewinds_total", {"topic": TOPIC}) or 0
     assert asyncio.run(scenario()) == [(TP(TOPIC, 0), 10)]
+    after = REGISTRY.get_sample_value("accord_offsets_rewinds_total", {"topic": TOPIC})
+    assert after == before + 1
