@@ -33,10 +33,12 @@ schemas_app = typer.Typer(
     no_args_is_help=True,
 )
 demo_app = typer.Typer(help="Sample data and the demo job.", no_args_is_help=True)
+dlq_app = typer.Typer(help="Dead letters on the DLQ topic: list and show.", no_args_is_help=True)
 app.add_typer(stack_app, name="stack")
 app.add_typer(connectors_app, name="connectors")
 app.add_typer(schemas_app, name="schemas")
 app.add_typer(demo_app, name="demo")
+app.add_typer(dlq_app, name="dlq")
 
 console = Console()
 err = Console(stderr=True)
@@ -333,6 +335,76 @@ def reconcile_systems(
 
 def _quiet(_message: str) -> None:
     pass
+
+
+@dlq_app.command("list")
+def dlq_list(
+    reason: Annotated[str | None, typer.Option(help="Only this reason.")] = None,
+    system: Annotated[
+        str | None, typer.Option(help="Only letters from this system's raw topic.")
+    ] = None,
+    topic: Annotated[str | None, typer.Option(help="Only letters from this topic.")] = None,
+    since: Annotated[
+        str | None, typer.Option(help="Only letters first seen at or after (ISO 8601, UTC).")
+    ] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Dead letters, oldest first: where each is on the DLQ (partition:offset, for
+    `accord dlq show`), where it came from, and why."""
+    import datetime as dt
+
+    from streams.dlq import read_dead_letters
+    from streams.topics import RAW_TOPICS
+
+    if system is not None and system not in RAW_TOPICS:
+        raise AccordError(f"unknown system {system!r}; known: {', '.join(RAW_TOPICS)}")
+    if system is not None:
+        topic = RAW_TOPICS[system]
+    try:
+        after = dt.datetime.fromisoformat(since) if since else None
+    except ValueError as exc:
+        raise AccordError(f"--since {since!r} is not an ISO 8601 time") from exc
+    if after is not None and after.tzinfo is None:
+        after = after.replace(tzinfo=dt.UTC)
+    letters = read_dead_letters(settings(), reason, topic, after)
+    if json_out:
+        print(json.dumps([letter.as_dict() for letter in letters], indent=2, default=str))
+        return
+    table = Table("at", "first seen", "from", "reason", "detail")
+    for stored in letters:
+        letter = stored.as_dict()
+        table.add_row(
+            letter["at"],
+            str(letter["first_seen"])[:19],
+            f"{letter['topic']} {letter['partition']}:{letter['offset']}",
+            letter["reason"],
+            _clip(letter["detail"], 60),
+        )
+    console.print(table)
+    console.print(f"{len(letters)} dead letter(s)")
+
+
+@dlq_app.command("show")
+def dlq_show(
+    at: Annotated[str, typer.Argument(help="The letter's PARTITION:OFFSET on the DLQ topic.")],
+) -> None:
+    """One dead letter in full (JSON), with its payload decoded when it can be."""
+    from streams.codec import AvroCodec, SchemaCache, registry_fetcher
+    from streams.dlq import read_dead_letters
+    from streams.registry import registry_client
+
+    current = settings()
+    found = [letter for letter in read_dead_letters(current) if letter.coordinates == at]
+    if not found:
+        raise AccordError(f"no dead letter at {at} on {current.topics.dlq}")
+    letter = found[0].as_dict()
+    codec = AvroCodec(SchemaCache(registry_fetcher(registry_client(current))))
+    try:
+        letter["value_decoded"] = codec.decode(found[0].letter["value"] or b"").value
+    except Exception as exc:  # the reason it is a dead letter, most likely
+        letter["value_decoded"] = None
+        letter["value_not_decodable"] = f"{type(exc).__name__}: {exc}"
+    print(json.dumps(letter, indent=2, default=str))
 
 
 @app.command("explain")

@@ -108,3 +108,55 @@ def _json(schema: dict[str, Any]) -> str:
     import json
 
     return json.dumps(schema)
+
+
+# -------------------------------------------------------------------------- reading
+
+
+@dataclass(frozen=True)
+class StoredLetter:
+    """A dead letter as it sits on the DLQ topic, with its own coordinates there."""
+
+    dlq_partition: int
+    dlq_offset: int
+    letter: dict[str, Any]  # the decoded `DeadLetter` record
+
+    @property
+    def coordinates(self) -> str:
+        return f"{self.dlq_partition}:{self.dlq_offset}"
+
+    def as_dict(self) -> dict[str, Any]:
+        letter = dict(self.letter)
+        for name in ("key", "value"):
+            raw = letter.pop(name)
+            letter[f"{name}_hex"] = raw.hex() if raw is not None else None
+        first_seen = letter.get("first_seen")
+        if hasattr(first_seen, "isoformat"):
+            letter["first_seen"] = first_seen.isoformat()
+        return {"at": self.coordinates, **letter}
+
+
+def read_dead_letters(
+    settings: AccordSettings,
+    reason: str | None = None,
+    topic: str | None = None,
+    since: Any = None,
+) -> list[StoredLetter]:
+    """Every dead letter on the DLQ topic, oldest first, filtered by reason, original
+    topic and first-seen time (an aware datetime)."""
+    from streams.codec import SchemaCache, registry_fetcher
+    from streams.registry import registry_client
+    from streams.topics import scan
+
+    codec = AvroCodec(SchemaCache(registry_fetcher(registry_client(settings))))
+    letters = []
+    for message in scan(settings.kafka, settings.topics.dlq, lambda m: m.value() is not None):
+        record = codec.decode(message.value()).value
+        if reason is not None and record["reason"] != reason:
+            continue
+        if topic is not None and record["topic"] != topic:
+            continue
+        if since is not None and record["first_seen"] < since:
+            continue
+        letters.append(StoredLetter(message.partition(), message.offset(), record))
+    return sorted(letters, key=lambda s: (s.letter["first_seen"], s.dlq_partition, s.dlq_offset))

@@ -2,8 +2,12 @@
 valid event is processed, and the consumer never stops."""
 
 import json
+import os
 import struct
+import subprocess
+import sys
 import uuid
+from typing import Any
 
 import pytest
 from confluent_kafka import Consumer, Producer
@@ -15,6 +19,7 @@ from confluent_kafka.serialization import MessageField, SerializationContext
 from streams.registry import registry_client
 from streams.settings import AccordSettings
 from streams.stack.process import wait_until
+from streams.workers import worker_env
 from tests import vectors
 from tests.integration.conftest import running_consumer
 from tests.support import isolated
@@ -104,6 +109,29 @@ def test_every_kind_of_garbage_is_dead_lettered_and_valid_events_flow(
     assert sorted(letter["reason"] for letter in letters) == sorted(
         reason for reason, payloads in garbage.items() for _ in payloads
     )
+
+    # The operator's view: `accord dlq list` filters, `accord dlq show` gives one whole.
+    listed = _accord(
+        settings, "dlq", "list", "--json", "--topic", topic, "--reason", "corrupt_avro"
+    )
+    assert [entry["reason"] for entry in listed] == ["corrupt_avro"] * 3
+    assert [bytes.fromhex(entry["value_hex"]) for entry in listed] == garbage["corrupt_avro"]
+    assert _accord(settings, "dlq", "list", "--json", "--topic", "elsewhere") == []
+    shown = _accord(settings, "dlq", "show", listed[0]["at"])
+    assert shown["offset"] == listed[0]["offset"] and shown["value_decoded"] is None
+    assert shown["value_not_decodable"]
+
+
+def _accord(settings: AccordSettings, *args: str) -> Any:
+    result = subprocess.run(
+        [sys.executable, "-m", "streams.cli", *args],
+        env={**os.environ, **worker_env(settings)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
 
 
 def _read_dead_letters(settings: AccordSettings, count: int) -> list[dict]:
