@@ -33,7 +33,9 @@ schemas_app = typer.Typer(
     no_args_is_help=True,
 )
 demo_app = typer.Typer(help="Sample data and the demo job.", no_args_is_help=True)
-dlq_app = typer.Typer(help="Dead letters on the DLQ topic: list and show.", no_args_is_help=True)
+dlq_app = typer.Typer(
+    help="Dead letters on the DLQ topic: list, show, replay.", no_args_is_help=True
+)
 app.add_typer(stack_app, name="stack")
 app.add_typer(connectors_app, name="connectors")
 app.add_typer(schemas_app, name="schemas")
@@ -405,6 +407,47 @@ def dlq_show(
         letter["value_decoded"] = None
         letter["value_not_decodable"] = f"{type(exc).__name__}: {exc}"
     print(json.dumps(letter, indent=2, default=str))
+
+
+@dlq_app.command("replay")
+def dlq_replay(
+    at: Annotated[
+        list[str] | None, typer.Argument(help="PARTITION:OFFSET of letters on the DLQ.")
+    ] = None,
+    reason: Annotated[str | None, typer.Option(help="Every letter with this reason.")] = None,
+    topic: Annotated[str | None, typer.Option(help="Every letter from this topic.")] = None,
+    yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
+) -> None:
+    """Send dead letters back to their original topic after a fix, each at most once."""
+    import redis
+    from confluent_kafka import Producer
+
+    from streams.dlq import read_dead_letters, replay
+
+    if not at and reason is None and topic is None:
+        raise AccordError("say which letters: PARTITION:OFFSET arguments, --reason or --topic")
+    current = settings()
+    letters = read_dead_letters(current, reason, topic)
+    if at:
+        letters = [letter for letter in letters if letter.coordinates in set(at)]
+        missing = sorted(set(at) - {letter.coordinates for letter in letters})
+        if missing:
+            raise AccordError(f"no dead letter at {', '.join(missing)} on {current.topics.dlq}")
+    if not letters:
+        console.print("no dead letters match")
+        return
+    if not yes:
+        typer.confirm(f"Replay {len(letters)} dead letter(s) to their original topics?", abort=True)
+    report = replay(
+        current,
+        letters,
+        redis.Redis.from_url(current.redis),
+        Producer({"bootstrap.servers": current.kafka, "enable.idempotence": True}),
+    )
+    console.print(
+        f"replayed {len(report.replayed)}, skipped {len(report.skipped)} replayed before"
+        + (f": {', '.join(report.skipped)}" if report.skipped else "")
+    )
 
 
 @app.command("explain")

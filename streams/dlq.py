@@ -160,3 +160,50 @@ def read_dead_letters(
             continue
         letters.append(StoredLetter(message.partition(), message.offset(), record))
     return sorted(letters, key=lambda s: (s.letter["first_seen"], s.dlq_partition, s.dlq_offset))
+
+
+# ------------------------------------------------------------------------ replaying
+
+REPLAY_HEADER = "accord-replayed-from"
+
+
+@dataclass(frozen=True)
+class ReplayReport:
+    replayed: list[str]  # DLQ coordinates sent back to their original topic
+    skipped: list[str]  # already replayed before: not sent again
+
+
+def replay(
+    settings: AccordSettings, letters: list[StoredLetter], redis_conn: Any, producer: Any
+) -> ReplayReport:
+    """Send each letter's original key and value back to its original topic and partition,
+    after a fix, once: a Redis marker per DLQ entry makes a second replay a no-op."""
+    replayed: list[str] = []
+    skipped: list[str] = []
+    failures: list[str] = []
+    for stored in letters:
+        origin = f"{settings.topics.dlq}:{stored.coordinates}"
+        marker = f"{settings.worker.redis_prefix}dlq-replayed:{origin}"
+        if not redis_conn.set(marker, str(time.time()), nx=True):
+            skipped.append(stored.coordinates)
+            continue
+
+        def delivered(error: Any, _message: Any, marker: str = marker) -> None:
+            if error is not None:
+                failures.append(f"{marker}: {error}")
+                redis_conn.delete(marker)  # not sent: it may be replayed again
+
+        letter = stored.letter
+        producer.produce(
+            letter["topic"],
+            key=letter["key"],
+            value=letter["value"],
+            partition=letter["partition"],
+            headers=[(REPLAY_HEADER, origin.encode())],
+            on_delivery=delivered,
+        )
+        replayed.append(stored.coordinates)
+    producer.flush(30)
+    if failures:
+        raise AccordError(f"{len(failures)} replay(s) not delivered: {'; '.join(failures)}")
+    return ReplayReport(replayed, skipped)

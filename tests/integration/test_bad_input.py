@@ -10,7 +10,7 @@ import uuid
 from typing import Any
 
 import pytest
-from confluent_kafka import Consumer, Producer
+from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 from confluent_kafka.schema_registry import Schema
 from confluent_kafka.schema_registry.avro import AvroDeserializer
@@ -115,14 +115,36 @@ def test_every_kind_of_garbage_is_dead_lettered_and_valid_events_flow(
         settings, "dlq", "list", "--json", "--topic", topic, "--reason", "corrupt_avro"
     )
     assert [entry["reason"] for entry in listed] == ["corrupt_avro"] * 3
-    assert [bytes.fromhex(entry["value_hex"]) for entry in listed] == garbage["corrupt_avro"]
+    assert sorted(bytes.fromhex(entry["value_hex"]) for entry in listed) == sorted(
+        garbage["corrupt_avro"]
+    )
     assert _accord(settings, "dlq", "list", "--json", "--topic", "elsewhere") == []
     shown = _accord(settings, "dlq", "show", listed[0]["at"])
     assert shown["offset"] == listed[0]["offset"] and shown["value_decoded"] is None
     assert shown["value_not_decodable"]
 
+    # Replay sends the original bytes back to their topic and partition, once.
+    probe = Consumer({"bootstrap.servers": settings.kafka, "group.id": uuid.uuid4().hex})
+    try:
+        _, end = probe.get_watermark_offsets(TopicPartition(topic, 0), 10)
+        first = _accord_text(settings, "dlq", "replay", listed[0]["at"], "--yes")
+        again = _accord_text(settings, "dlq", "replay", listed[0]["at"], "--yes")
+        assert "replayed 1, skipped 0" in first and "replayed 0, skipped 1" in again
+        assert probe.get_watermark_offsets(TopicPartition(topic, 0), 10)[1] == end + 1
+        probe.assign([TopicPartition(topic, 0, end)])
+        message = probe.poll(10)
+        assert message is not None
+        assert message.value() == bytes.fromhex(listed[0]["value_hex"])
+        assert dict(message.headers())["accord-replayed-from"].decode().endswith(listed[0]["at"])
+    finally:
+        probe.close()
+
 
 def _accord(settings: AccordSettings, *args: str) -> Any:
+    return json.loads(_accord_text(settings, *args))
+
+
+def _accord_text(settings: AccordSettings, *args: str) -> str:
     result = subprocess.run(
         [sys.executable, "-m", "streams.cli", *args],
         env={**os.environ, **worker_env(settings)},
@@ -131,7 +153,7 @@ def _accord(settings: AccordSettings, *args: str) -> Any:
         timeout=120,
     )
     assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)
+    return result.stdout
 
 
 def _read_dead_letters(settings: AccordSettings, count: int) -> list[dict]:
