@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 import faust
 import mode
 import redis
-from prometheus_client import Counter
+from prometheus_client import Counter, generate_latest
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
@@ -289,6 +289,11 @@ def create_app(settings: AccordSettings, rules: Rules | None = None) -> faust.Ap
         problems += [f"{s.name} not running" for s in services if not s.ready]
         body = {"ready": not problems, "problems": problems}
         return web.json(body, status=200 if not problems else 503)
+
+    @app.page("/metrics")
+    async def metrics(web: Any, request: Any) -> Any:
+        """Prometheus text format: every stage's counters, in this worker process."""
+        return web.text(generate_latest().decode(), content_type="text/plain")
 
     return app
 

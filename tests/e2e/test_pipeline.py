@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from decimal import Decimal
 from typing import Any
 
+import httpx
 import pytest
 
 from streams.connect import ConnectClient
@@ -360,6 +361,17 @@ def test_explain_names_the_rule_and_the_losing_value_of_a_conflict(
     )
     assert result.returncode == 0, result.stderr
     fields = {f["name"]: f for f in json.loads(result.stdout)["fields"]}
+
+    # The worker's own view of the same work: health and Prometheus counters.
+    web = f"http://{settings.worker.web_host}:{settings.worker.web_port}"
+    assert httpx.get(f"{web}/health", timeout=10).json() == {"ready": True, "problems": []}
+    metrics = httpx.get(f"{web}/metrics", timeout=10).text
+    merged = [
+        float(line.split()[-1])
+        for line in metrics.splitlines()
+        if line.startswith('accord_merge_changes_total{outcome="new_version"}')
+    ]
+    assert merged and merged[0] >= 3  # a create, a link, the winning phone edit
     phone = fields["phone"]
     assert (phone["value"], phone["system"], phone["rule"]) == ("+442079461111", "support", "lww")
     assert [(lost["system"], lost["value"], lost["why"]) for lost in phone["lost"]] == [
