@@ -391,16 +391,15 @@ def dlq_show(
     at: Annotated[str, typer.Argument(help="The letter's PARTITION:OFFSET on the DLQ topic.")],
 ) -> None:
     """One dead letter in full (JSON), with its payload decoded when it can be."""
-    from streams.codec import AvroCodec, SchemaCache, registry_fetcher
     from streams.dlq import read_dead_letters
-    from streams.registry import registry_client
+    from streams.registry import registry_codec
 
     current = settings()
     found = [letter for letter in read_dead_letters(current) if letter.coordinates == at]
     if not found:
         raise AccordError(f"no dead letter at {at} on {current.topics.dlq}")
     letter = found[0].as_dict()
-    codec = AvroCodec(SchemaCache(registry_fetcher(registry_client(current))))
+    codec = registry_codec(current)
     try:
         letter["value_decoded"] = codec.decode(found[0].letter["value"] or b"").value
     except Exception as exc:  # the reason it is a dead letter, most likely
@@ -457,10 +456,9 @@ def explain_record(
 ) -> None:
     """Why a golden record holds what it holds: per field, its source, the rule that chose
     it, the values that lost and why, and the field's history from accord.audit."""
-    from streams.codec import AvroCodec, SchemaCache, registry_fetcher
     from streams.explain import explain, read_audit, read_state
     from streams.reconcile import golden_records
-    from streams.registry import registry_client
+    from streams.registry import registry_codec
     from streams.rules import load_rules
     from streams.topology import changelog_topic
 
@@ -480,7 +478,7 @@ def explain_record(
     state = read_state(current.kafka, changelog_topic(current), golden_id)
     if state is None:
         raise AccordError(f"no golden record {golden_id!r} in {changelog_topic(current)}")
-    codec = AvroCodec(SchemaCache(registry_fetcher(registry_client(current))))
+    codec = registry_codec(current)
     audit = read_audit(
         current.kafka, current.topics.audit, golden_id, lambda raw: codec.decode(raw).value
     )

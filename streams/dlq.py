@@ -144,11 +144,10 @@ def read_dead_letters(
 ) -> list[StoredLetter]:
     """Every dead letter on the DLQ topic, oldest first, filtered by reason, original
     topic and first-seen time (an aware datetime)."""
-    from streams.codec import SchemaCache, registry_fetcher
-    from streams.registry import registry_client
+    from streams.registry import registry_codec
     from streams.topics import scan
 
-    codec = AvroCodec(SchemaCache(registry_fetcher(registry_client(settings))))
+    codec = registry_codec(settings)
     letters = []
     for message in scan(settings.kafka, settings.topics.dlq, lambda m: m.value() is not None):
         record = codec.decode(message.value()).value

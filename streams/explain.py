@@ -15,9 +15,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from streams.merge import GoldenState, loads, resolve_field
+from streams.merge import Cell, GoldenState, Resolved, loads, resolve_field
 from streams.model import FIELDS, Value
-from streams.rules import Rule, Rules
+from streams.rules import FieldRule, Rule, Rules
 from streams.topics import scan
 
 EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
@@ -97,7 +97,7 @@ def explain(state: GoldenState, rules: Rules, audit: list[dict[str, Any]]) -> Ex
                 continue
             if winner and (contribution.system, contribution.key) == (winner.system, winner.key):
                 continue
-            why = _why_lost(spec.rule, spec.order, spec.owner, contribution.system, cell, winner)
+            why = _why_lost(spec, contribution.system, cell, winner)
             losers.append(
                 Loser(contribution.system, contribution.key, cell.value, cell.order[0], why)
             )
@@ -128,14 +128,8 @@ def explain(state: GoldenState, rules: Rules, audit: list[dict[str, Any]]) -> Ex
     )
 
 
-def _why_lost(
-    rule: Rule,
-    order: tuple[str, ...],
-    owner: str | None,
-    system: str,
-    cell: Any,
-    winner: Any,
-) -> str:
+def _why_lost(spec: FieldRule, system: str, cell: Cell, winner: Resolved | None) -> str:
+    rule, order, owner = spec.rule, spec.order, spec.owner
     if cell.echo:
         return "Accord's own write, echoed back: it does not compete"
     if cell.value is None:

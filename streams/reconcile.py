@@ -16,10 +16,9 @@ from typing import Any
 
 from psycopg import sql
 
-from streams.codec import AvroCodec, SchemaCache, registry_fetcher
 from streams.mapping import Mapper, SystemMapping, canonical_row
 from streams.projection import SinkKind, SinkSpec
-from streams.registry import registry_client
+from streams.registry import registry_codec
 from streams.settings import AccordSettings
 from streams.sources import mariadb, postgres
 from streams.topics import scan
@@ -162,7 +161,7 @@ def _equal(a: Any, b: Any) -> bool:
 
 def golden_records(settings: AccordSettings, timeout_s: float = 60.0) -> dict[str, dict]:
     """The latest version of every golden record, from the compacted `accord.golden`."""
-    codec = AvroCodec(SchemaCache(registry_fetcher(registry_client(settings))))
+    codec = registry_codec(settings)
     latest: dict[str, dict] = {}
     for message in scan(
         settings.kafka, settings.topics.golden, lambda m: m.value() is not None, timeout_s

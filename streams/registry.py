@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from confluent_kafka.schema_registry import SchemaRegistryClient
 
+from streams.codec import AvroCodec, SchemaCache, registry_fetcher
 from streams.settings import AccordSettings
 
 # confluent-kafka's client waits forever by default; a request stuck on a dead
@@ -21,3 +22,8 @@ def registry_client(settings: AccordSettings) -> SchemaRegistryClient:
             "max.retries": MAX_RETRIES,
         }
     )
+
+
+def registry_codec(settings: AccordSettings) -> AvroCodec:
+    """A codec that fetches writer schemas from the registry (once each) by id."""
+    return AvroCodec(SchemaCache(registry_fetcher(registry_client(settings))))

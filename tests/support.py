@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
@@ -15,6 +19,7 @@ from confluent_kafka.serialization import MessageField, SerializationContext
 from streams.registry import registry_client
 from streams.settings import AccordSettings, TopicSettings
 from streams.topics import RAW_TOPICS
+from streams.workers import WorkerProcess, worker_env
 
 
 def free_port() -> int:
@@ -44,6 +49,35 @@ def isolated(settings: AccordSettings, partitions: int = 3) -> AccordSettings:
         }
     )
     return settings.model_copy(update={"topics": topics, "worker": worker})
+
+
+def without_appliers(settings: AccordSettings) -> AccordSettings:
+    """The same settings with a worker that runs no applier of its own."""
+    return settings.model_copy(update={"worker": settings.worker.model_copy(update={"sinks": []})})
+
+
+@contextmanager
+def running_worker(settings: AccordSettings) -> Iterator[WorkerProcess]:
+    """A real `accord worker` that starts at the raw topics' current ends, so that it
+    processes only what the test writes; stopped when the block ends."""
+    start_group_at_end(settings, settings.worker.app_id)
+    worker = WorkerProcess(settings)
+    worker.start()
+    try:
+        yield worker
+    finally:
+        worker.stop()
+
+
+def accord(settings: AccordSettings, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run the `accord` command against these settings, as an operator would."""
+    return subprocess.run(
+        [sys.executable, "-m", "streams.cli", *args],
+        env={**os.environ, **worker_env(settings)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def start_group_at_end(settings: AccordSettings, group_id: str) -> None:

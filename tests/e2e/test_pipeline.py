@@ -7,9 +7,6 @@ of its own, fed by the real Debezium connectors.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import threading
 import uuid
 from collections import Counter
@@ -25,8 +22,16 @@ from streams.settings import AccordSettings
 from streams.sources import mariadb, postgres
 from streams.stack.process import wait_until
 from streams.topics import RAW_TOPICS
-from streams.workers import WorkerProcess, worker_env
-from tests.support import TopicTail, drained, isolated, latest_by_key, start_group_at_end
+from streams.workers import WorkerProcess
+from tests.support import (
+    TopicTail,
+    accord,
+    drained,
+    isolated,
+    latest_by_key,
+    running_worker,
+    without_appliers,
+)
 
 pytestmark = pytest.mark.e2e
 BILLING_CONNECTOR = "accord-billing-source"
@@ -36,17 +41,9 @@ BILLING_CONNECTOR = "accord-billing-source"
 def pipeline(connectors: AccordSettings) -> Iterator[tuple[AccordSettings, WorkerProcess]]:
     """A worker without appliers: these tests are about the merge, and an applier creating
     a row in a system the test is about to insert into would race the test."""
-    settings = isolated(connectors)
-    settings = settings.model_copy(
-        update={"worker": settings.worker.model_copy(update={"sinks": []})}
-    )
-    start_group_at_end(settings, settings.worker.app_id)
-    worker = WorkerProcess(settings)
-    worker.start()
-    try:
+    settings = without_appliers(isolated(connectors))
+    with running_worker(settings) as worker:
         yield settings, worker
-    finally:
-        worker.stop()
 
 
 def golden_with_email(records: list[Any], email: str) -> list[dict]:
@@ -352,13 +349,7 @@ def test_explain_names_the_rule_and_the_losing_value_of_a_conflict(
     assert golden.wait_for(settled, 90)
     assert wait_until(lambda: drained(settings, appliers=[]), 90)
 
-    result = subprocess.run(
-        [sys.executable, "-m", "streams.cli", "explain", email, "--json"],
-        env={**os.environ, **worker_env(settings)},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = accord(settings, "explain", email, "--json")
     assert result.returncode == 0, result.stderr
     fields = {f["name"]: f for f in json.loads(result.stdout)["fields"]}
 

@@ -4,9 +4,6 @@ stopped shows as drift, field by field; the rest is in accord."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -16,8 +13,8 @@ import pytest
 from streams.settings import AccordSettings
 from streams.sources import postgres
 from streams.stack.process import wait_until
-from streams.workers import WorkerProcess, worker_env
-from tests.support import TopicTail, drained, isolated, latest_by_key, start_group_at_end
+from streams.workers import WorkerProcess
+from tests.support import TopicTail, accord, drained, isolated, latest_by_key, running_worker
 
 pytestmark = pytest.mark.e2e
 SYSTEMS = ("--system", "crm", "--system", "support")  # billing: this test leaves it alone
@@ -27,23 +24,12 @@ SYSTEMS = ("--system", "crm", "--system", "support")  # billing: this test leave
 def worker(connectors: AccordSettings) -> Iterator[tuple[AccordSettings, WorkerProcess]]:
     """A worker with its appliers, on topics and groups of its own."""
     settings = isolated(connectors)
-    start_group_at_end(settings, settings.worker.app_id)
-    process = WorkerProcess(settings)
-    process.start()
-    try:
+    with running_worker(settings) as process:
         yield settings, process
-    finally:
-        process.stop()
 
 
 def reconcile(settings: AccordSettings) -> tuple[int, dict[str, dict[str, Any]]]:
-    result = subprocess.run(
-        [sys.executable, "-m", "streams.cli", "reconcile", "--json", *SYSTEMS],
-        env={**os.environ, **worker_env(settings)},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = accord(settings, "reconcile", "--json", *SYSTEMS)
     assert result.returncode in (0, 1), result.stderr
     return result.returncode, {card["target"]: card for card in json.loads(result.stdout)}
 

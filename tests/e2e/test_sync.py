@@ -29,8 +29,8 @@ from streams.settings import AccordSettings
 from streams.sources import mariadb, postgres
 from streams.stack.process import ProcessSpec, read_pid, spawn, stop
 from streams.topics import RAW_TOPICS
-from streams.workers import WorkerProcess, worker_env
-from tests.support import TopicTail, isolated, quiesced, start_group_at_end
+from streams.workers import worker_env
+from tests.support import TopicTail, isolated, quiesced, running_worker, without_appliers
 
 pytestmark = pytest.mark.e2e
 SYSTEMS = ("crm", "billing", "support")
@@ -51,22 +51,16 @@ def applier(settings: AccordSettings, target: str) -> ProcessSpec:
 
 @pytest.fixture
 def sync(connectors: AccordSettings) -> Iterator[tuple[AccordSettings, dict[str, ProcessSpec]]]:
-    settings = isolated(connectors)
-    settings = settings.model_copy(
-        update={"worker": settings.worker.model_copy(update={"sinks": []})}
-    )
-    start_group_at_end(settings, settings.worker.app_id)
-    worker = WorkerProcess(settings)
-    worker.start()
-    appliers = {target: applier(settings, target) for target in SYSTEMS}
-    for spec in appliers.values():
-        spawn(spec)
-    try:
-        yield settings, appliers
-    finally:
+    settings = without_appliers(isolated(connectors))
+    with running_worker(settings):
+        appliers = {target: applier(settings, target) for target in SYSTEMS}
         for spec in appliers.values():
-            stop(spec, 30)
-        worker.stop()
+            spawn(spec)
+        try:
+            yield settings, appliers
+        finally:
+            for spec in appliers.values():
+                stop(spec, 30)
 
 
 @dataclass

@@ -2,10 +2,7 @@
 valid event is processed, and the consumer never stops."""
 
 import json
-import os
 import struct
-import subprocess
-import sys
 import uuid
 from typing import Any
 
@@ -19,10 +16,9 @@ from confluent_kafka.serialization import MessageField, SerializationContext
 from streams.registry import registry_client
 from streams.settings import AccordSettings
 from streams.stack.process import wait_until
-from streams.workers import worker_env
 from tests import vectors
 from tests.integration.conftest import running_consumer
-from tests.support import isolated
+from tests.support import accord, isolated
 
 pytestmark = pytest.mark.integration
 
@@ -145,13 +141,7 @@ def _accord(settings: AccordSettings, *args: str) -> Any:
 
 
 def _accord_text(settings: AccordSettings, *args: str) -> str:
-    result = subprocess.run(
-        [sys.executable, "-m", "streams.cli", *args],
-        env={**os.environ, **worker_env(settings)},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = accord(settings, *args)
     assert result.returncode == 0, result.stderr
     return result.stdout
 
