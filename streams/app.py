@@ -31,7 +31,7 @@ from streams.codec import AvroCodec, RegistryUnavailable, SchemaCache, registry_
 from streams.connect import SYSTEMS, ConnectClient, ConnectorWatchdog, load_connector
 from streams.dedupe import Deduplicator, RedisUnavailable
 from streams.dlq import DeadLetterWriter
-from streams.emit import Emitter, EmitTopics, plan_sinks
+from streams.emit import Emitter, EmitTopics, plan_sinks, repair
 from streams.errors import ConfigError
 from streams.faust_codec import canonical_codec
 from streams.identity import IdentityResolver
@@ -57,6 +57,11 @@ MERGED = Counter(
 )
 REJECTED = Counter(
     "accord_merge_rejected_total", "Values an owner rule refused", ["system", "field"]
+)
+REPAIRS = Counter(
+    "accord_merge_repairs_total",
+    "Repair requests from reconcile, by result: planned (a correction was sent) or none",
+    ["target", "result"],
 )
 
 
@@ -259,12 +264,17 @@ def create_app(settings: AccordSettings, rules: Rules | None = None) -> faust.Ap
             key = event.key
             stored = golden.get(key)
             state = loads(stored) if stored else GoldenState(key.decode())
-            outcome = apply(state, change, rules)
-            MERGED.labels(_merge_outcome(outcome)).inc()
-            for name in outcome.rejected:
-                REJECTED.labels(change.system, name).inc()
+            if change.observed:
+                outcome = repair(state, change, sinks, rules)
+                REPAIRS.labels(change.system, "planned" if outcome.state_changed else "none").inc()
+            else:
+                outcome = apply(state, change, rules)
+                MERGED.labels(_merge_outcome(outcome)).inc()
+                for name in outcome.rejected:
+                    REJECTED.labels(change.system, name).inc()
+                if outcome.state_changed:
+                    stage(state, change, outcome, plan_sinks(state, change, sinks, rules))
             if outcome.state_changed:
-                stage(state, change, outcome, plan_sinks(state, change, sinks, rules))
                 golden[key] = dumps(state)  # the changelog write `emit` turns into outputs
                 acks.after(golden.last_write, event)
             else:

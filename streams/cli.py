@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -297,6 +298,77 @@ def reset_app(
     )
 
 
+@app.command("monitor")
+def monitor(
+    once: Annotated[bool, typer.Option("--once", help="One snapshot, then exit.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON (with --once).")] = False,
+    interval: Annotated[
+        float, typer.Option(min=0.2, help="Seconds between refreshes (and rate samples).")
+    ] = 2.0,
+) -> None:
+    """Live view of the source and Accord topics, each consumer group's lag per partition,
+    the DLQ, the connectors and the replication slots. Ctrl-C to leave."""
+    from rich.live import Live
+
+    from streams.monitor import Monitor
+
+    current = settings()
+    watcher = Monitor(current)
+    try:
+        watcher.snapshot(connectors=False, slots=False)  # first offsets, so rates have a base
+        if once:
+            time.sleep(interval)  # sampling period of the rates, not a synchronisation
+            snapshot = watcher.snapshot()
+            if json_out:
+                print(json.dumps(snapshot.as_dict(), indent=2))
+            else:
+                console.print(_render_monitor(snapshot, current.worker.app_id))
+            return
+        with Live(console=console, auto_refresh=False, screen=False) as live:
+            while True:
+                time.sleep(interval)
+                live.update(_render_monitor(watcher.snapshot(), current.worker.app_id))
+                live.refresh()
+    except ConnectionError as exc:
+        raise AccordError(f"{exc}\n  is the stack up? `accord stack status`") from exc
+    except KeyboardInterrupt:
+        pass
+
+
+def _render_monitor(snapshot: Any, app_id: str) -> Any:
+    from rich.console import Group
+
+    topics = Table("topic", "kind", "partitions", "messages", "msg/s", title="Topics")
+    for t in snapshot.topics:
+        rate = "-" if t.rate_per_s is None else f"{t.rate_per_s:,.1f}"
+        held = f"{t.messages:,}" if t.exists else "(not created)"
+        topics.add_row(t.topic, t.kind, str(t.partitions), held, rate)
+    groups = Table(
+        "group / partition", "committed", "end", "lag", "owner",
+        title=f"Consumer groups of app {app_id}",
+    )  # fmt: skip
+    for g in snapshot.groups:
+        header = f"[bold]{g.group}[/bold] {g.state.lower()}, {g.members} members"
+        groups.add_row(header, "", "", f"[bold]{g.lag:,}[/bold]", "")
+        for p in g.partitions:
+            committed = "-" if p.committed is None else f"{p.committed:,}"
+            groups.add_row(
+                f"  {p.topic}[{p.partition}]", committed, f"{p.end_offset:,}", f"{p.lag:,}",
+                p.owner or "(unassigned)", style="yellow" if p.lag else None,
+            )  # fmt: skip
+    connectors = Table("connector", "state", "tasks", "detail", title="Connectors")
+    for c in snapshot.connectors:
+        style = None if c.state == "RUNNING" and all(t == "RUNNING" for t in c.tasks) else "red"
+        connectors.add_row(c.name, c.state, ", ".join(c.tasks) or "-", c.detail or "", style=style)
+    slots = Table("system", "slot", "active", "WAL held (bytes)", title="Replication slots")
+    for s in snapshot.slots:
+        held = "-" if s.lag_bytes is None else f"{s.lag_bytes:,}"
+        slots.add_row(s.system, s.slot, "yes" if s.active else "no", held)
+    growth = "-" if snapshot.dlq_growth_per_s is None else f"{snapshot.dlq_growth_per_s:+.1f}/s"
+    dlq = f"[bold]DLQ[/bold]: {snapshot.dlq_size:,} entries ({growth})"
+    return Group(topics, groups, connectors, slots, dlq)
+
+
 @app.command("reconcile")
 def reconcile_systems(
     system: Annotated[
@@ -304,13 +376,24 @@ def reconcile_systems(
     ] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     details: Annotated[int, typer.Option(help="Drifts listed per target.")] = 20,
+    repair: Annotated[
+        bool,
+        typer.Option(
+            "--repair",
+            help="Send each drifted row a correction through the merge (a new revision, "
+            "applied only if the row still holds what was read).",
+        ),
+    ] = False,
 ) -> None:
     """Compare every SQL target's rows with the golden records, field by field: checked,
-    in accord, drifted, missing, orphaned. Exits 1 when anything drifted or is missing."""
+    in accord, drifted, missing, orphaned. Exits 1 when anything drifted or is missing
+    (with --repair: when anything is missing or a drifted row got no repair request)."""
     from streams.reconcile import reconcile
 
     try:
-        cards = reconcile(settings(), system, progress=err.print if not json_out else _quiet)
+        cards = reconcile(
+            settings(), system, progress=err.print if not json_out else _quiet, repair=repair
+        )
     except ValueError as exc:
         raise AccordError(str(exc)) from exc
     if json_out:
@@ -331,7 +414,11 @@ def reconcile_systems(
                     f"{drift.target_value!r}, golden {drift.golden!r}",
                     markup=False,
                 )
-    if any(card.drifted or card.missing for card in cards):
+        if repair:
+            sent = sum(card.repairs_requested for card in cards)
+            console.print(f"{sent} repair requests sent; run reconcile again to see them applied")
+    unrepaired = [c.drifted - (c.repairs_requested if repair else 0) for c in cards]
+    if any(c.missing for c in cards) or any(n > 0 for n in unrepaired):
         raise typer.Exit(1)
 
 

@@ -28,7 +28,7 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 from prometheus_client import Counter
 
-from streams.merge import GoldenState, SinkOrder, deletes_everywhere, loads
+from streams.merge import GoldenState, Outcome, SinkOrder, deletes_everywhere, loads, stage
 from streams.model import EPOCH, FIELDS, Change, Op, Value
 from streams.projection import SinkSpec
 from streams.rules import Rules
@@ -99,6 +99,48 @@ def plan_sinks(
             state.sent[row.link] = fingerprint
             state.remember_sent(row.link, {name: projected[name] for name in differs})
     return orders
+
+
+def plan_repair(
+    state: GoldenState, change: Change, sinks: dict[str, SinkSpec], rules: Rules
+) -> list[SinkOrder]:
+    """The correction of one target row that holds `change.values` (a repair request).
+
+    The row drifted without telling the merge (an edit its CDC did not carry, an apply
+    that was lost), so its cells cannot be trusted: the observed values decide what
+    differs and are the compare-and-set's expectation. No golden value moves.
+    """
+    spec = sinks.get(change.system)
+    row = state.contributions.get(change.link)
+    if spec is None or row is None or not row.alive:
+        return []
+    if deletes_everywhere(state, rules):
+        if not spec.delete:
+            return []
+        state.sent[row.link] = DELETED
+        return [SinkOrder(spec.target, Op.DELETE, row.key, {}, ())]
+    golden = state.values()
+    projected = {name: golden.get(name) for name in spec.fields}
+    observed = change.values
+    differs = tuple(
+        name for name, value in projected.items() if not _same(observed.get(name), value)
+    )
+    if not differs:
+        return []
+    state.sent[row.link] = _fingerprint(projected)
+    state.remember_sent(row.link, {name: projected[name] for name in differs})
+    # A row that fails its own mapping has no canonical reading to compare and set on.
+    held = {name: observed.get(name) for name in differs} if observed else None
+    return [SinkOrder(spec.target, Op.UPSERT, row.key, projected, differs, held)]
+
+
+def repair(state: GoldenState, change: Change, sinks: dict[str, SinkSpec], rules: Rules) -> Outcome:
+    """Stage a repair request's correction as a new revision (see `plan_repair`)."""
+    orders = plan_repair(state, change, sinks, rules)
+    outcome = Outcome((), False, bool(orders), ())
+    if orders:
+        stage(state, change, outcome, orders)
+    return outcome
 
 
 def _fingerprint(values: dict[str, Value]) -> str:

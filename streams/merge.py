@@ -195,7 +195,10 @@ def apply(state: GoldenState, change: Change, rules: Rules) -> Outcome:
         cell = contribution.cells.get(name)
         if cell is not None and order <= cell.order:
             continue
-        echo = sent is not None and any(_same(v, value) for v in sent.get(name, ()))
+        if cell is not None and _same(cell.value, value):
+            echo = cell.echo  # the row still holds what it held: no new opinion, nor an echo
+        else:
+            echo = sent is not None and any(_same(v, value) for v in sent.get(name, ()))
         contribution.cells[name] = Cell(value, order, echo)
         touched.append(name)
         owner = rules.fields[name].owner

@@ -77,6 +77,9 @@ class Change:
     snapshot: bool = False
     golden_id: str | None = None
     captured_at_ms: int = 0
+    # A repair request (`accord reconcile --repair`): `values` are what the target row
+    # holds now, read by reconcile. The merge corrects the row and resolves nothing from it.
+    observed: bool = False
 
     @property
     def link(self) -> str:
@@ -106,6 +109,7 @@ class Change:
             "fields": {name: self.values.get(name) for name in FIELDS},
             "present": [name for name in FIELDS if name in self.values],
             "captured_at": _micros_to_datetime(self.captured_at_ms * 1000),
+            "observed": self.observed,
         }
 
     @classmethod
@@ -122,6 +126,7 @@ class Change:
             snapshot=record["snapshot"],
             golden_id=record["golden_id"],
             captured_at_ms=_datetime_to_micros(record["captured_at"]) // 1000,
+            observed=record.get("observed", False),
         )
 
 

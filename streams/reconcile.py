@@ -10,6 +10,8 @@ agrees). The comparison is plain (`compare`); reading is batched.
 
 from __future__ import annotations
 
+import time
+import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -17,6 +19,7 @@ from typing import Any
 from psycopg import sql
 
 from streams.mapping import Mapper, SystemMapping, canonical_row
+from streams.model import Change, Op
 from streams.projection import SinkKind, SinkSpec
 from streams.registry import registry_codec
 from streams.settings import AccordSettings
@@ -45,6 +48,8 @@ class Scorecard:
     missing: int = 0  # a golden record the target should hold and does not
     orphaned: int = 0  # a target row no golden record links to
     drifts: list[Drift] = field(default_factory=list)
+    drifted_rows: list[tuple[str, str]] = field(default_factory=list)  # (golden id, key)
+    repairs_requested: int = 0
     missing_ids: list[str] = field(default_factory=list)
     orphaned_keys: list[str] = field(default_factory=list)
 
@@ -56,6 +61,7 @@ class Scorecard:
             "drifted": self.drifted,
             "missing": self.missing,
             "orphaned": self.orphaned,
+            "repairs_requested": self.repairs_requested,
             "drifts": [asdict(d) for d in self.drifts[:details]],
             "missing_ids": self.missing_ids[:details],
             "orphaned_keys": self.orphaned_keys[:details],
@@ -89,6 +95,7 @@ def compare(
             if present:
                 card.drifted += 1
                 card.drifts.append(Drift(golden_id, spec.target, present[0], "*", None, "exists"))
+                card.drifted_rows.append((golden_id, present[0]))
             else:
                 card.in_accord += 1
             continue
@@ -107,6 +114,7 @@ def compare(
             if drifts:
                 card.drifted += 1
                 card.drifts.extend(drifts)
+                card.drifted_rows.append((golden_id, key))
             else:
                 card.in_accord += 1
     orphans = sorted(set(rows) - linked)
@@ -218,8 +226,12 @@ def reconcile(
     settings: AccordSettings,
     systems: list[str] | None = None,
     progress: Callable[[str], None] = lambda _message: None,
+    repair: bool = False,
 ) -> list[Scorecard]:
-    """Every SQL target's scorecard against the golden records (all rows, batched)."""
+    """Every SQL target's scorecard against the golden records (all rows, batched).
+
+    `repair`: also send a repair request for every drifted row (see `repair_requests`).
+    """
     from streams.mapping import load_mappings
     from streams.projection import load_sinks
     from streams.rules import DeletePolicy, load_rules
@@ -241,5 +253,88 @@ def reconcile(
         rows = target_rows(settings, spec)
         card = compare(spec, mappings[target], golden, rows, deleted_everywhere=propagate)
         progress(f"{target}: {len(rows)} rows, {card.drifted} drifted, {card.missing} missing")
+        if repair and card.drifted_rows:
+            fresh = target_rows(settings, spec, [key for _, key in card.drifted_rows])
+            requests = repair_requests(mappings[target], card, fresh, time.time_ns() // 1000)
+            send_repairs(settings, requests)
+            card.repairs_requested = len(requests)
+            progress(f"{target}: {len(requests)} repair requests sent to {settings.topics.changes}")
         cards.append(card)
     return cards
+
+
+# ----------------------------------------------------------------------- repairing
+
+
+def repair_requests(
+    mapping: SystemMapping, card: Scorecard, rows: Mapping[str, dict[str, Any]], now_us: int
+) -> list[Change]:
+    """One repair request per drifted row, carrying what the row holds now.
+
+    A request goes through the merge like any change (keyed by golden id, so it meets
+    that record's state in order): the merge plans the row's correction as a new revision,
+    which the applier writes only if the row still holds what was observed.
+    """
+    requests = []
+    for golden_id, key in card.drifted_rows:
+        row = rows.get(key)
+        if row is None:
+            continue  # gone since it was read: nothing left to correct
+        requests.append(
+            Change(
+                change_id=f"repair:{card.target}:{key}:{uuid.uuid4().hex}",
+                system=card.target,
+                source_key=key,
+                op=Op.UPSERT,
+                source_ts=now_us,
+                position="",
+                values=canonical_row(mapping, key, row) or {},
+                golden_id=golden_id,
+                captured_at_ms=now_us // 1000,
+                observed=True,
+            )
+        )
+    return requests
+
+
+def send_repairs(settings: AccordSettings, requests: list[Change]) -> None:
+    """Write repair requests to the merge's input topic and wait until the broker has them."""
+    from confluent_kafka import Producer
+
+    from streams.faust_codec import canonical_codec
+    from streams.registry import registry_client
+
+    codec = canonical_codec(
+        settings,
+        registry_client(settings),
+        "dev.accord.CustomerChange",
+        settings.topics.changes,
+    )
+    failures: list[str] = []
+
+    def delivered(error: Any, _message: Any) -> None:
+        if error is not None:
+            failures.append(str(error))
+
+    # murmur2, as Faust's producer partitions by key: a request must reach the partition
+    # that holds its golden record's state.
+    producer = Producer(
+        {
+            "bootstrap.servers": settings.kafka,
+            "enable.idempotence": True,
+            "partitioner": "murmur2_random",
+        }
+    )
+    for request in requests:
+        producer.produce(
+            settings.topics.changes,
+            key=(request.golden_id or "").encode(),
+            value=codec.dumps(request.to_record()),
+            on_delivery=delivered,
+        )
+    remaining = producer.flush(30)
+    if remaining or failures:
+        raise RuntimeError(
+            f"{remaining + len(failures)} of {len(requests)} repair requests were not "
+            f"delivered to {settings.topics.changes}: {'; '.join(failures[:3]) or 'timed out'}"
+        )

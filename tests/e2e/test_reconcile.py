@@ -1,5 +1,6 @@
 """`accord reconcile` on the real stack: a target row changed while the pipeline is
-stopped shows as drift, field by field; the rest is in accord."""
+stopped shows as drift, field by field; the rest is in accord. `--repair` corrects a row
+whose change the source log never carried, through the merge."""
 
 from __future__ import annotations
 
@@ -8,10 +9,12 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
+import pymysql
 import pytest
 
 from streams.settings import AccordSettings
-from streams.sources import postgres
+from streams.sources import mariadb, postgres
+from streams.stack.components import MariaDB, StackPaths
 from streams.stack.process import wait_until
 from streams.workers import WorkerProcess
 from tests.support import TopicTail, accord, drained, isolated, latest_by_key, running_worker
@@ -28,8 +31,10 @@ def worker(connectors: AccordSettings) -> Iterator[tuple[AccordSettings, WorkerP
         yield settings, process
 
 
-def reconcile(settings: AccordSettings) -> tuple[int, dict[str, dict[str, Any]]]:
-    result = accord(settings, "reconcile", "--json", *SYSTEMS)
+def reconcile(
+    settings: AccordSettings, *args: str, systems: tuple[str, ...] = SYSTEMS
+) -> tuple[int, dict[str, dict[str, Any]]]:
+    result = accord(settings, "reconcile", "--json", *systems, *args)
     assert result.returncode in (0, 1), result.stderr
     return result.returncode, {card["target"]: card for card in json.loads(result.stdout)}
 
@@ -72,3 +77,76 @@ def test_reconcile_reports_a_target_row_changed_while_the_pipeline_is_stopped(
     assert (drift["golden_id"], drift["field"]) == (record["golden_id"], "display_name")
     assert (drift["golden"], drift["target_value"]) == ("Ada Lovelace", "Grace Hopper")
     assert (cards["crm"]["drifted"], cards["crm"]["in_accord"]) == (0, 1)
+
+
+def edit_behind_the_binlog(settings: AccordSettings, statement: str, *params: object) -> None:
+    """An edit the source log never carries (`sql_log_bin = 0`, as a hand fix or a restore
+    would be): only reconcile can see it, and nothing in the pipeline will correct it."""
+    server = MariaDB(settings, StackPaths(settings.stack.state_dir.resolve()))
+    root = settings.stack.mariadb_root_password.get_secret_value()
+    with pymysql.connect(
+        unix_socket=str(server.socket),
+        user="root",
+        password=root,
+        database=settings.billing.database,
+        autocommit=True,
+    ) as conn, conn.cursor() as cur:  # fmt: skip
+        cur.execute("SET SESSION sql_log_bin = 0")
+        cur.execute(statement, params)
+        assert cur.rowcount == 1
+
+
+def billing_company(settings: AccordSettings, account_no: str) -> str:
+    with mariadb(settings) as conn, conn.cursor() as cur:
+        cur.execute("SELECT legal_name FROM accounts WHERE account_no = %s", (account_no,))
+        return cur.fetchone()[0]
+
+
+def test_repair_corrects_a_row_whose_change_the_source_log_never_carried(
+    worker: tuple[AccordSettings, WorkerProcess],
+) -> None:
+    settings, process = worker
+    tag = uuid.uuid4().hex[:8]
+    account_no, email = f"R-{tag}", f"repair-{tag}@example.com"
+    golden = TopicTail(settings, settings.topics.golden)
+    with mariadb(settings) as conn, conn.cursor() as cur:
+        cur.execute(
+            "INSERT INTO accounts (account_no, legal_name, contact_email, billing_country) "
+            "VALUES (%s, 'Acme Ltd', %s, 'GB')",
+            (account_no, email),
+        )
+
+    def linked(records: list[Any]) -> bool:
+        return any(r["fields"]["email"] == email for r in latest_by_key(records).values())
+
+    assert golden.wait_for(linked, 120)
+    assert wait_until(lambda: drained(settings), 90)
+    billing = ("--system", "billing")
+    status, cards = reconcile(settings, systems=billing)
+    assert status == 0 and cards["billing"]["drifted"] == 0, cards
+    [before] = [r for r in latest_by_key(golden.records).values() if r["fields"]["email"] == email]
+
+    process.stop()
+    edit_behind_the_binlog(
+        settings, "UPDATE accounts SET legal_name = 'Evil Corp' WHERE account_no = %s", account_no
+    )
+    process.start()
+    assert wait_until(lambda: drained(settings), 90)
+    status, cards = reconcile(settings, systems=billing)
+    assert status == 1  # the pipeline ran, and did not see it
+    [drift] = cards["billing"]["drifts"]
+    assert (drift["key"], drift["field"]) == (account_no, "legal_name")
+    assert (drift["golden"], drift["target_value"]) == ("Acme Ltd", "Evil Corp")
+
+    status, cards = reconcile(settings, "--repair", systems=billing)
+    assert status == 0 and cards["billing"]["repairs_requested"] == 1, cards
+    assert wait_until(lambda: billing_company(settings, account_no) == "Acme Ltd", 60)
+    assert wait_until(lambda: drained(settings), 90)
+    status, cards = reconcile(settings, systems=billing)
+    assert status == 0 and cards["billing"]["drifted"] == 0, cards
+    # The repair corrected the row and moved no golden value: the record's version is the
+    # one it had before, and its company is still the one billing first reported.
+    golden.read_to_end()
+    [record] = [r for r in latest_by_key(golden.records).values() if r["fields"]["email"] == email]
+    assert record["fields"]["company"] == "Acme Ltd"
+    assert record["version"] == before["version"]

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 from decimal import Decimal
 from pathlib import Path
 
-from streams.emit import outputs, plan_sinks
+from streams.emit import outputs, plan_sinks, repair
 from streams.merge import GoldenState, apply, dumps, loads, stage
 from streams.model import Change, Op
 from streams.projection import load_sinks
@@ -172,3 +173,56 @@ def test_the_echo_of_a_created_row_is_recognised() -> None:
     merge(state, change("support", "u-new", 2, email="a@x.io", first_name="Ada"))
     cells = state.contributions["support:u-new"].cells
     assert cells["email"].echo and cells["first_name"].echo
+
+
+def observed(system: str, key: str, **values: object) -> Change:
+    """A repair request: what reconcile read in the row, not an edit."""
+    return replace(change(system, key, 10**9, **values), observed=True)
+
+
+def test_a_repair_request_corrects_the_row_it_observed_without_moving_the_golden_record() -> None:
+    state = GoldenState("g")
+    merge(state, change("crm", "1", 1, email="a@x.io", company="Acme"))
+    merge(state, change("billing", "AC-1", 2, email="a@x.io", company="Acme"))
+    before, version, revision = state.values(), state.version, state.revision
+    # Someone changed the billing row and its binlog did not carry it: the cells still
+    # say "Acme", the row holds "Evil Corp".
+    outcome = repair(state, observed("billing", "AC-1", email="a@x.io", company="Evil Corp"),
+                     SINKS, RULES)  # fmt: skip
+    assert outcome.state_changed and not outcome.new_version
+    assert state.values() == before and state.version == version
+    assert state.revision == revision + 1
+    [order] = state.outbox
+    assert (order.target, order.op, order.target_key, order.changed) == (
+        "billing", Op.UPSERT, "AC-1", ("company",)
+    )  # fmt: skip
+    assert order.values["company"] == "Acme" and order.expected == {"company": "Evil Corp"}
+    assert outputs(state, now_ms=0).golden is None  # a correction, not a new version
+    # The corrected row's CDC echo repeats the row's own value: it still competes, and
+    # the golden record neither moves nor sends anything.
+    assert merge(state, change("billing", "AC-1", 3, company="Acme")) == []
+    assert state.values() == before and state.golden["company"].system == "billing"
+
+
+def test_a_repair_request_for_a_row_in_accord_or_unknown_plans_nothing() -> None:
+    state = GoldenState("g")
+    merge(state, change("crm", "1", 1, email="a@x.io", company="Acme"))
+    merge(state, change("billing", "AC-1", 2, email="a@x.io", company="Acme"))
+    revision = state.revision
+    in_accord = observed("billing", "AC-1", email="a@x.io", company="Acme")
+    assert not repair(state, in_accord, SINKS, RULES).state_changed
+    assert not repair(state, observed("billing", "AC-9", company="X"), SINKS, RULES).state_changed
+    assert state.revision == revision
+
+
+def test_a_repair_request_deletes_a_row_that_propagate_already_deleted_everywhere() -> None:
+    rules = Rules(RULES.fields, RULES.priority, DeletePolicy.PROPAGATE, RULES.match)
+    state = GoldenState("g")
+    merge(state, change("crm", "1", 1, email="a@x.io"), rules)
+    merge(state, change("support", "u-1", 2, email="a@x.io"), rules)
+    merge(state, change("crm", "1", 3, op=Op.DELETE), rules)
+    merge(state, change("support", "u-1", 4, op=Op.DELETE), rules)
+    # The support row came back behind the pipeline's back (a restore from backup).
+    state.contributions["support:u-1"].alive = True
+    repair(state, observed("support", "u-1", email="a@x.io"), SINKS, rules)
+    assert [(o.target, o.op, o.target_key) for o in state.outbox] == [("support", Op.DELETE, "u-1")]

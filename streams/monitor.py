@@ -1,0 +1,283 @@
+"""Monitor: one consistent picture of Accord's topics, consumer groups, connectors and slots.
+
+Every snapshot is read fresh from the broker, Connect and PostgreSQL: a group's lag is
+computed from its committed offsets and the topics' current partitions, and the owner of
+each partition from the group's current description. Nothing is carried over from an
+earlier snapshot except the offsets used to compute rates, so after a rebalance no
+partition is reported under an owner that gave it up, and none is left out.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from confluent_kafka import ConsumerGroupTopicPartitions, KafkaException, TopicPartition
+from confluent_kafka.admin import AdminClient, OffsetSpec
+
+from streams.settings import AccordSettings
+
+REQUEST_TIMEOUT_S = 10.0
+
+
+@dataclass(frozen=True)
+class WatchedTopic:
+    name: str
+    kind: str  # source, changes, changelog, golden, audit, dlq, sink
+
+
+@dataclass
+class TopicStats:
+    topic: str
+    kind: str
+    partitions: int
+    messages: int  # held now: end offsets minus earliest offsets
+    end_offsets: list[int]
+    rate_per_s: float | None = None  # messages written per second since the last snapshot
+    exists: bool = True
+
+
+@dataclass
+class PartitionLag:
+    topic: str
+    partition: int
+    end_offset: int
+    committed: int | None  # None: the group has committed nothing here yet
+    lag: int
+    owner: str | None  # the member that holds it now (client id), None if unassigned
+
+
+@dataclass
+class GroupLag:
+    group: str
+    state: str
+    members: int
+    lag: int
+    partitions: list[PartitionLag] = field(default_factory=list)
+
+
+@dataclass
+class ConnectorStatus:
+    name: str
+    state: str
+    tasks: list[str]
+    detail: str | None = None
+
+
+@dataclass
+class SlotLag:
+    system: str
+    slot: str
+    active: bool
+    lag_bytes: int | None  # WAL the slot still holds back, from its confirmed flush
+
+
+@dataclass
+class Snapshot:
+    taken_at: float
+    topics: list[TopicStats]
+    groups: list[GroupLag]
+    connectors: list[ConnectorStatus]
+    slots: list[SlotLag]
+    dlq_size: int
+    dlq_growth_per_s: float | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def watched_topics(settings: AccordSettings) -> list[WatchedTopic]:
+    """Every source topic and every topic Accord writes, in data-path order."""
+    from streams.mapping import load_mappings
+    from streams.projection import load_sinks
+    from streams.topology import changelog_topic
+
+    topics = settings.topics
+    mappings = load_mappings(settings.connectors_dir)
+    return [
+        *(WatchedTopic(m.topic, "source") for m in mappings.values()),
+        WatchedTopic(topics.changes, "changes"),
+        WatchedTopic(changelog_topic(settings), "changelog"),
+        WatchedTopic(topics.golden, "golden"),
+        WatchedTopic(topics.audit, "audit"),
+        *(
+            WatchedTopic(topics.sink(t), "sink")
+            for t in sorted(load_sinks(settings.connectors_dir))
+        ),
+        WatchedTopic(topics.dlq, "dlq"),
+    ]
+
+
+def accord_groups(group_ids: Iterable[str], app_id: str) -> list[str]:
+    """The consumer groups of one Accord app: its agents, emitter and appliers."""
+    return sorted(g for g in group_ids if g == app_id or g.startswith(f"{app_id}-"))
+
+
+def group_lag(
+    group: str,
+    state: str,
+    committed: dict[tuple[str, int], int],
+    owners: dict[tuple[str, int], str],
+    ends: dict[tuple[str, int], int],
+    starts: dict[tuple[str, int], int],
+    members: int,
+) -> GroupLag:
+    """A group's lag on every partition of every topic it reads (committed to or owns).
+
+    Partitions come from the topics' current layout, so a partition that nobody owns
+    after a rebalance still shows its lag; one with no commit counts from its start.
+    """
+    topics = {topic for topic, _ in [*committed, *owners]}
+    result = GroupLag(group, state, members, 0)
+    for topic, partition in sorted(key for key in ends if key[0] in topics):
+        end = ends[(topic, partition)]
+        offset = committed.get((topic, partition))
+        lag = max(0, end - (offset if offset is not None else starts.get((topic, partition), 0)))
+        owner = owners.get((topic, partition))
+        result.partitions.append(PartitionLag(topic, partition, end, offset, lag, owner))
+        result.lag += lag
+    return result
+
+
+class Monitor:
+    """Takes snapshots; keeps the previous one's offsets to turn them into rates."""
+
+    def __init__(self, settings: AccordSettings, admin: AdminClient | None = None) -> None:
+        self.settings = settings
+        self.admin = admin or AdminClient({"bootstrap.servers": settings.kafka})
+        self.watched = watched_topics(settings)
+        self._previous: tuple[float, dict[str, int]] | None = None
+
+    # -- Kafka ------------------------------------------------------------------------
+
+    def _layout(self, topics: list[str]) -> dict[str, int]:
+        metadata = self.admin.list_topics(timeout=REQUEST_TIMEOUT_S).topics
+        return {
+            t: len(metadata[t].partitions)
+            for t in topics
+            if t in metadata and metadata[t].error is None
+        }
+
+    def _offsets(self, layout: dict[str, int], spec: OffsetSpec) -> dict[tuple[str, int], int]:
+        request = {
+            TopicPartition(topic, p): spec for topic, count in layout.items() for p in range(count)
+        }
+        if not request:
+            return {}
+        futures = self.admin.list_offsets(request, request_timeout=REQUEST_TIMEOUT_S)
+        return {(tp.topic, tp.partition): f.result().offset for tp, f in futures.items()}
+
+    def _groups(
+        self, ends: dict[tuple[str, int], int], starts: dict[tuple[str, int], int]
+    ) -> list[GroupLag]:
+        listed = self.admin.list_consumer_groups(request_timeout=REQUEST_TIMEOUT_S).result()
+        ids = accord_groups((g.group_id for g in listed.valid), self.settings.worker.app_id)
+        if not ids:
+            return []
+        descriptions = {
+            g: f.result()
+            for g, f in self.admin.describe_consumer_groups(
+                ids, request_timeout=REQUEST_TIMEOUT_S
+            ).items()
+        }
+        groups = []
+        for group in ids:
+            answer = self.admin.list_consumer_group_offsets(
+                [ConsumerGroupTopicPartitions(group)], request_timeout=REQUEST_TIMEOUT_S
+            )[group].result()
+            committed = {
+                (tp.topic, tp.partition): tp.offset
+                for tp in answer.topic_partitions or []
+                if tp.offset >= 0
+            }
+            description = descriptions[group]
+            owners = {
+                (tp.topic, tp.partition): member.client_id
+                for member in description.members
+                for tp in (member.assignment.topic_partitions if member.assignment else [])
+            }
+            state = getattr(description.state, "name", str(description.state))
+            lag = group_lag(group, state, committed, owners, ends, starts, len(description.members))
+            if lag.partitions or lag.members:  # a one-off reader's empty group is noise
+                groups.append(lag)
+        return groups
+
+    # -- the rest of the pipeline ------------------------------------------------------
+
+    def _connectors(self) -> list[ConnectorStatus]:
+        from streams.connect import SYSTEMS, ConnectClient, load_connector
+
+        client = ConnectClient(self.settings.connect, timeout_s=REQUEST_TIMEOUT_S)
+        result = []
+        for system in SYSTEMS:
+            name = load_connector(self.settings.connectors_dir, system).name
+            try:
+                state = client.state(name)
+            except Exception as exc:  # Connect down is something to show, not to crash on
+                result.append(ConnectorStatus(name, "UNREACHABLE", [], str(exc)[:200]))
+                continue
+            result.append(ConnectorStatus(name, state.state, state.tasks, state.trace))
+        return result
+
+    def _slots(self) -> list[SlotLag]:
+        from streams.sources import postgres
+
+        slots = []
+        for system in ("crm", "support"):
+            try:
+                with postgres(self.settings, system) as conn:
+                    rows = conn.execute(
+                        "SELECT slot_name, active, "
+                        "pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint "
+                        "FROM pg_replication_slots WHERE database = current_database()"
+                    ).fetchall()
+            except Exception as exc:  # a source down is shown as unknown lag
+                slots.append(SlotLag(system, f"unreachable: {str(exc)[:120]}", False, None))
+                continue
+            slots += [SlotLag(system, name, active, lag) for name, active, lag in rows]
+        return slots
+
+    # -- the snapshot -------------------------------------------------------------------
+
+    def snapshot(self, connectors: bool = True, slots: bool = True) -> Snapshot:
+        names = [w.name for w in self.watched]
+        try:
+            layout = self._layout(names)
+            ends = self._offsets(layout, OffsetSpec.latest())
+            starts = self._offsets(layout, OffsetSpec.earliest())
+            groups = self._groups(ends, starts)
+        except KafkaException as exc:
+            raise ConnectionError(f"Kafka at {self.settings.kafka}: {exc}") from exc
+        now = time.monotonic()
+        totals = {t: sum(ends[(t, p)] for p in range(count)) for t, count in layout.items()}
+        elapsed = now - self._previous[0] if self._previous else 0.0
+        topics = []
+        for watched in self.watched:
+            count = layout.get(watched.name, 0)
+            rate = None
+            if self._previous and elapsed > 0 and watched.name in self._previous[1]:
+                rate = (totals[watched.name] - self._previous[1][watched.name]) / elapsed
+            topics.append(
+                TopicStats(
+                    watched.name,
+                    watched.kind,
+                    count,
+                    sum(ends[(watched.name, p)] - starts[(watched.name, p)] for p in range(count)),
+                    [ends[(watched.name, p)] for p in range(count)],
+                    None if rate is None else round(rate, 2),
+                    exists=watched.name in layout,
+                )
+            )
+        self._previous = (now, totals)
+        [dlq] = [t for t in topics if t.kind == "dlq"]
+        return Snapshot(
+            taken_at=time.time(),
+            topics=topics,
+            groups=groups,
+            connectors=self._connectors() if connectors else [],
+            slots=self._slots() if slots else [],
+            dlq_size=dlq.messages,
+            dlq_growth_per_s=dlq.rate_per_s,
+        )
