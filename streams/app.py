@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 import faust
 import mode
 import redis
-from prometheus_client import Counter, generate_latest
+from prometheus_client import CollectorRegistry, Counter, generate_latest
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
@@ -45,6 +45,7 @@ from streams.registry import registry_client
 from streams.rules import Rules, load_rules
 from streams.settings import AccordSettings
 from streams.sinks import SinkRunner
+from streams.status import BoardCollector, StatusBoard, page
 from streams.topology import changelog_topic, ensure_topics
 
 log = logging.getLogger(__name__)
@@ -282,6 +283,10 @@ def create_app(settings: AccordSettings, rules: Rules | None = None) -> faust.Ap
 
     services = [ThreadStatus("emitter")]
     app.service(_thread_service(services[0], _make_emitter(settings, registry)))
+    board = StatusBoard(settings)
+    board_metrics = CollectorRegistry(auto_describe=True)
+    board_metrics.register(BoardCollector(board))
+    app.service(_thread_service(ThreadStatus("status-board"), lambda: board))
     if worker.connector_watchdog:
         services.append(ThreadStatus("connector-watchdog"))
         app.service(_thread_service(services[-1], partial(_make_watchdog, settings)))
@@ -302,8 +307,19 @@ def create_app(settings: AccordSettings, rules: Rules | None = None) -> faust.Ap
 
     @app.page("/metrics")
     async def metrics(web: Any, request: Any) -> Any:
-        """Prometheus text format: every stage's counters, in this worker process."""
-        return web.text(generate_latest().decode(), content_type="text/plain")
+        """Prometheus text format: every stage's counters in this worker process, and the
+        lag, DLQ and drift gauges of the status board."""
+        text = generate_latest() + generate_latest(board_metrics)
+        return web.text(text.decode(), content_type="text/plain")
+
+    @app.page("/status")
+    async def status_page(web: Any, request: Any) -> Any:
+        """Topics and lag, throughput, DLQ, drift and latency; refreshes itself."""
+        return web.text(page(), content_type="text/html")
+
+    @app.page("/status.json")
+    async def status_json(web: Any, request: Any) -> Any:
+        return web.json(board.as_dict())
 
     return app
 

@@ -146,6 +146,15 @@ class WorkerSettings(BaseModel):
     connector_stall_s: float = Field(
         60.0, gt=0, description="A connector without a heartbeat this long is restarted."
     )
+    status_interval_s: float = Field(
+        5.0, gt=0, description="How often the status page and lag metrics are refreshed."
+    )
+    reconcile_interval_s: float = Field(
+        900.0,
+        ge=0,
+        description="How often the worker reconciles every SQL target (report only, never "
+        "repairs; shown on /status and as accord_reconcile_rows); 0 turns it off.",
+    )
     rules_file: Path = Field(
         Path("connectors/survivorship.yaml"),
         description="Survivorship, match and delete rules.",

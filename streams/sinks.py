@@ -77,7 +77,7 @@ LATENCY = Histogram(
     "accord_end_to_end_latency_seconds",
     "Source commit to target applied",
     ["target"],
-    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+    buckets=(0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 2.5, 5, 10, 30, 60, 300),
 )
 
 SINK_EVENT_SCHEMA = "dev.accord.SinkEvent"
