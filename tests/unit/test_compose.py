@@ -115,3 +115,51 @@ def test_worker_runs_the_stream_worker_with_every_source_reachable(services: dic
 
 def test_registry_speaks_http1_only_like_the_local_one(services: dict) -> None:
     assert services["registry"]["environment"]["QUARKUS_HTTP_HTTP2"] == "false"
+
+
+# ------------------------------------------------------------- Prometheus and Grafana
+
+
+def _defined_metric_names() -> set[str]:
+    """Every metric Accord's worker and appliers can serve."""
+    from prometheus_client import REGISTRY, CollectorRegistry
+
+    import streams.app
+    import streams.sinks  # noqa: F401
+    from streams.status import BoardCollector, StatusBoard
+
+    names = {m.name for m in REGISTRY.collect()}
+    board = CollectorRegistry()
+    board.register(BoardCollector(StatusBoard(load_settings(), monitor=object(), reconcile=list)))
+    names |= {m.name for m in board.collect()}
+    return names
+
+
+def test_prometheus_scrapes_the_worker_s_metrics_port(services: dict) -> None:
+    prometheus = yaml.safe_load((ROOT / "docker/prometheus/prometheus.yml").read_text())
+    [job] = prometheus["scrape_configs"]
+    assert job["metrics_path"] == "/metrics"
+    assert job["static_configs"][0]["targets"] == [f"worker:{load_settings().worker.web_port}"]
+    mounted = " ".join(services["prometheus"]["volumes"])
+    assert "./docker/prometheus/prometheus.yml:/etc/prometheus/prometheus.yml" in mounted
+
+
+def test_every_dashboard_query_names_a_metric_accord_serves(services: dict) -> None:
+    import json
+
+    dashboard = json.loads((ROOT / "docker/grafana/dashboards/accord.json").read_text())
+    defined = _defined_metric_names()
+    queried = set()
+    for panel in dashboard["panels"]:
+        for target in panel["targets"]:
+            for name in re.findall(r"\baccord_[a-z_]+", target["expr"]):
+                base = re.sub(r"_(bucket|count|sum|total)$", "", name)
+                queried.add(name)
+                assert base in defined, f"{panel['title']}: {name} is not a metric Accord serves"
+    assert {"accord_consumer_lag", "accord_end_to_end_latency_seconds_bucket"} <= queried
+    provisioning = services["grafana"]["volumes"]
+    assert any(v.startswith("./docker/grafana/dashboards:") for v in provisioning)
+    datasource = yaml.safe_load(
+        (ROOT / "docker/grafana/provisioning/datasources/prometheus.yml").read_text()
+    )
+    assert datasource["datasources"][0]["uid"] == dashboard["panels"][0]["datasource"]["uid"]
