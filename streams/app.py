@@ -196,6 +196,7 @@ def create_app(settings: AccordSettings, rules: Rules | None = None) -> faust.Ap
         web_port=worker.web_port,
         producer_acks=-1,
         table_standby_replicas=0,
+        broker_client_id=f"{worker.app_id}-{worker.instance}",
         broker_session_timeout=worker.session_timeout_s,
         broker_heartbeat_interval=worker.session_timeout_s / 5,
     )

@@ -391,9 +391,10 @@ def reconcile_systems(
     from streams.reconcile import reconcile
 
     try:
-        cards = reconcile(
-            settings(), system, progress=err.print if not json_out else _quiet, repair=repair
-        )
+        with err.status("reconciling") as status:
+            cards = reconcile(
+                settings(), system, progress=_quiet if json_out else status.update, repair=repair
+            )
     except ValueError as exc:
         raise AccordError(str(exc)) from exc
     if json_out:

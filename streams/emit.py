@@ -319,6 +319,7 @@ class Emitter:
             {
                 "bootstrap.servers": bootstrap,
                 "group.id": group_id,
+                "client.id": transactional_id,  # names this emitter in `accord monitor`
                 "enable.auto.commit": False,
                 "auto.offset.reset": "earliest",
                 "isolation.level": "read_committed",

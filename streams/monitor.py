@@ -148,6 +148,7 @@ class Monitor:
         self.settings = settings
         self.admin = admin or AdminClient({"bootstrap.servers": settings.kafka})
         self.watched = watched_topics(settings)
+        self._changelogs = {w.name for w in self.watched if w.kind == "changelog"}
         self._previous: tuple[float, dict[str, int]] | None = None
 
     # -- Kafka ------------------------------------------------------------------------
@@ -193,10 +194,14 @@ class Monitor:
                 if tp.offset >= 0
             }
             description = descriptions[group]
+            # Faust's own group is also assigned its table's changelog, which it reads only
+            # to restore the table and never commits: that is not lag.
+            restore_only = self._changelogs if group == self.settings.worker.app_id else set()
             owners = {
                 (tp.topic, tp.partition): member.client_id
                 for member in description.members
                 for tp in (member.assignment.topic_partitions if member.assignment else [])
+                if tp.topic not in restore_only
             }
             state = getattr(description.state, "name", str(description.state))
             lag = group_lag(group, state, committed, owners, ends, starts, len(description.members))

@@ -167,25 +167,44 @@ def _equal(a: Any, b: Any) -> bool:
 # -------------------------------------------------------------------------- reading
 
 
-def golden_records(settings: AccordSettings, timeout_s: float = 60.0) -> dict[str, dict]:
+def golden_records(
+    settings: AccordSettings,
+    timeout_s: float = 60.0,
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, dict]:
     """The latest version of every golden record, from the compacted `accord.golden`."""
     codec = registry_codec(settings)
     latest: dict[str, dict] = {}
-    for message in scan(
-        settings.kafka, settings.topics.golden, lambda m: m.value() is not None, timeout_s
+    for read, message in enumerate(
+        scan(settings.kafka, settings.topics.golden, lambda m: m.value() is not None, timeout_s),
+        start=1,
     ):
         record = codec.decode(message.value()).value
         latest[record["golden_id"]] = record
+        if progress is not None and read % (BATCH * 2) == 0:
+            progress(read)
     return latest
 
 
 def target_rows(
-    settings: AccordSettings, spec: SinkSpec, keys: list[str] | None = None
+    settings: AccordSettings,
+    spec: SinkSpec,
+    keys: list[str] | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """The rows of an SQL target (all, or those with `keys`), keyed by key as text."""
+    """The rows of an SQL target (all, or those with `keys`), keyed by key as text.
+
+    Read with a server-side cursor in batches of `BATCH`; `progress` hears the running
+    count after each batch.
+    """
     if spec.kind is not SinkKind.SQL:
         raise ValueError(f"{spec.target} is a {spec.kind} target: it has no rows to read")
-    return {str(row[spec.key_column]): row for row in _rows(settings, spec, keys)}
+    rows: dict[str, dict[str, Any]] = {}
+    for row in _rows(settings, spec, keys):
+        rows[str(row[spec.key_column])] = row
+        if progress is not None and len(rows) % BATCH == 0:
+            progress(len(rows))
+    return rows
 
 
 def _rows(
@@ -243,14 +262,18 @@ def reconcile(
     mappings = load_mappings(settings.connectors_dir)
     propagate = load_rules(settings.worker.rules_file).delete_policy is DeletePolicy.PROPAGATE
     progress(f"reading golden records from {settings.topics.golden}")
-    golden = golden_records(settings)
+    golden = golden_records(
+        settings, progress=lambda n: progress(f"{n:,} golden record versions read")
+    )
     progress(f"{len(golden)} golden records")
     cards = []
     for target, spec in sorted(sinks.items()):
         if spec.kind is not SinkKind.SQL or (systems and target not in systems):
             continue
         progress(f"{target}: reading {spec.table}")
-        rows = target_rows(settings, spec)
+        rows = target_rows(
+            settings, spec, progress=lambda n, t=target: progress(f"{t}: {n:,} rows read")
+        )
         card = compare(spec, mappings[target], golden, rows, deleted_everywhere=propagate)
         progress(f"{target}: {len(rows)} rows, {card.drifted} drifted, {card.missing} missing")
         if repair and card.drifted_rows:

@@ -1092,6 +1092,7 @@ class SinkRunner:
             {
                 "bootstrap.servers": settings.kafka,
                 "group.id": self.group_id,
+                "client.id": f"{self.group_id}-{settings.worker.instance}",
                 "enable.auto.commit": False,
                 "auto.offset.reset": "earliest",
                 "isolation.level": "read_committed",

@@ -80,8 +80,14 @@ def _pom_digest() -> str:
 
 
 def maven_profile_ready(paths: StackPaths, profile: str) -> bool:
+    """Resolved for this pom, and its unpacked folders are still there (a component's
+    state folder may have been deleted by hand)."""
     stamp = _stamp(paths, profile)
-    return stamp.is_file() and stamp.read_text() == _pom_digest()
+    return (
+        stamp.is_file()
+        and stamp.read_text() == _pom_digest()
+        and all(any((paths.root / output).glob("*")) for output in MAVEN_OUTPUTS[profile])
+    )
 
 
 def resolve_maven_profiles(

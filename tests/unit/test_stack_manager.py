@@ -135,3 +135,18 @@ def test_private_state_folder_is_refused_with_the_reason(tmp_path: Path) -> None
         r"system user 'postgres'",
     ):
         Stack(settings).components["postgres"].prepare()
+
+
+def test_a_resolved_profile_whose_unpacked_jars_were_deleted_is_resolved_again(
+    tmp_path: Path,
+) -> None:
+    from streams.stack.install import _pom_digest, _stamp, maven_profile_ready
+
+    paths = StackPaths(tmp_path)
+    stamp = _stamp(paths, "kafka")
+    stamp.parent.mkdir(parents=True)
+    stamp.write_text(_pom_digest())
+    (tmp_path / "kafka" / "libs").mkdir(parents=True)
+    assert not maven_profile_ready(paths, "kafka")  # stamped, but nothing unpacked
+    (tmp_path / "kafka" / "libs" / "kafka_2.13.jar").write_bytes(b"jar")
+    assert maven_profile_ready(paths, "kafka")
