@@ -11,6 +11,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Column, Table
 
 from streams.errors import AccordError
@@ -468,7 +469,7 @@ def dlq_list(
             str(letter["first_seen"])[:19],
             f"{letter['topic']} {letter['partition']}:{letter['offset']}",
             letter["reason"],
-            _clip(letter["detail"], 60),
+            escape(_clip(letter["detail"], 60)),
         )
     console.print(table)
     console.print(f"{len(letters)} dead letter(s)")
@@ -591,7 +592,10 @@ def explain_record(
             if loser["value"] is not None  # a row without a value is no contender
         )
         changes = str(len(entry["history"]))
-        table.add_row(entry["name"], repr(entry["value"]), source, entry["rule"], lost, changes)
+        table.add_row(
+            entry["name"], escape(repr(entry["value"])), escape(source), entry["rule"],
+            escape(lost), changes,
+        )  # fmt: skip
     console.print(table)
 
 
