@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-unit test-property bench lint format stack-up stack-status stack-down clean
+.PHONY: install demo test test-unit test-property chaos bench lint format stack-up stack-status stack-down clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -26,6 +26,11 @@ test: $(STAMP)
 ## Benchmarks, each beside its ceiling in the same run; figures in bench/results/.
 bench: $(STAMP)
 	$(BIN)/python bench/codec_bench.py
+
+## The fault suite: crashes, outages and poison under load, judged by an oracle. Prints
+## a table; figures in .accord/reports/chaos.json.
+chaos: $(STAMP)
+	$(BIN)/python -m pytest -m chaos tests/chaos --timeout 1200
 
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest tests/unit
