@@ -83,9 +83,19 @@ def plan_row(row_schema: dict[str, Any]) -> dict[str, Converter]:
 
 
 def convert_row(row: dict[str, Any] | None, plan: dict[str, Converter]) -> dict[str, Any] | None:
+    """Typed column values; a value its logical type cannot parse is not a valid envelope."""
     if row is None or not plan:
         return row
-    return {k: (plan[k](v) if v is not None and k in plan else v) for k, v in row.items()}
+    converted = {}
+    for column, value in row.items():
+        if value is None or column not in plan:
+            converted[column] = value
+            continue
+        try:
+            converted[column] = plan[column](value)
+        except (ValueError, TypeError, OverflowError, KeyError) as exc:
+            raise EnvelopeError(f"column {column!r}: {value!r} is not valid: {exc}") from exc
+    return converted
 
 
 @dataclass(frozen=True)
@@ -172,6 +182,21 @@ class EnvelopeReader:
             raise EnvelopeError(f"not a Debezium envelope: missing {exc}") from exc
         if op not in ("c", "u", "d", "r"):
             raise EnvelopeError(f"unknown Debezium op {op!r}")
+        try:
+            return self._change(topic, op, source, key, key_schema, value, value_schema)
+        except (KeyError, TypeError) as exc:
+            raise EnvelopeError(f"not a Debezium envelope: {type(exc).__name__} {exc}") from exc
+
+    def _change(
+        self,
+        topic: str,
+        op: str,
+        source: dict[str, Any],
+        key: dict[str, Any],
+        key_schema: WriterSchema | None,
+        value: dict[str, Any],
+        value_schema: WriterSchema,
+    ) -> SourceChange:
         plan = self.plan(value_schema)
         key_plan = self.key_plan(key_schema) if key_schema else {}
         commit_us = source.get("ts_us") or source["ts_ms"] * 1000

@@ -958,6 +958,11 @@ class Mapper:
             DROPPED.labels(mapping.system, issue.field, issue.rule).inc()
         if change.op == "u" and change.before is not None:
             values = _changed_only(self._plans[mapping.topic], change.before, values)
+        source_ts = _commit_time(mapping, change)
+        for name, micros in (("commit_time", source_ts), ("ts_ms", change.captured_ms * 1000)):
+            if not MIN_COMMIT_US <= micros <= MAX_COMMIT_US:
+                issue = FieldIssue(name, name, f"{name}: {micros} µs since 1970 is not a date")
+                return self._reject(mapping.system, [issue])
         position = change.position
         return Mapped(
             Change(
@@ -965,7 +970,7 @@ class Mapper:
                 system=mapping.system,
                 source_key=source_key,
                 op=op,
-                source_ts=_commit_time(mapping, change),
+                source_ts=source_ts,
                 position=sortable_position(position),
                 values=values,
                 snapshot=position.snapshot,
@@ -979,6 +984,11 @@ class Mapper:
         for rule in dict.fromkeys(issue.rule for issue in issues):
             REJECTED.labels(system, rule).inc()
         return Rejected(system, tuple(issues))
+
+
+# Commit times a timestamp can hold (years 1970 to 9999): anything else is a broken record.
+MIN_COMMIT_US = 0
+MAX_COMMIT_US = 253_402_300_799_999_999
 
 
 def _commit_time(mapping: SystemMapping, change: SourceChange) -> int:
