@@ -27,6 +27,7 @@ from prometheus_client import CollectorRegistry, Counter, generate_latest
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
+from streams import redact
 from streams.codec import AvroCodec, RegistryUnavailable, SchemaCache, registry_fetcher
 from streams.connect import SYSTEMS, ConnectClient, ConnectorWatchdog, load_connector
 from streams.dedupe import Deduplicator, RedisUnavailable
@@ -465,6 +466,8 @@ def _sink_encoder(settings: AccordSettings, registry: Any) -> Callable[[dict[str
 
 def run_worker(settings: AccordSettings, loglevel: str = "info") -> None:
     """Create topics, guard the local state, and run until stopped (SIGINT/SIGTERM)."""
+    if settings.redact_pii:
+        redact.install()
     ensure_topics(settings)
     directory = data_dir(settings)
     marker = directory.with_name(directory.name + "." + CLEAN_STOP_MARKER)

@@ -15,6 +15,7 @@ from rich.markup import escape
 from rich.table import Column, Table
 
 from streams.errors import AccordError
+from streams.redact import redact
 from streams.settings import AccordSettings, load_settings
 from streams.topics import DecodedMessage
 
@@ -756,6 +757,8 @@ def run() -> None:
 
 
 def _fail(message: str) -> None:
+    if not os.environ.get("ACCORD_DEBUG"):  # debugging shows values as they are
+        message = redact(message)
     err.print("[red]error:[/red]", end=" ")
     err.print(message, markup=False, highlight=False, soft_wrap=True)
     sys.exit(1)

@@ -17,6 +17,7 @@ from prometheus_client import Counter
 
 from streams.codec import AvroCodec, schema_id_of
 from streams.errors import AccordError
+from streams.redact import redact
 from streams.schemas import load_local
 from streams.settings import AccordSettings
 
@@ -53,7 +54,7 @@ class DeadLetter:
             schema_id=getattr(error, "schema_id", None) or schema_id_of(value),
             reason=reason,
             error_class=type(error).__name__,
-            detail=str(error)[:2000],
+            detail=redact(str(error))[:2000],
             stage=stage,
             first_seen=int(time.time() * 1000),
         )

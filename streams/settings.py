@@ -182,6 +182,11 @@ class AccordSettings(BaseSettings):
     )
     connect_url: str | None = Field(None, description="Defaults to the local Kafka Connect.")
     redis_url: str | None = Field(None, description="Defaults to the local Redis.")
+    redact_pii: bool = Field(
+        True,
+        description="Replace emails, phone numbers and names in log lines and error messages "
+        "with placeholders (dead letters keep their original bytes).",
+    )
 
     @classmethod
     def settings_customise_sources(

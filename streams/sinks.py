@@ -50,6 +50,7 @@ import redis
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 from prometheus_client import Counter, Histogram
 
+from streams import redact
 from streams.codec import AvroCodec, DecodeError, RegistryUnavailable, SchemaCache, registry_fetcher
 from streams.dedupe import RedisUnavailable, redis_errors
 from streams.dlq import DeadLetter, DeadLetterWriter
@@ -1233,6 +1234,8 @@ def run_sink(
 ) -> None:
     """The `accord sink --target` command: apply until SIGINT or SIGTERM."""
     spec = sink_spec(settings, target)
+    if settings.redact_pii:
+        redact.install()
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
         logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request otherwise

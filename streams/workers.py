@@ -35,6 +35,7 @@ def worker_env(settings: AccordSettings) -> dict[str, str]:
         if getattr(settings, name) is not None:
             env[f"ACCORD_{name.upper()}"] = str(getattr(settings, name))
     env["ACCORD_CONNECTORS_DIR"] = str(settings.connectors_dir)
+    env["ACCORD_REDACT_PII"] = str(settings.redact_pii).lower()
     return env
 
 

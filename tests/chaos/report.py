@@ -8,6 +8,7 @@ from pathlib import Path
 REPORT = Path(".accord/reports/chaos.json")
 COLUMNS = (
     ("scenario", "scenario"),
+    ("faults", "faults"),
     ("changes_made", "changes"),
     ("delivered_duplicates", "delivered dup."),
     ("applied_duplicates", "applied dup."),

@@ -67,12 +67,14 @@ class Run:
     load: Load
     workers: list[WorkerProcess]
     duplicates_seen: float = 0.0
+    faults: int = 0  # how many times the fault was injected
 
     def count_duplicates(self, worker: WorkerProcess) -> None:
         """Add what a worker has counted so far (before it is killed or stopped)."""
         self.duplicates_seen += sum(scrape(worker.settings, DUPLICATE_COUNTERS).values())
 
     def restart(self, worker: WorkerProcess, kill: bool = True) -> None:
+        self.faults += 1
         self.count_duplicates(worker)
         if kill:
             worker.kill()
@@ -186,6 +188,7 @@ def settle(run: Run, scenario: str, load_ended: float) -> dict[str, Any]:
             run.count_duplicates(worker)
     result = {
         "scenario": scenario,
+        "faults": run.faults,
         "changes_made": len(run.load.edits),
         "delivered_duplicates": int(run.duplicates_seen),
         "applied_duplicates": applied_duplicates(run.settings),
@@ -240,6 +243,7 @@ def test_worker_sigkilled_every_10_to_30_s_with_a_burst(run: Run) -> None:
         every(lambda: rng.uniform(10, 30), stop_fault, lambda: run.restart(worker))
         # The burst: kills 0.5 s apart, each before the worker has finished starting.
         for _ in range(4):
+            run.faults += 1
             run.count_duplicates(worker)
             worker.kill()
             spawn(worker.spec)
@@ -256,6 +260,7 @@ def test_redis_stopped_for_30_s(run: Run) -> None:
 
     def fault(stop_fault: threading.Event) -> None:
         stop_fault.wait(10)
+        run.faults += 1
         stop(manager.components["redis"].process())
         stop_fault.wait(30)
         manager.up(["redis"])
@@ -269,6 +274,7 @@ def test_schema_registry_stopped_for_30_s(run: Run) -> None:
 
     def fault(stop_fault: threading.Event) -> None:
         stop_fault.wait(10)
+        run.faults += 1
         stop(manager.components["registry"].process())
         stop_fault.wait(30)
         manager.up(["registry"])
@@ -282,6 +288,7 @@ def test_a_target_database_down_for_30_s(run: Run) -> None:
 
     def fault(stop_fault: threading.Event) -> None:
         stop_fault.wait(10)
+        run.faults += 1
         stop(manager.components["mariadb"].process())
         stop_fault.wait(30)
         manager.up(["mariadb"])
@@ -303,6 +310,7 @@ def test_two_workers_scaled_1_2_1_under_load(run: Run) -> None:
 
     def fault(stop_fault: threading.Event) -> None:
         while not stop_fault.wait(8):
+            run.faults += 1
             second.start()
             if stop_fault.wait(12):
                 break
@@ -324,6 +332,7 @@ def test_kafka_broker_restarted_three_times(run: Run) -> None:
         for _ in range(3):
             if stop_fault.wait(8):
                 return
+            run.faults += 1
             stop(manager.components["kafka"].process())
             manager.up(["kafka"])
 
@@ -337,6 +346,7 @@ def test_kafka_connect_sigkilled(run: Run) -> None:
 
     def fault(stop_fault: threading.Event) -> None:
         stop_fault.wait(20)
+        run.faults += 1
         stop(connect, 10)  # a crash: whatever offsets it had not flushed are replayed
         manager.up(["connect"])
 
@@ -359,6 +369,7 @@ def test_a_thousand_poison_messages_among_valid_traffic(run: Run) -> None:
     def fault(stop_fault: threading.Event) -> None:
         topics = list(RAW_TOPICS.values())
         for n in range(1000):
+            run.faults += 1
             producer.produce(topics[n % 3], key=b"\x00poison", value=POISON[n % len(POISON)])
             if n % 50 == 49:
                 producer.flush(10)
