@@ -66,25 +66,46 @@ class SchemaCache:
     """Writer schemas by id, each fetched once.
 
     An unknown id is asked again a few times with backoff, because a registry can lag
-    behind the producer that just registered it; after that it is a decode error.
+    behind the producer that just registered it; after that it is a decode error, and the
+    id is remembered as missing for `missing_ttl_s`, so that a flood of messages with the
+    same bogus id is dead-lettered at full speed instead of waiting out the backoff each.
     """
 
-    def __init__(self, fetch: SchemaFetcher, attempts: int = 4, backoff_s: float = 0.25) -> None:
+    def __init__(
+        self,
+        fetch: SchemaFetcher,
+        attempts: int = 4,
+        backoff_s: float = 0.25,
+        missing_ttl_s: float = 60.0,
+    ) -> None:
         self._fetch = fetch
         self._attempts = attempts
         self._backoff_s = backoff_s
+        self._missing_ttl_s = missing_ttl_s
         self._schemas: dict[int, WriterSchema] = {}
+        self._missing: dict[int, float] = {}  # id -> when it was last found missing
 
     def get(self, schema_id: int) -> WriterSchema:
         cached = self._schemas.get(schema_id)
         if cached is not None:
             return cached
+        missing_since = self._missing.get(schema_id)
+        if missing_since is not None and time.monotonic() - missing_since < self._missing_ttl_s:
+            raise DecodeError(
+                DecodeReason.UNKNOWN_SCHEMA,
+                f"schema id {schema_id} is not in the registry (asked {self._attempts} times "
+                f"less than {self._missing_ttl_s:.0f}s ago)",
+                schema_id,
+            )
         for attempt in range(self._attempts):
             try:
                 text = self._fetch(schema_id)
                 break
             except SchemaNotFound:
                 if attempt + 1 == self._attempts:
+                    if len(self._missing) > 10_000:  # bounded: forget the oldest
+                        self._missing.pop(next(iter(self._missing)))
+                    self._missing[schema_id] = time.monotonic()
                     raise DecodeError(
                         DecodeReason.UNKNOWN_SCHEMA,
                         f"schema id {schema_id} is not in the registry "

@@ -172,3 +172,23 @@ def test_corrupted_bodies_behind_a_valid_header_never_crash(body: bytes) -> None
         codec.decode(VALID.value[:5] + body)
     except DecodeError as failure:
         assert failure.reason is DecodeReason.CORRUPT
+
+
+def test_an_id_found_missing_is_not_asked_again_for_a_while() -> None:
+    asked: list[int] = []
+
+    def empty_registry(schema_id: int) -> str:
+        asked.append(schema_id)
+        raise SchemaNotFound(f"no schema {schema_id}")
+
+    cache = SchemaCache(empty_registry, attempts=3, backoff_s=0, missing_ttl_s=60)
+    for _ in range(100):  # a flood of messages naming the same bogus id
+        with pytest.raises(DecodeError) as caught:
+            cache.get(1886349683)
+        assert caught.value.reason is DecodeReason.UNKNOWN_SCHEMA
+    assert asked == [1886349683] * 3
+    expired = SchemaCache(empty_registry, attempts=1, backoff_s=0, missing_ttl_s=0)
+    for _ in range(2):
+        with pytest.raises(DecodeError):
+            expired.get(7)
+    assert asked[-2:] == [7, 7]  # after the ttl it is asked again
