@@ -255,45 +255,30 @@ def test_worker_sigkilled_every_10_to_30_s_with_a_burst(run: Run) -> None:
     assert_held(result)
 
 
-def test_redis_stopped_for_30_s(run: Run) -> None:
+def outage(run: Run, component: str, seconds: float = 30.0) -> Callable[[threading.Event], None]:
+    """A fault: `component` of the stack stopped 10 s into the load, for `seconds`."""
     manager = Stack(run.settings)
 
     def fault(stop_fault: threading.Event) -> None:
         stop_fault.wait(10)
         run.faults += 1
-        stop(manager.components["redis"].process())
-        stop_fault.wait(30)
-        manager.up(["redis"])
+        stop(manager.components[component].process())
+        stop_fault.wait(seconds)
+        manager.up([component])
 
-    result = settle(run, "Redis down 30 s", under_load(run, fault))
-    assert_held(result)
-
-
-def test_schema_registry_stopped_for_30_s(run: Run) -> None:
-    manager = Stack(run.settings)
-
-    def fault(stop_fault: threading.Event) -> None:
-        stop_fault.wait(10)
-        run.faults += 1
-        stop(manager.components["registry"].process())
-        stop_fault.wait(30)
-        manager.up(["registry"])
-
-    result = settle(run, "schema registry down 30 s", under_load(run, fault))
-    assert_held(result)
+    return fault
 
 
-def test_a_target_database_down_for_30_s(run: Run) -> None:
-    manager = Stack(run.settings)
-
-    def fault(stop_fault: threading.Event) -> None:
-        stop_fault.wait(10)
-        run.faults += 1
-        stop(manager.components["mariadb"].process())
-        stop_fault.wait(30)
-        manager.up(["mariadb"])
-
-    result = settle(run, "billing database (MariaDB) down 30 s", under_load(run, fault))
+@pytest.mark.parametrize(
+    ("component", "scenario"),
+    [
+        ("redis", "Redis down 30 s"),
+        ("registry", "schema registry down 30 s"),
+        ("mariadb", "billing database (MariaDB) down 30 s"),
+    ],
+)
+def test_a_component_stopped_for_30_s(run: Run, component: str, scenario: str) -> None:
+    result = settle(run, scenario, under_load(run, outage(run, component)))
     assert_held(result)
 
 

@@ -9,7 +9,6 @@ bytes, mutations of real Debezium messages, and arbitrary rows.
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -33,26 +32,7 @@ MAPPER = Mapper(load_mappings(ROOT / "connectors"))
 CHANGE_SCHEMA = parse_schema(load_local(ROOT / "schemas", "dev.accord.CustomerChange"))
 
 
-@dataclass
-class Message:
-    _topic: str
-    _key: bytes | None
-    _value: bytes | None
-
-    def topic(self) -> str:
-        return self._topic
-
-    def key(self) -> bytes | None:
-        return self._key
-
-    def value(self) -> bytes | None:
-        return self._value
-
-    def offset(self) -> int:
-        return 7
-
-    def partition(self) -> int:
-        return 0
+Message = vectors.Message
 
 
 def _fetch(schema_id: int) -> str:

@@ -1,7 +1,5 @@
 """RawDecoder on captured bytes. `Message` stands in for a Kafka message: plain data."""
 
-from dataclasses import dataclass
-
 import pytest
 
 from streams.codec import AvroCodec, DecodeReason, SchemaCache
@@ -10,29 +8,7 @@ from streams.dlq import DeadLetter
 from streams.ingest import NOT_AN_ENVELOPE, RawDecoder
 from tests import vectors
 
-
-@dataclass
-class Message:
-    _topic: str
-    _key: bytes | None
-    _value: bytes | None
-    _offset: int = 41
-    _partition: int = 2
-
-    def topic(self) -> str:
-        return self._topic
-
-    def key(self) -> bytes | None:
-        return self._key
-
-    def value(self) -> bytes | None:
-        return self._value
-
-    def offset(self) -> int:
-        return self._offset
-
-    def partition(self) -> int:
-        return self._partition
+Message = vectors.Message
 
 
 def _decoder(vector: vectors.Vector) -> RawDecoder:

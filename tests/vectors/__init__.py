@@ -39,3 +39,29 @@ def load(name: str) -> Vector:
 
 def names() -> list[str]:
     return sorted(p.stem for p in DIR.glob("*.json"))
+
+
+@dataclass
+class Message:
+    """A Kafka message as plain data, with confluent-kafka's accessors."""
+
+    _topic: str
+    _key: bytes | None
+    _value: bytes | None
+    _offset: int = 41
+    _partition: int = 2
+
+    def topic(self) -> str:
+        return self._topic
+
+    def key(self) -> bytes | None:
+        return self._key
+
+    def value(self) -> bytes | None:
+        return self._value
+
+    def offset(self) -> int:
+        return self._offset
+
+    def partition(self) -> int:
+        return self._partition
