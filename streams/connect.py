@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from confluent_kafka import KafkaException
 
 from streams.errors import AccordError, ConfigError
 from streams.stack.process import wait_until
@@ -202,7 +203,9 @@ class ConnectorWatchdog:
         while not stop.wait(self.interval_s):
             try:
                 self.check()
-            except AccordError as exc:
+            except (AccordError, KafkaException) as exc:
+                # Connect or the broker is away (a restart, a leader election): a
+                # watchdog that cannot look this time looks again next time.
                 log.warning("connector watchdog: %s", exc)
 
     def close(self) -> None:

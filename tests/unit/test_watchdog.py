@@ -51,3 +51,26 @@ def test_a_growing_heartbeat_keeps_it_alive() -> None:
         ends["__debezium-heartbeat.crm"] += 1
         watchdog.check(now=now)
     assert connect.restarted == []
+
+
+def test_a_broker_that_is_away_does_not_stop_the_watchdog() -> None:
+    from confluent_kafka import KafkaError, KafkaException
+
+    checks: list[int] = []
+
+    def end_while_the_broker_restarts(topic: str) -> int:
+        checks.append(1)
+        if len(checks) < 3:
+            raise KafkaException(KafkaError(KafkaError.NOT_LEADER_FOR_PARTITION))
+        return 0
+
+    watchdog = ConnectorWatchdog(
+        Connect({CRM.name: running()}), [CRM], end_while_the_broker_restarts, interval_s=0.001
+    )
+
+    class StopAfterThree:
+        def wait(self, _timeout: float) -> bool:
+            return len(checks) >= 3
+
+    watchdog.run(StopAfterThree())
+    assert len(checks) == 3  # it kept looking after two failed looks
