@@ -124,7 +124,6 @@ def test_repair_corrects_a_row_whose_change_the_source_log_never_carried(
     billing = ("--system", "billing")
     status, cards = reconcile(settings, systems=billing)
     assert status == 0 and cards["billing"]["drifted"] == 0, cards
-    [before] = [r for r in latest_by_key(golden.records).values() if r["fields"]["email"] == email]
 
     process.stop()
     edit_behind_the_binlog(
@@ -138,6 +137,8 @@ def test_repair_corrects_a_row_whose_change_the_source_log_never_carried(
     assert (drift["key"], drift["field"]) == (account_no, "legal_name")
     assert (drift["golden"], drift["target_value"]) == ("Acme Ltd", "Evil Corp")
 
+    golden.read_to_end()  # the record as it stands before the repair
+    [before] = [r for r in latest_by_key(golden.records).values() if r["fields"]["email"] == email]
     status, cards = reconcile(settings, "--repair", systems=billing)
     assert status == 0 and cards["billing"]["repairs_requested"] == 1, cards
     assert wait_until(lambda: billing_company(settings, account_no) == "Acme Ltd", 60)
