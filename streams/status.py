@@ -29,7 +29,7 @@ PERCENTILES = (0.5, 0.95, 0.99)
 
 
 @dataclass(frozen=True)
-class Drift:
+class LastReconcile:
     """The last scheduled reconcile."""
 
     finished_at: float
@@ -101,7 +101,7 @@ class StatusBoard:
         self.reconcile = reconcile or (lambda: reconcile_all(settings))
         self.snapshot: Snapshot | None = None
         self.snapshot_error: str | None = None
-        self.drift: Drift | None = None
+        self.drift: LastReconcile | None = None
         self.started_at = time.time()
 
     def refresh(self) -> None:
@@ -117,7 +117,7 @@ class StatusBoard:
         except Exception as exc:
             log.warning("scheduled reconcile failed: %s", exc)
             cards, error = [], str(exc)[:300]
-        self.drift = Drift(time.time(), round(time.monotonic() - started, 2), cards, error)
+        self.drift = LastReconcile(time.time(), round(time.monotonic() - started, 2), cards, error)
 
     def run(self, stop: threading.Event) -> None:
         worker = self.settings.worker

@@ -10,7 +10,13 @@ from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from streams.monitor import GroupLag, PartitionLag, Snapshot, accord_groups, group_lag
 from streams.reconcile import Scorecard
 from streams.settings import AccordSettings
-from streams.status import BoardCollector, Drift, StatusBoard, latency_by_target, percentiles
+from streams.status import (
+    BoardCollector,
+    LastReconcile,
+    StatusBoard,
+    latency_by_target,
+    percentiles,
+)
 
 INF = math.inf
 
@@ -71,7 +77,7 @@ def test_the_board_s_gauges_carry_lag_dlq_slots_and_drift() -> None:
         dlq_size=3,
         dlq_growth_per_s=None,
     )
-    board.drift = Drift(0, 0.1, [Scorecard("crm", checked=5, in_accord=4, drifted=1)])
+    board.drift = LastReconcile(0, 0.1, [Scorecard("crm", checked=5, in_accord=4, drifted=1)])
     registry = CollectorRegistry()
     registry.register(BoardCollector(board))
     text = generate_latest(registry).decode()
