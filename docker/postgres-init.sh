@@ -15,5 +15,6 @@ SET ROLE accord;
 \i /accord/$db/schema.sql
 RESET ROLE;
 GRANT SELECT ON ALL TABLES IN SCHEMA public TO debezium;
+GRANT INSERT, UPDATE ON public.accord_heartbeat TO debezium;
 SQL
 done

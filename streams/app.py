@@ -145,10 +145,26 @@ class AcksAfterWrites:
         task.add_done_callback(self._tasks.discard)
 
 
+def faust_credentials(settings: AccordSettings) -> Any:
+    """Faust's (aiokafka's) form of the settings' Kafka security; None for plaintext."""
+    security = settings.kafka_security
+    if security.uses_sasl:
+        return faust.SASLCredentials(
+            username=security.sasl_username,
+            password=security.password(),
+            mechanism=security.sasl_mechanism,
+            ssl_context=security.ssl_context(),
+        )
+    if security.uses_ssl:
+        return faust.SSLCredentials(security.ssl_context())
+    return None
+
+
 def redis_client(settings: AccordSettings) -> redis.Redis:
     """Short timeouts and few retries: an outage must surface fast, the batch is retried."""
     return redis.Redis.from_url(
         settings.redis,
+        **settings.redis_credentials(),
         socket_timeout=5,
         socket_connect_timeout=5,
         retry=Retry(ExponentialBackoff(cap=0.5), 2),
@@ -200,6 +216,8 @@ def create_app(settings: AccordSettings, rules: Rules | None = None) -> faust.Ap
         broker_client_id=f"{worker.app_id}-{worker.instance}",
         broker_session_timeout=worker.session_timeout_s,
         broker_heartbeat_interval=worker.session_timeout_s / 5,
+        broker_credentials=faust_credentials(settings),
+        processing_guarantee=worker.processing_guarantee,
     )
 
     # Before anything creates the consumer: see `streams.offsets` for why.
@@ -329,7 +347,7 @@ def create_app(settings: AccordSettings, rules: Rules | None = None) -> faust.Ap
 def _dlq_producer(settings: AccordSettings) -> Any:
     from confluent_kafka import Producer
 
-    return Producer({"bootstrap.servers": settings.kafka, "enable.idempotence": True})
+    return Producer(settings.kafka_config({"enable.idempotence": True}))
 
 
 class ThreadStatus:
@@ -396,7 +414,7 @@ def _make_emitter(settings: AccordSettings, registry: Any) -> Callable[[], Emitt
 
     def make() -> Emitter:
         return Emitter(
-            settings.kafka,
+            settings.kafka_config(),
             group_id=f"{settings.worker.app_id}-emit",
             session_timeout_s=settings.worker.session_timeout_s,
             transactional_id=f"{settings.worker.app_id}-emit-{settings.worker.instance}",
@@ -419,7 +437,7 @@ def _make_emitter(settings: AccordSettings, registry: Any) -> Callable[[], Emitt
 def _make_watchdog(settings: AccordSettings) -> ConnectorWatchdog:
     from confluent_kafka import Consumer, TopicPartition
 
-    consumer = Consumer({"bootstrap.servers": settings.kafka, "group.id": "accord-watchdog"})
+    consumer = Consumer(settings.kafka_config({"group.id": "accord-watchdog"}))
 
     def heartbeat_end(topic: str) -> int:
         metadata = consumer.list_topics(topic, timeout=10).topics.get(topic)
@@ -432,7 +450,7 @@ def _make_watchdog(settings: AccordSettings) -> ConnectorWatchdog:
 
     connectors = [load_connector(settings.connectors_dir, system) for system in SYSTEMS]
     return ConnectorWatchdog(
-        ConnectClient(settings.connect),
+        ConnectClient.of(settings),
         connectors,
         heartbeat_end,
         stall_s=settings.worker.connector_stall_s,

@@ -153,7 +153,7 @@ def connectors_status(
     from streams.connect import SYSTEMS, ConnectClient, load_connector
 
     current = settings()
-    client = ConnectClient(current.connect)
+    client = ConnectClient.of(current)
     states = [
         client.state(load_connector(current.connectors_dir, s).name).as_dict() for s in SYSTEMS
     ]
@@ -163,6 +163,34 @@ def connectors_status(
         _render_connectors(states)
     if not all(s["running"] for s in states):
         raise typer.Exit(1)
+
+
+@connectors_app.command("resnapshot")
+def connectors_resnapshot(
+    system: Annotated[str, typer.Argument(help="crm, billing or support.")],
+    yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
+) -> None:
+    """Read a source again from scratch: the way back after its replication slot was
+    lost (PostgreSQL) or its binlog purged (MariaDB).
+
+    Debezium forgets its offsets, snapshots every captured table and streams on from a new
+    slot. Rows Accord already holds merge as no-ops; rows changed while the slot was gone
+    arrive as snapshot reads.
+    """
+    from streams.connect import ConnectClient, load_connector
+
+    current = settings()
+    connector = load_connector(current.connectors_dir, system)
+    if not yes:
+        typer.confirm(
+            f"Re-snapshot {connector.name}? Every row of {system} is read again.", abort=True
+        )
+    console.print(f"{connector.name}: stopping, clearing offsets, resuming")
+    ConnectClient.of(current).resnapshot(connector.name)
+    console.print(
+        f"{connector.name}: snapshot running; watch it with `accord monitor` "
+        f"(slot {connector.config.get('slot.name', '-')})"
+    )
 
 
 def _render_connectors(states: list[dict[str, object]]) -> None:
@@ -335,6 +363,8 @@ def monitor(
         raise AccordError(f"{exc}\n  is the stack up? `accord stack status`") from exc
     except KeyboardInterrupt:
         pass
+    finally:
+        watcher.close()
 
 
 def _render_monitor(snapshot: Any, app_id: str) -> Any:
@@ -362,10 +392,15 @@ def _render_monitor(snapshot: Any, app_id: str) -> Any:
     for c in snapshot.connectors:
         style = None if c.state == "RUNNING" and all(t == "RUNNING" for t in c.tasks) else "red"
         connectors.add_row(c.name, c.state, ", ".join(c.tasks) or "-", c.detail or "", style=style)
-    slots = Table("system", "slot", "active", "WAL held (bytes)", title="Replication slots")
+    slots = Table(
+        "system", "slot", "active", "WAL held (bytes)", "WAL status", title="Replication slots"
+    )
     for s in snapshot.slots:
         held = "-" if s.lag_bytes is None else f"{s.lag_bytes:,}"
-        slots.add_row(s.system, s.slot, "yes" if s.active else "no", held)
+        status = s.wal_status or "-"
+        if s.wal_status in ("missing", "lost"):
+            status = f"[red]{s.wal_status}[/red]: accord connectors resnapshot {s.system}"
+        slots.add_row(s.system, s.slot, "yes" if s.active else "no", held, status)
     growth = "-" if snapshot.dlq_growth_per_s is None else f"{snapshot.dlq_growth_per_s:+.1f}/s"
     dlq = f"[bold]DLQ[/bold]: {snapshot.dlq_size:,} entries ({growth})"
     return Group(topics, groups, connectors, slots, dlq)
@@ -508,9 +543,9 @@ def dlq_replay(
     yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
 ) -> None:
     """Send dead letters back to their original topic after a fix, each at most once."""
-    import redis
     from confluent_kafka import Producer
 
+    from streams.app import redis_client
     from streams.dlq import read_dead_letters, replay
 
     if not at and reason is None and topic is None:
@@ -530,8 +565,8 @@ def dlq_replay(
     report = replay(
         current,
         letters,
-        redis.Redis.from_url(current.redis),
-        Producer({"bootstrap.servers": current.kafka, "enable.idempotence": True}),
+        redis_client(current),
+        Producer(current.kafka_config({"enable.idempotence": True})),
     )
     console.print(
         f"replayed {len(report.replayed)}, skipped {len(report.skipped)} replayed before"
@@ -565,12 +600,12 @@ def explain_record(
         if len(matches) > 1:
             raise AccordError(f"{len(matches)} golden records have {who!r}: {', '.join(matches)}")
         golden_id = matches[0]
-    state = read_state(current.kafka, changelog_topic(current), golden_id)
+    state = read_state(current.kafka_config(), changelog_topic(current), golden_id)
     if state is None:
         raise AccordError(f"no golden record {golden_id!r} in {changelog_topic(current)}")
     codec = registry_codec(current)
     audit = read_audit(
-        current.kafka, current.topics.audit, golden_id, lambda raw: codec.decode(raw).value
+        current.kafka_config(), current.topics.audit, golden_id, lambda raw: codec.decode(raw).value
     )
     result = explain(state, load_rules(current.worker.rules_file), audit).as_dict()
     if json_out:

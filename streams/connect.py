@@ -13,6 +13,7 @@ import httpx
 from confluent_kafka import KafkaException
 
 from streams.errors import AccordError, ConfigError
+from streams.settings import AccordSettings
 from streams.stack.process import wait_until
 
 SYSTEMS = ("crm", "billing", "support")
@@ -70,9 +71,15 @@ def load_connector(connectors_dir: Path, system: str) -> ConnectorFile:
 class ConnectClient:
     """The few Kafka Connect REST calls Accord needs, with errors that say what failed."""
 
-    def __init__(self, base_url: str, timeout_s: float = 30.0) -> None:
+    def __init__(
+        self, base_url: str, timeout_s: float = 30.0, auth: tuple[str, str] | None = None
+    ) -> None:
         self.base_url = base_url.rstrip("/")
-        self.http = httpx.Client(base_url=self.base_url, timeout=timeout_s)
+        self.http = httpx.Client(base_url=self.base_url, timeout=timeout_s, auth=auth)
+
+    @classmethod
+    def of(cls, settings: AccordSettings, timeout_s: float = 30.0) -> ConnectClient:
+        return cls(settings.connect, timeout_s, settings.connect_auth())
 
     def _request(self, method: str, path: str, **kwargs: object) -> httpx.Response:
         try:
@@ -143,6 +150,22 @@ class ConnectClient:
         if not wait_until(lambda: self.state(name).state == "STOPPED", wait_s):
             raise AccordError(f"connector {name} did not stop within {wait_s:.0f}s")
         self._request("PATCH", f"/connectors/{name}/offsets", json={"offsets": offsets})
+        self.resume(name)
+        if not wait_until(lambda: self.state(name).running, wait_s):
+            raise AccordError(f"connector {name} did not resume within {wait_s:.0f}s")
+
+    def resnapshot(self, name: str, wait_s: float = 60.0) -> None:
+        """Stop, forget the stored offsets, resume: with `snapshot.mode=initial` Debezium
+        reads every table again and then streams from a slot it creates if it is gone.
+
+        This is the way back after a lost replication slot: changes committed while no
+        slot held the WAL reach Kafka as snapshot reads; everything Accord already has
+        is a no-op in the merge.
+        """
+        self.stop(name)
+        if not wait_until(lambda: self.state(name).state == "STOPPED", wait_s):
+            raise AccordError(f"connector {name} did not stop within {wait_s:.0f}s")
+        self._request("DELETE", f"/connectors/{name}/offsets")
         self.resume(name)
         if not wait_until(lambda: self.state(name).running, wait_s):
             raise AccordError(f"connector {name} did not resume within {wait_s:.0f}s")

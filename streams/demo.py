@@ -31,7 +31,7 @@ def apply_connectors(
     settings: AccordSettings, systems: list[str] | None = None, wait_s: float = 90.0
 ) -> list[dict[str, object]]:
     """Create or update each connector from its file and wait until its task runs."""
-    client = ConnectClient(settings.connect)
+    client = ConnectClient.of(settings)
     files = [load_connector(settings.connectors_dir, system) for system in systems or SYSTEMS]
     for connector in files:
         client.apply(connector)

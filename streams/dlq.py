@@ -150,7 +150,9 @@ def read_dead_letters(
 
     codec = registry_codec(settings)
     letters = []
-    for message in scan(settings.kafka, settings.topics.dlq, lambda m: m.value() is not None):
+    for message in scan(
+        settings.kafka_config(), settings.topics.dlq, lambda m: m.value() is not None
+    ):
         record = codec.decode(message.value()).value
         if reason is not None and record["reason"] != reason:
             continue

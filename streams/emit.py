@@ -37,6 +37,9 @@ from streams.topics import usable
 log = logging.getLogger(__name__)
 
 POLL_S = 0.02  # longest a lone record waits to be read (see `Emitter.run`)
+# Each transactional call gives up after this long instead of librdkafka's default of
+# waiting forever: a broker restart must end in an abort and a retry, not a hung thread.
+TXN_CALL_S = 15.0
 EMITTED = Counter("accord_emit_records_total", "Records emitted", ["topic_kind"])
 STATUS_FIELD = "active"  # the audit entry of an activation or deactivation
 
@@ -300,7 +303,7 @@ class Emitter:
 
     def __init__(
         self,
-        bootstrap: str,
+        kafka: dict[str, Any],
         group_id: str,
         transactional_id: str,
         topics: EmitTopics,
@@ -317,7 +320,7 @@ class Emitter:
         self.batch_size = batch_size
         self.consumer = Consumer(
             {
-                "bootstrap.servers": bootstrap,
+                **kafka,
                 "group.id": group_id,
                 "client.id": transactional_id,  # names this emitter in `accord monitor`
                 "enable.auto.commit": False,
@@ -326,15 +329,13 @@ class Emitter:
                 "session.timeout.ms": int(session_timeout_s * 1000),
             }
         )
-        self.producer = Producer(
-            {
-                "bootstrap.servers": bootstrap,
-                "transactional.id": transactional_id,
-                "transaction.timeout.ms": 10_000,
-                "linger.ms": 5,
-            }
-        )
-        self.producer.init_transactions(30)
+        self._producer_config = {
+            **kafka,
+            "transactional.id": transactional_id,
+            "transaction.timeout.ms": 10_000,
+            "linger.ms": 5,
+        }
+        self.producer = self._new_producer()
         self.consumer.subscribe([topics.changelog])
         self._emitted: dict[str, int] = {}  # golden id -> last revision emitted in this run
         self.revisions_emitted = 0
@@ -347,8 +348,8 @@ class Emitter:
             return 0
         now_ms = int(time.time() * 1000)
         emitted: dict[str, int] = {}
-        self.producer.begin_transaction()
         try:
+            self.producer.begin_transaction()
             for message in messages:
                 if message.value() is None:
                     continue
@@ -361,8 +362,9 @@ class Emitter:
             self.producer.send_offsets_to_transaction(
                 self.consumer.position(self.consumer.assignment()),
                 self.consumer.consumer_group_metadata(),
+                TXN_CALL_S,
             )
-            self.producer.commit_transaction()
+            self.producer.commit_transaction(TXN_CALL_S)
         except KafkaException as exc:
             log.warning("emit transaction failed, rewinding the batch: %s", exc)
             self._abort(messages)
@@ -386,12 +388,24 @@ class Emitter:
             self.producer.produce(topic, key=key, value=self.encode_sink(event))
         EMITTED.labels("sink").inc(len(result.sinks))
 
+    def _new_producer(self) -> Producer:
+        producer = Producer(self._producer_config)
+        producer.init_transactions(4 * TXN_CALL_S)
+        return producer
+
     def _abort(self, messages: list[Any]) -> None:
+        """Abort the batch's transaction and read the batch again.
+
+        A producer that cannot abort (fenced, fatal error, or a call that timed out
+        mid-restart) is replaced: its successor's `init_transactions` bumps the epoch,
+        which fences the old one and makes the broker abort what it left open.
+        """
         try:
-            self.producer.abort_transaction()
+            self.producer.abort_transaction(TXN_CALL_S)
         except KafkaException as exc:
-            if exc.args and exc.args[0].fatal():
-                raise
+            log.warning("emit: abort failed (%s); starting a new transactional producer", exc)
+            self.producer.purge()
+            self.producer = self._new_producer()
         first: dict[tuple[str, int], int] = {}
         for message in messages:
             first.setdefault((message.topic(), message.partition()), message.offset())

@@ -150,22 +150,22 @@ def _why_lost(spec: FieldRule, system: str, cell: Cell, winner: Resolved | None)
 # -------------------------------------------------------------------------- reading
 
 
-def read_state(bootstrap: str, changelog: str, golden_id: str) -> GoldenState | None:
+def read_state(kafka: dict[str, Any], changelog: str, golden_id: str) -> GoldenState | None:
     """The merge's latest state of one golden record, from the table's changelog."""
     key = golden_id.encode()
     latest = None
-    for message in scan(bootstrap, changelog, lambda m: m.key() == key):
+    for message in scan(kafka, changelog, lambda m: m.key() == key):
         latest = message.value()
     return loads(latest) if latest else None
 
 
 def read_audit(
-    bootstrap: str, topic: str, golden_id: str, decode: Callable[[bytes], dict[str, Any]]
+    kafka: dict[str, Any], topic: str, golden_id: str, decode: Callable[[bytes], dict[str, Any]]
 ) -> list[dict[str, Any]]:
     key = golden_id.encode()
     return [
         decode(message.value())
-        for message in scan(bootstrap, topic, lambda m: m.key() == key and m.value())
+        for message in scan(kafka, topic, lambda m: m.key() == key and m.value())
     ]
 
 

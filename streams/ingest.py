@@ -175,17 +175,18 @@ class RawChangeConsumer:
         registry = registry_client(settings)
         self.decoder = RawDecoder(AvroCodec(SchemaCache(registry_fetcher(registry))), readers)
         self.producer = Producer(
-            {"bootstrap.servers": settings.kafka, "enable.idempotence": True, "linger.ms": 5}
+            settings.kafka_config({"enable.idempotence": True, "linger.ms": 5})
         )
         self.dlq = DeadLetterWriter(settings, registry, self.producer)
         self.consumer = Consumer(
-            {
-                "bootstrap.servers": settings.kafka,
-                "group.id": group_id,
-                "enable.auto.commit": False,
-                "auto.offset.reset": "earliest",
-                "topic.metadata.refresh.interval.ms": 5000,
-            }
+            settings.kafka_config(
+                {
+                    "group.id": group_id,
+                    "enable.auto.commit": False,
+                    "auto.offset.reset": "earliest",
+                    "topic.metadata.refresh.interval.ms": 5000,
+                }
+            )
         )
         self.consumer.subscribe(topics)
         self.handle = handle

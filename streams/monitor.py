@@ -5,6 +5,13 @@ computed from its committed offsets and the topics' current partitions, and the 
 each partition from the group's current description. Nothing is carried over from an
 earlier snapshot except the offsets used to compute rates, so after a rebalance no
 partition is reported under an owner that gave it up, and none is left out.
+
+Committed offsets are fetched by a consumer that carries the group's id and never joins,
+not by the admin client: librdkafka (up to 2.16 at least, PR 5397) aborts the whole
+process when a coordinator-targeted admin request (ListConsumerGroupOffsets,
+DescribeConsumerGroups) loses its connection, which a broker restart does. The worker's
+status board therefore also skips the group descriptions (`members=False`); the one-shot
+`accord monitor` command keeps them, to show who owns each partition.
 """
 
 from __future__ import annotations
@@ -14,7 +21,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from confluent_kafka import ConsumerGroupTopicPartitions, KafkaException, TopicPartition
+from confluent_kafka import Consumer, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, OffsetSpec
 
 from streams.settings import AccordSettings
@@ -53,7 +60,7 @@ class PartitionLag:
 class GroupLag:
     group: str
     state: str
-    members: int
+    members: int | None  # None: not described (the worker's status board)
     lag: int
     partitions: list[PartitionLag] = field(default_factory=list)
 
@@ -72,6 +79,9 @@ class SlotLag:
     slot: str
     active: bool
     lag_bytes: int | None  # WAL the slot still holds back, from its confirmed flush
+    # PostgreSQL's wal_status (reserved, extended, unreserved, lost), or "missing" when
+    # the connector's slot does not exist: both mean `accord connectors resnapshot`.
+    wal_status: str | None = None
 
 
 @dataclass
@@ -122,7 +132,7 @@ def group_lag(
     owners: dict[tuple[str, int], str],
     ends: dict[tuple[str, int], int],
     starts: dict[tuple[str, int], int],
-    members: int,
+    members: int | None,
 ) -> GroupLag:
     """A group's lag on every partition of every topic it reads (committed to or owns).
 
@@ -144,9 +154,13 @@ def group_lag(
 class Monitor:
     """Takes snapshots; keeps the previous one's offsets to turn them into rates."""
 
-    def __init__(self, settings: AccordSettings, admin: AdminClient | None = None) -> None:
+    def __init__(
+        self, settings: AccordSettings, admin: AdminClient | None = None, members: bool = True
+    ) -> None:
         self.settings = settings
-        self.admin = admin or AdminClient({"bootstrap.servers": settings.kafka})
+        self.admin = admin or AdminClient(settings.kafka_config())
+        self.members = members
+        self._offset_readers: dict[str, Consumer] = {}
         self.watched = watched_topics(settings)
         self._changelogs = {w.name for w in self.watched if w.kind == "changelog"}
         self._previous: tuple[float, dict[str, int]] | None = None
@@ -170,51 +184,75 @@ class Monitor:
         futures = self.admin.list_offsets(request, request_timeout=REQUEST_TIMEOUT_S)
         return {(tp.topic, tp.partition): f.result().offset for tp, f in futures.items()}
 
+    def _committed(
+        self, group: str, partitions: Iterable[tuple[str, int]]
+    ) -> dict[tuple[str, int], int]:
+        reader = self._offset_readers.get(group)
+        if reader is None:
+            reader = Consumer(
+                self.settings.kafka_config(
+                    {
+                        "group.id": group,
+                        "client.id": f"{self.settings.worker.app_id}-monitor",
+                        "enable.auto.commit": False,
+                    }
+                )
+            )
+            self._offset_readers[group] = reader
+        request = [TopicPartition(topic, p) for topic, p in partitions]
+        if not request:
+            return {}
+        answer = reader.committed(request, timeout=REQUEST_TIMEOUT_S)
+        return {(tp.topic, tp.partition): tp.offset for tp in answer if tp.offset >= 0}
+
     def _groups(
         self, ends: dict[tuple[str, int], int], starts: dict[tuple[str, int], int]
     ) -> list[GroupLag]:
         listed = self.admin.list_consumer_groups(request_timeout=REQUEST_TIMEOUT_S).result()
-        ids = accord_groups((g.group_id for g in listed.valid), self.settings.worker.app_id)
+        states = {g.group_id: g.state for g in listed.valid}
+        ids = accord_groups(states, self.settings.worker.app_id)
         if not ids:
             return []
-        descriptions = {
-            g: f.result()
-            for g, f in self.admin.describe_consumer_groups(
-                ids, request_timeout=REQUEST_TIMEOUT_S
-            ).items()
-        }
+        descriptions = {}
+        if self.members:
+            descriptions = {
+                g: f.result()
+                for g, f in self.admin.describe_consumer_groups(
+                    ids, request_timeout=REQUEST_TIMEOUT_S
+                ).items()
+            }
         groups = []
         for group in ids:
-            answer = self.admin.list_consumer_group_offsets(
-                [ConsumerGroupTopicPartitions(group)], request_timeout=REQUEST_TIMEOUT_S
-            )[group].result()
-            committed = {
-                (tp.topic, tp.partition): tp.offset
-                for tp in answer.topic_partitions or []
-                if tp.offset >= 0
-            }
-            description = descriptions[group]
+            committed = self._committed(group, ends)
+            description = descriptions.get(group)
             # Faust's own group is also assigned its table's changelog, which it reads only
             # to restore the table and never commits: that is not lag.
             restore_only = self._changelogs if group == self.settings.worker.app_id else set()
             owners = {
                 (tp.topic, tp.partition): member.client_id
-                for member in description.members
+                for member in (description.members if description else [])
                 for tp in (member.assignment.topic_partitions if member.assignment else [])
                 if tp.topic not in restore_only
             }
-            state = getattr(description.state, "name", str(description.state))
-            lag = group_lag(group, state, committed, owners, ends, starts, len(description.members))
+            state = description.state if description else states[group]
+            state = getattr(state, "name", str(state))
+            members = len(description.members) if description else None
+            lag = group_lag(group, state, committed, owners, ends, starts, members)
             if lag.partitions or lag.members:  # a one-off reader's empty group is noise
                 groups.append(lag)
         return groups
+
+    def close(self) -> None:
+        for reader in self._offset_readers.values():
+            reader.close()
+        self._offset_readers.clear()
 
     # -- the rest of the pipeline ------------------------------------------------------
 
     def _connectors(self) -> list[ConnectorStatus]:
         from streams.connect import SYSTEMS, ConnectClient, load_connector
 
-        client = ConnectClient(self.settings.connect, timeout_s=REQUEST_TIMEOUT_S)
+        client = ConnectClient.of(self.settings, timeout_s=REQUEST_TIMEOUT_S)
         result = []
         for system in SYSTEMS:
             name = load_connector(self.settings.connectors_dir, system).name
@@ -227,21 +265,26 @@ class Monitor:
         return result
 
     def _slots(self) -> list[SlotLag]:
+        from streams.connect import load_connector
         from streams.sources import postgres
 
         slots = []
         for system in ("crm", "support"):
+            expected = load_connector(self.settings.connectors_dir, system).config.get("slot.name")
             try:
                 with postgres(self.settings, system) as conn:
                     rows = conn.execute(
                         "SELECT slot_name, active, "
-                        "pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint "
+                        "pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint, "
+                        "wal_status "
                         "FROM pg_replication_slots WHERE database = current_database()"
                     ).fetchall()
             except Exception as exc:  # a source down is shown as unknown lag
                 slots.append(SlotLag(system, f"unreachable: {str(exc)[:120]}", False, None))
                 continue
-            slots += [SlotLag(system, name, active, lag) for name, active, lag in rows]
+            slots += [SlotLag(system, *row) for row in rows]
+            if expected and expected not in {row[0] for row in rows}:
+                slots.append(SlotLag(system, expected, False, None, "missing"))
         return slots
 
     # -- the snapshot -------------------------------------------------------------------

@@ -176,7 +176,12 @@ def golden_records(
     codec = registry_codec(settings)
     latest: dict[str, dict] = {}
     for read, message in enumerate(
-        scan(settings.kafka, settings.topics.golden, lambda m: m.value() is not None, timeout_s),
+        scan(
+            settings.kafka_config(),
+            settings.topics.golden,
+            lambda m: m.value() is not None,
+            timeout_s,
+        ),
         start=1,
     ):
         record = codec.decode(message.value()).value
@@ -342,11 +347,12 @@ def send_repairs(settings: AccordSettings, requests: list[Change]) -> None:
     # murmur2, as Faust's producer partitions by key: a request must reach the partition
     # that holds its golden record's state.
     producer = Producer(
-        {
-            "bootstrap.servers": settings.kafka,
-            "enable.idempotence": True,
-            "partitioner": "murmur2_random",
-        }
+        settings.kafka_config(
+            {
+                "enable.idempotence": True,
+                "partitioner": "murmur2_random",
+            }
+        )
     )
     for request in requests:
         producer.produce(

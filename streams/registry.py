@@ -15,13 +15,15 @@ MAX_RETRIES = 4
 
 
 def registry_client(settings: AccordSettings) -> SchemaRegistryClient:
-    return SchemaRegistryClient(
-        {
-            "url": settings.registry,
-            "timeout": REQUEST_TIMEOUT_S,
-            "max.retries": MAX_RETRIES,
-        }
-    )
+    config: dict[str, object] = {
+        "url": settings.registry,
+        "timeout": REQUEST_TIMEOUT_S,
+        "max.retries": MAX_RETRIES,
+    }
+    auth = settings.registry_auth()
+    if auth is not None:
+        config["basic.auth.user.info"] = auth
+    return SchemaRegistryClient(config)
 
 
 def registry_codec(settings: AccordSettings) -> AvroCodec:

@@ -41,7 +41,7 @@ def reset(settings: AccordSettings, progress: Progress) -> ResetReport:
     if WorkerProcess(settings).ready():
         raise AccordError(f"a worker of app {app_id!r} is running: stop it first")
     report = ResetReport()
-    admin = AdminClient({"bootstrap.servers": settings.kafka})
+    admin = AdminClient(settings.kafka_config())
 
     existing = admin.list_topics(timeout=10).topics
     ours = {spec.name for spec in accord_topics(settings)}

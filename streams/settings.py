@@ -8,9 +8,11 @@ Precedence, highest first: explicit arguments, environment variables (``ACCORD_`
 from __future__ import annotations
 
 import os
+import ssl
 from pathlib import Path
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -39,12 +41,23 @@ class StackSettings(BaseModel):
     redis_port: int = 16379
     kafka_port: int = 19092
     kafka_controller_port: int = 19093
+    kafka_sasl_ssl_port: int = Field(
+        19094, description="The broker's TLS + SASL/SCRAM listener (the stack makes its CA)."
+    )
+    kafka_scram_user: str = "accord"
+    kafka_scram_password: SecretStr = SecretStr("accord-scram")
     registry_port: int = 18081
     registry_management_port: int = 18082
     connect_port: int = 18083
     kafka_heap: str = "768m"
     connect_heap: str = "768m"
     registry_heap: str = "384m"
+    connect_offset_flush_interval_ms: int = Field(
+        5000,
+        gt=0,
+        description="How often Connect stores source offsets; a crash replays at most this "
+        "much of the captured log (Debezium is at-least-once, Accord deduplicates).",
+    )
     postgres_superuser_password: SecretStr = SecretStr("accord-postgres")
     mariadb_root_password: SecretStr = SecretStr("accord-root")
     startup_timeout_s: float = 240.0
@@ -121,6 +134,12 @@ class WorkerSettings(BaseModel):
         6, ge=1, description="Partitions of accord.changes and the golden table (fixed once made)."
     )
     batch_size: int = Field(500, ge=1, description="Most events one processing step takes.")
+    processing_guarantee: Literal["at_least_once", "exactly_once"] = Field(
+        "at_least_once",
+        description="Faust's guarantee. Accord's effects are idempotent and version-guarded, "
+        "so at-least-once is enough (README, 'Faults and guarantees'); exactly_once adds "
+        "Kafka transactions to Faust's own produce-and-commit.",
+    )
     session_timeout_s: float = Field(
         10.0,
         ge=6.0,
@@ -161,6 +180,82 @@ class WorkerSettings(BaseModel):
     )
 
 
+def _secret(value: SecretStr | None, file: Path | None, name: str) -> str | None:
+    """A secret from its setting or from a file (a mounted secret); never both."""
+    if file is None:
+        return value.get_secret_value() if value is not None else None
+    try:
+        return file.read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"{name}_file {file}: cannot read: {exc.strerror}") from exc
+
+
+class KafkaSecurity(BaseModel):
+    """How every Kafka client of Accord authenticates: TLS and SASL, as librdkafka names them.
+
+    Secrets come from the environment (``ACCORD_KAFKA_SECURITY__SASL_PASSWORD``) or a file
+    (``...__SASL_PASSWORD_FILE``); they are never printed (settings show them as ``**********``).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "SCRAM-SHA-512"
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    sasl_password_file: Path | None = None
+    ssl_ca_file: Path | None = Field(
+        None, description="CA bundle (PEM) the broker's cert is checked against."
+    )
+    ssl_check_hostname: bool = Field(
+        True, description="Check the broker's name against its certificate."
+    )
+
+    @model_validator(mode="after")
+    def _complete(self) -> KafkaSecurity:
+        if self.sasl_password is not None and self.sasl_password_file is not None:
+            raise ValueError("kafka_security: set sasl_password or sasl_password_file, not both")
+        if self.protocol.startswith("SASL") and not self.sasl_username:
+            raise ValueError(f"kafka_security: {self.protocol} needs sasl_username")
+        return self
+
+    @property
+    def uses_ssl(self) -> bool:
+        return self.protocol in ("SSL", "SASL_SSL")
+
+    @property
+    def uses_sasl(self) -> bool:
+        return self.protocol.startswith("SASL")
+
+    def password(self) -> str | None:
+        return _secret(self.sasl_password, self.sasl_password_file, "kafka_security.sasl_password")
+
+    def librdkafka(self) -> dict[str, str]:
+        config = {"security.protocol": self.protocol}
+        if self.uses_sasl:
+            config |= {
+                "sasl.mechanism": self.sasl_mechanism,
+                "sasl.username": self.sasl_username or "",
+                "sasl.password": self.password() or "",
+            }
+        if self.uses_ssl:
+            if self.ssl_ca_file is not None:
+                config["ssl.ca.location"] = str(self.ssl_ca_file)
+            if not self.ssl_check_hostname:
+                config["ssl.endpoint.identification.algorithm"] = "none"
+        return config
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """For Faust's aiokafka clients, which take Python's SSL context."""
+        if not self.uses_ssl:
+            return None
+        context = ssl.create_default_context(
+            cafile=str(self.ssl_ca_file) if self.ssl_ca_file else None
+        )
+        context.check_hostname = self.ssl_check_hostname
+        return context
+
+
 class AccordSettings(BaseSettings):
     """Everything Accord reads from its environment, in one place."""
 
@@ -182,6 +277,18 @@ class AccordSettings(BaseSettings):
     )
     connect_url: str | None = Field(None, description="Defaults to the local Kafka Connect.")
     redis_url: str | None = Field(None, description="Defaults to the local Redis.")
+    kafka_security: KafkaSecurity = KafkaSecurity()
+    redis_username: str | None = Field(None, description="Redis ACL user (default: none).")
+    redis_password: SecretStr | None = None
+    redis_password_file: Path | None = None
+    registry_basic_auth: SecretStr | None = Field(
+        None, description="'user:password' for the schema registry."
+    )
+    registry_basic_auth_file: Path | None = None
+    connect_basic_auth: SecretStr | None = Field(
+        None, description="'user:password' for Kafka Connect's REST API."
+    )
+    connect_basic_auth_file: Path | None = None
     redact_pii: bool = Field(
         True,
         description="Replace emails, phone numbers and names in log lines and error messages "
@@ -221,6 +328,33 @@ class AccordSettings(BaseSettings):
     @property
     def redis(self) -> str:
         return self.redis_url or f"redis://{self.stack.host}:{self.stack.redis_port}/0"
+
+    def kafka_config(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        """librdkafka settings for one client: the brokers, security, then `extra`."""
+        return {
+            "bootstrap.servers": self.kafka,
+            **self.kafka_security.librdkafka(),
+            **(extra or {}),
+        }
+
+    def redis_credentials(self) -> dict[str, str]:
+        password = _secret(self.redis_password, self.redis_password_file, "redis_password")
+        credentials = {"username": self.redis_username, "password": password}
+        return {name: value for name, value in credentials.items() if value is not None}
+
+    def registry_auth(self) -> str | None:
+        return _secret(
+            self.registry_basic_auth, self.registry_basic_auth_file, "registry_basic_auth"
+        )
+
+    def connect_auth(self) -> tuple[str, str] | None:
+        secret = _secret(
+            self.connect_basic_auth, self.connect_basic_auth_file, "connect_basic_auth"
+        )
+        if secret is None:
+            return None
+        user, _, password = secret.partition(":")
+        return user, password
 
     def source(self, system: str) -> SourceDatabase:
         if system not in ("crm", "billing", "support"):

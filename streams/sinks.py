@@ -1086,20 +1086,21 @@ class SinkRunner:
         self.codec = AvroCodec(SchemaCache(registry_fetcher(registry)))
         self.reader = load_local(settings.schemas.directory, SINK_EVENT_SCHEMA)
         self.producer = Producer(
-            {"bootstrap.servers": settings.kafka, "enable.idempotence": True, "linger.ms": 5}
+            settings.kafka_config({"enable.idempotence": True, "linger.ms": 5})
         )
         self.dlq = DeadLetterWriter(settings, registry, self.producer)
         self.consumer = Consumer(
-            {
-                "bootstrap.servers": settings.kafka,
-                "group.id": self.group_id,
-                "client.id": f"{self.group_id}-{settings.worker.instance}",
-                "enable.auto.commit": False,
-                "auto.offset.reset": "earliest",
-                "isolation.level": "read_committed",
-                "topic.metadata.refresh.interval.ms": 5000,
-                "session.timeout.ms": int(settings.worker.session_timeout_s * 1000),
-            }
+            settings.kafka_config(
+                {
+                    "group.id": self.group_id,
+                    "client.id": f"{self.group_id}-{settings.worker.instance}",
+                    "enable.auto.commit": False,
+                    "auto.offset.reset": "earliest",
+                    "isolation.level": "read_committed",
+                    "topic.metadata.refresh.interval.ms": 5000,
+                    "session.timeout.ms": int(settings.worker.session_timeout_s * 1000),
+                }
+            )
         )
         self.consumer.subscribe([self.topic])
         self.batch_size = batch_size

@@ -97,7 +97,8 @@ class StatusBoard:
         from streams.reconcile import reconcile as reconcile_all
 
         self.settings = settings
-        self.monitor = monitor or Monitor(settings)
+        # No group descriptions in a long-running worker: see streams/monitor.py.
+        self.monitor = monitor or Monitor(settings, members=False)
         self.reconcile = reconcile or (lambda: reconcile_all(settings))
         self.snapshot: Snapshot | None = None
         self.snapshot_error: str | None = None
@@ -128,6 +129,7 @@ class StatusBoard:
                 self.reconcile_now()
                 next_reconcile = time.monotonic() + worker.reconcile_interval_s
             stop.wait(worker.status_interval_s)
+        self.monitor.close()
 
     def close(self) -> None:
         pass

@@ -63,14 +63,15 @@ class RawTopicReader:
     def __init__(self, settings: AccordSettings, topics: list[str], from_beginning: bool) -> None:
         self._deserializer = AvroDeserializer(registry_client(settings))
         self._consumer = Consumer(
-            {
-                "bootstrap.servers": settings.kafka,
-                "group.id": f"accord-reader-{uuid.uuid4().hex[:12]}",
-                "auto.offset.reset": "earliest",
-                "enable.auto.commit": False,
-                "topic.metadata.refresh.interval.ms": 1000,
-                "allow.auto.create.topics": False,
-            }
+            settings.kafka_config(
+                {
+                    "group.id": f"accord-reader-{uuid.uuid4().hex[:12]}",
+                    "auto.offset.reset": "earliest",
+                    "enable.auto.commit": False,
+                    "topic.metadata.refresh.interval.ms": 1000,
+                    "allow.auto.create.topics": False,
+                }
+            )
         )
         self._start: dict[tuple[str, int], int] = (
             {} if from_beginning else self._end_offsets(topics)
@@ -158,13 +159,13 @@ def usable(message: Any) -> bool:
 
 
 def scan(
-    bootstrap: str, topic: str, keep: Callable[[Any], bool], timeout_s: float = 60.0
+    kafka: dict[str, Any], topic: str, keep: Callable[[Any], bool], timeout_s: float = 60.0
 ) -> Iterator[Any]:
     """Every message of `topic` (committed ones) that `keep` accepts, from the beginning
     to the end the topic had when the scan started."""
     consumer = Consumer(
         {
-            "bootstrap.servers": bootstrap,
+            **kafka,
             "group.id": f"accord-scan-{uuid.uuid4().hex[:8]}",
             "enable.auto.commit": False,
             "isolation.level": "read_committed",

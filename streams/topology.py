@@ -40,6 +40,24 @@ def sink_targets(settings: AccordSettings) -> list[str]:
     return sorted(set(SYSTEMS) | set(load_sinks(settings.connectors_dir)))
 
 
+def source_topics(settings: AccordSettings) -> list[TopicSpec]:
+    """The raw topics Debezium writes, made as its connector would make them.
+
+    A connector creates its topic with the first change it captures; a worker started
+    on an empty source before that would find no topic to subscribe to and never read it.
+    """
+    from streams.connect import load_connector
+    from streams.mapping import load_mappings
+
+    specs = []
+    for system, mapping in load_mappings(settings.connectors_dir).items():
+        config = load_connector(settings.connectors_dir, system).config
+        specs.append(
+            TopicSpec(mapping.topic, int(config.get("topic.creation.default.partitions", 1)))
+        )
+    return specs
+
+
 def accord_topics(settings: AccordSettings) -> list[TopicSpec]:
     topics, partitions = settings.topics, settings.worker.partitions
     return [
@@ -60,9 +78,9 @@ def accord_topics(settings: AccordSettings) -> list[TopicSpec]:
 
 
 def ensure_topics(settings: AccordSettings, timeout_s: float = 30.0) -> list[str]:
-    """Create missing topics; returns the names created."""
-    admin = AdminClient({"bootstrap.servers": settings.kafka})
-    specs = accord_topics(settings)
+    """Create missing topics, the sources' and Accord's own; returns the names created."""
+    admin = AdminClient(settings.kafka_config())
+    specs = [*source_topics(settings), *accord_topics(settings)]
     try:
         existing = admin.list_topics(timeout=timeout_s).topics
     except KafkaException as exc:

@@ -23,7 +23,7 @@ from streams.stack.process import ProcessSpec, read_pid, spawn, stop, tail, wait
 def worker_env(settings: AccordSettings) -> dict[str, str]:
     """The settings a child worker must share with its parent, as ACCORD_ variables."""
     env = {}
-    for section in ("topics", "worker", "stack"):
+    for section in ("topics", "worker", "stack", "kafka_security"):
         for name, value in getattr(settings, section).model_dump().items():
             if value is None:
                 continue
@@ -31,9 +31,23 @@ def worker_env(settings: AccordSettings) -> dict[str, str]:
                 value = value.get_secret_value()
             text = json.dumps(value) if isinstance(value, list | dict) else str(value)
             env[f"ACCORD_{section.upper()}__{name.upper()}"] = text
-    for name in ("kafka_bootstrap", "schema_registry_url", "connect_url", "redis_url"):
-        if getattr(settings, name) is not None:
-            env[f"ACCORD_{name.upper()}"] = str(getattr(settings, name))
+    for name in (
+        "kafka_bootstrap",
+        "schema_registry_url",
+        "connect_url",
+        "redis_url",
+        "redis_username",
+        "redis_password",
+        "redis_password_file",
+        "registry_basic_auth",
+        "registry_basic_auth_file",
+        "connect_basic_auth",
+        "connect_basic_auth_file",
+    ):
+        value = getattr(settings, name)
+        if value is not None:
+            secret = value.get_secret_value() if hasattr(value, "get_secret_value") else value
+            env[f"ACCORD_{name.upper()}"] = str(secret)
     env["ACCORD_CONNECTORS_DIR"] = str(settings.connectors_dir)
     env["ACCORD_REDACT_PII"] = str(settings.redact_pii).lower()
     return env

@@ -83,7 +83,7 @@ def accord(settings: AccordSettings, *args: str) -> subprocess.CompletedProcess[
 def start_group_at_end(settings: AccordSettings, group_id: str) -> None:
     """Commit the raw topics' current ends for a new consumer group, so a test's worker
     processes only what the test itself writes, not every earlier test's rows."""
-    consumer = Consumer({"bootstrap.servers": settings.kafka, "group.id": group_id})
+    consumer = Consumer(settings.kafka_config({"group.id": group_id}))
     try:
         metadata = consumer.list_topics(timeout=10)
         offsets = []
@@ -111,12 +111,13 @@ class TopicTail:
         self._deserializer = AvroDeserializer(registry_client(settings))
         self._context = SerializationContext(topic, MessageField.VALUE)
         self._consumer = Consumer(
-            {
-                "bootstrap.servers": settings.kafka,
-                "group.id": f"test-tail-{uuid.uuid4().hex[:8]}",
-                "enable.auto.commit": False,
-                "isolation.level": "read_committed",
-            }
+            settings.kafka_config(
+                {
+                    "group.id": f"test-tail-{uuid.uuid4().hex[:8]}",
+                    "enable.auto.commit": False,
+                    "isolation.level": "read_committed",
+                }
+            )
         )
         partitions = self._consumer.list_topics(topic, timeout=10).topics[topic].partitions
         self._partitions = [TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions]
@@ -180,7 +181,7 @@ def drained(settings: AccordSettings, appliers: list[str] | None = None) -> bool
         },
     }
     for group, topics in groups.items():
-        consumer = Consumer({"bootstrap.servers": settings.kafka, "group.id": group})
+        consumer = Consumer(settings.kafka_config({"group.id": group}))
         try:
             metadata = consumer.list_topics(timeout=10).topics
             partitions = [
@@ -199,7 +200,7 @@ def drained(settings: AccordSettings, appliers: list[str] | None = None) -> bool
 
 
 def end_offsets(settings: AccordSettings, topics: list[str]) -> dict[tuple[str, int], int]:
-    consumer = Consumer({"bootstrap.servers": settings.kafka, "group.id": "test-ends"})
+    consumer = Consumer(settings.kafka_config({"group.id": "test-ends"}))
     try:
         metadata = consumer.list_topics(timeout=10).topics
         return {

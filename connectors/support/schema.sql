@@ -9,9 +9,22 @@ CREATE TABLE IF NOT EXISTS public.users (
     updated_at   timestamptz NOT NULL DEFAULT now()
 );
 ALTER TABLE public.users REPLICA IDENTITY FULL;
+-- Debezium's heartbeat.action.query writes here; the row travels through the slot, so
+-- the slot's confirmed position moves on even while users sees no change and other
+-- databases on this server fill the WAL.
+CREATE TABLE IF NOT EXISTS public.accord_heartbeat (
+    id      int PRIMARY KEY,
+    beat_at timestamptz NOT NULL
+);
 DO $$
 BEGIN
     IF NOT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = 'accord_support') THEN
         CREATE PUBLICATION accord_support FOR TABLE public.users;
+    END IF;
+    IF NOT EXISTS (
+        SELECT 1 FROM pg_publication_tables
+        WHERE pubname = 'accord_support' AND tablename = 'accord_heartbeat'
+    ) THEN
+        ALTER PUBLICATION accord_support ADD TABLE public.accord_heartbeat;
     END IF;
 END $$;

@@ -321,6 +321,12 @@ class Postgres(Component):
                     sql.Identifier(source.cdc_user)
                 )
             )
+            # Debezium's heartbeat.action.query keeps the slot moving on an idle source.
+            conn.execute(
+                sql.SQL("GRANT INSERT, UPDATE ON public.accord_heartbeat TO {}").format(
+                    sql.Identifier(source.cdc_user)
+                )
+            )
 
 
 # --------------------------------------------------------------------------- MariaDB
@@ -605,21 +611,32 @@ class Kafka(Component):
     def version(self) -> str:
         return _jar_version(self.paths.kafka_libs, "kafka-clients")
 
-    def prepare(self) -> None:
-        data = self.home / "data"
-        data.mkdir(parents=True, exist_ok=True)
+    @property
+    def tls(self) -> Path:
+        """CA and broker certificate of the TLS listener; clients trust `ca.pem`."""
+        return self.home / "tls"
+
+    def config_text(self) -> str:
         host, controller = self.stack.host, self.stack.kafka_controller_port
-        write_log4j2(self.home / "log4j2.properties")
-        self.config.write_text(
+        secure = self.stack.kafka_sasl_ssl_port
+        return (
             "process.roles=broker,controller\n"
             "node.id=1\n"
             f"controller.quorum.bootstrap.servers={host}:{controller}\n"
-            f"listeners=PLAINTEXT://{host}:{self.port},CONTROLLER://{host}:{controller}\n"
-            f"advertised.listeners=PLAINTEXT://{host}:{self.port}\n"
+            f"listeners=PLAINTEXT://{host}:{self.port},CONTROLLER://{host}:{controller},"
+            f"SASL_SSL://{host}:{secure}\n"
+            f"advertised.listeners=PLAINTEXT://{host}:{self.port},SASL_SSL://{host}:{secure}\n"
             "controller.listener.names=CONTROLLER\n"
             "inter.broker.listener.name=PLAINTEXT\n"
-            "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT\n"
-            f"log.dirs={data}\n"
+            "listener.security.protocol.map="
+            "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT,SASL_SSL:SASL_SSL\n"
+            # The TLS + SCRAM listener, for clients configured as a production one would be.
+            "sasl.enabled.mechanisms=SCRAM-SHA-512\n"
+            "listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config="
+            "org.apache.kafka.common.security.scram.ScramLoginModule required;\n"
+            "ssl.keystore.type=PEM\n"
+            f"ssl.keystore.location={self.tls / 'broker.pem'}\n"
+            f"log.dirs={self.home / 'data'}\n"
             "num.partitions=3\n"
             "default.replication.factor=1\n"
             "offsets.topic.replication.factor=1\n"
@@ -631,6 +648,37 @@ class Kafka(Component):
             "auto.create.topics.enable=true\n"
             "log.retention.hours=168\n"
         )
+
+    def _make_certificates(self) -> None:
+        """A CA of the stack's own and a broker certificate for its host, made once."""
+        if (self.tls / "broker.pem").exists():
+            return
+        self.tls.mkdir(parents=True, exist_ok=True)
+        names = "subjectAltName=DNS:localhost,IP:127.0.0.1"
+        if self.stack.host not in ("localhost", "127.0.0.1"):
+            names += f",DNS:{self.stack.host}"
+        (self.tls / "broker.ext").write_text(names + "\n")
+        openssl = shutil.which("openssl")
+        if openssl is None:
+            raise StackError(self.name, "openssl not found (package openssl)")
+        for argv in (
+            ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "3650",
+             "-subj", "/CN=Accord local stack CA", "-keyout", "ca.key", "-out", "ca.pem"],
+            ["req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={self.stack.host}",
+             "-keyout", "broker.key", "-out", "broker.csr"],
+            ["x509", "-req", "-in", "broker.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+             "-CAcreateserial", "-days", "3650", "-extfile", "broker.ext", "-out", "broker.crt"],
+        ):  # fmt: skip
+            run_checked(self.name, [openssl, *argv], self.log, cwd=self.tls)
+        key, certificate = (self.tls / "broker.key").read_text(), (self.tls / "broker.crt")
+        (self.tls / "broker.pem").write_text(key + certificate.read_text())
+
+    def prepare(self) -> None:
+        data = self.home / "data"
+        data.mkdir(parents=True, exist_ok=True)
+        write_log4j2(self.home / "log4j2.properties")
+        self._make_certificates()
+        self.config.write_text(self.config_text())
         if (data / "meta.properties").exists():
             return
         cluster_id = new_cluster_id()
@@ -671,8 +719,8 @@ class Kafka(Component):
         from confluent_kafka.admin import AdminClient
 
         admin = AdminClient(
-            {
-                "bootstrap.servers": self.settings.kafka,
+            {  # the stack's own plaintext listener, whatever clients are configured for
+                "bootstrap.servers": f"{self.stack.host}:{self.port}",
                 "socket.timeout.ms": 2000,
                 "logger": _SILENT,  # connection-refused noise while the broker starts
             }
@@ -682,6 +730,24 @@ class Kafka(Component):
         except Exception as exc:
             return Health(False, _short(exc))
         return Health(True, f"{len(metadata.brokers)} broker(s), {len(metadata.topics)} topic(s)")
+
+    def bootstrap(self) -> None:
+        """The SCRAM user of the TLS + SASL listener (an upsert: safe on every `up`)."""
+        from confluent_kafka.admin import (
+            AdminClient,
+            ScramCredentialInfo,
+            ScramMechanism,
+            UserScramCredentialUpsertion,
+        )
+
+        admin = AdminClient({"bootstrap.servers": f"{self.stack.host}:{self.port}"})
+        upsert = UserScramCredentialUpsertion(
+            self.stack.kafka_scram_user,
+            ScramCredentialInfo(ScramMechanism.SCRAM_SHA_512, 8192),
+            self.stack.kafka_scram_password.get_secret_value().encode(),
+        )
+        for future in admin.alter_user_scram_credentials([upsert]).values():
+            future.result(30)
 
 
 def new_cluster_id() -> str:
@@ -853,7 +919,7 @@ class Connect(Component):
             "config.storage.replication.factor=1\n"
             "offset.storage.replication.factor=1\n"
             "status.storage.replication.factor=1\n"
-            "offset.flush.interval.ms=5000\n"
+            f"offset.flush.interval.ms={self.stack.connect_offset_flush_interval_ms}\n"
             f"listeners=http://{self.stack.host}:{self.port}\n"
             f"rest.advertised.host.name={self.stack.host}\n"
             f"rest.advertised.port={self.port}\n"

@@ -38,14 +38,35 @@ def test_unknown_component_is_named(tmp_path: Path) -> None:
         Stack(_settings(tmp_path)).select(["zookeeper"])
 
 
+class _Squatted(Component):
+    """A component whose port another process holds; no server binary needed."""
+
+    name = "redis"
+
+    def __init__(self, settings: AccordSettings, paths: StackPaths, port: int) -> None:
+        super().__init__(settings, paths)
+        self._port = port
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    def process(self) -> ProcessSpec:
+        return self._spec(["sleep", "30"])
+
+    def health(self) -> Health:
+        return Health(False, "never")
+
+
 def test_port_in_use_names_component_port_and_log(tmp_path: Path) -> None:
     with socket.socket() as squatter:
         squatter.bind(("127.0.0.1", 0))
         squatter.listen()
         port = squatter.getsockname()[1]
-        stack = Stack(_settings(tmp_path, redis_port=port))
+        stack = Stack(_settings(tmp_path))
+        stack.components = {"redis": _Squatted(stack.settings, stack.paths, port)}
         with pytest.raises(StackError) as failure:
-            stack.up(["redis"])
+            stack.up()
     message = str(failure.value)
     assert message.startswith("redis: port")
     assert str(port) in message and "ACCORD_STACK__REDIS_PORT" in message
