@@ -40,6 +40,9 @@ POLL_S = 0.02  # longest a lone record waits to be read (see `Emitter.run`)
 # Each transactional call gives up after this long instead of librdkafka's default of
 # waiting forever: a broker restart must end in an abort and a retry, not a hung thread.
 TXN_CALL_S = 15.0
+# Assigned partitions with unread records and nothing read for this long: the clients are
+# stuck (librdkafka can lose its group coordinator over a broker restart) and are rebuilt.
+STALL_S = 30.0
 EMITTED = Counter("accord_emit_records_total", "Records emitted", ["topic_kind"])
 STATUS_FIELD = "active"  # the audit entry of an activation or deactivation
 
@@ -318,17 +321,17 @@ class Emitter:
         self.encode_audit = encode_audit
         self.encode_sink = encode_sink
         self.batch_size = batch_size
-        self.consumer = Consumer(
-            {
-                **kafka,
-                "group.id": group_id,
-                "client.id": transactional_id,  # names this emitter in `accord monitor`
-                "enable.auto.commit": False,
-                "auto.offset.reset": "earliest",
-                "isolation.level": "read_committed",
-                "session.timeout.ms": int(session_timeout_s * 1000),
-            }
-        )
+        self._consumer_config = {
+            **kafka,
+            "group.id": group_id,
+            "client.id": transactional_id,  # names this emitter in `accord monitor`
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+            "isolation.level": "read_committed",
+            "session.timeout.ms": int(session_timeout_s * 1000),
+        }
+        self.consumer = self._new_consumer()
+        self._last_read = time.monotonic()
         self._producer_config = {
             **kafka,
             "transactional.id": transactional_id,
@@ -336,13 +339,14 @@ class Emitter:
             "linger.ms": 5,
         }
         self.producer = self._new_producer()
-        self.consumer.subscribe([topics.changelog])
         self._emitted: dict[str, int] = {}  # golden id -> last revision emitted in this run
         self.revisions_emitted = 0
 
     def step(self, timeout_s: float = 0.5) -> int:
         """One batch: returns how many revisions it emitted."""
         messages = self.consumer.consume(self.batch_size, timeout_s)
+        if messages:
+            self._last_read = time.monotonic()
         messages = [m for m in messages if usable(m)]
         if not messages:
             return 0
@@ -388,6 +392,57 @@ class Emitter:
             self.producer.produce(topic, key=key, value=self.encode_sink(event))
         EMITTED.labels("sink").inc(len(result.sinks))
 
+    def _new_consumer(self) -> Consumer:
+        consumer = Consumer(self._consumer_config)
+        consumer.subscribe([self.topics.changelog])
+        return consumer
+
+    def _stalled(self) -> bool:
+        """Nothing read for STALL_S although records wait: on a partition this emitter
+        holds, or, holding none, anywhere in the changelog past the group's commits."""
+        if time.monotonic() - self._last_read < STALL_S:
+            return False
+        self._last_read = time.monotonic()  # look again in STALL_S at the earliest
+        try:
+            partitions = self.consumer.assignment()
+            if partitions:
+                positions = self.consumer.position(partitions)
+            else:  # left without partitions: is the group as a whole behind?
+                metadata = self.consumer.list_topics(self.topics.changelog, timeout=5)
+                count = len(metadata.topics[self.topics.changelog].partitions)
+                every = [TopicPartition(self.topics.changelog, p) for p in range(count)]
+                positions = self.consumer.committed(every, timeout=5)
+            for tp in positions:
+                _, high = self.consumer.get_watermark_offsets(tp, timeout=5)
+                # A position never set after this long means fetching never started.
+                if high > max(tp.offset, 0):
+                    return True
+        except KafkaException as exc:
+            # Committed offsets a dead transaction still holds time out: rebuilding, whose
+            # new producer aborts that transaction, is the cure for that too.
+            log.warning("emit: cannot check progress (%s)", exc)
+            return True
+        return False
+
+    def _rebuild(self) -> None:
+        """New clients: the consumer rejoins the group from the committed offsets, and the
+        new producer's `init_transactions` aborts whatever the old one left open."""
+        log.warning("emit: no progress for %.0fs with records waiting; rebuilding clients", STALL_S)
+        if self._replace_producer():
+            self.consumer.close()
+            self.consumer = self._new_consumer()
+        self._last_read = time.monotonic()
+
+    def _replace_producer(self) -> bool:
+        try:
+            producer = self._new_producer()
+        except KafkaException as exc:  # the broker is still away: the next round tries again
+            log.warning("emit: cannot start a new transactional producer yet (%s)", exc)
+            return False
+        self.producer.purge()
+        self.producer = producer
+        return True
+
     def _new_producer(self) -> Producer:
         producer = Producer(self._producer_config)
         producer.init_transactions(4 * TXN_CALL_S)
@@ -404,8 +459,7 @@ class Emitter:
             self.producer.abort_transaction(TXN_CALL_S)
         except KafkaException as exc:
             log.warning("emit: abort failed (%s); starting a new transactional producer", exc)
-            self.producer.purge()
-            self.producer = self._new_producer()
+            self._replace_producer()
         first: dict[tuple[str, int], int] = {}
         for message in messages:
             first.setdefault((message.topic(), message.partition()), message.offset())
@@ -417,6 +471,8 @@ class Emitter:
             # consume() waits its whole timeout unless a full batch is there: keep it
             # short, or every revision waits that long before it is emitted.
             self.step(timeout_s=POLL_S)
+            if self._stalled():
+                self._rebuild()
 
     def close(self) -> None:
         self.consumer.close()

@@ -156,11 +156,15 @@ def test_a_lost_slot_is_recovered_by_a_resnapshot(own_crm_connector: AccordSetti
         [shown] = [s for s in json.loads(report.stdout)["slots"] if s["slot"] == slot]
         assert shown["wal_status"] == "missing"
 
-        # Resuming alone streams on from a new slot: the gap's change never arrives.
+        # Resuming alone does not paper over the gap: Debezium finds its position gone
+        # and fails the task, and the connector stays down until it is re-snapshotted.
         client.resume(connector.name)
-        assert wait_until(lambda: _slot(settings, slot)["active"], 60)
-        _insert(settings, f"after-{tag}@example.com")
-        assert wait_until(lambda: captured.holds(f"after-{tag}@"), 60)
+
+        def failed_for_the_lost_position() -> bool:
+            state = client.state(connector.name)
+            return state.tasks == ["FAILED"] and "no longer available" in (state.trace or "")
+
+        assert wait_until(failed_for_the_lost_position, 60)
         assert not captured.holds(f"gap-{tag}@")
 
         result = accord(settings, "connectors", "resnapshot", "crm", "--yes")
@@ -168,5 +172,7 @@ def test_a_lost_slot_is_recovered_by_a_resnapshot(own_crm_connector: AccordSetti
         assert "snapshot running" in result.stdout
         assert wait_until(lambda: captured.holds(f"gap-{tag}@"), 90)
         assert _slot(settings, slot) == {"exists": True, "active": True}
+        _insert(settings, f"after-{tag}@example.com")  # and it streams on from the new slot
+        assert wait_until(lambda: captured.holds(f"after-{tag}@"), 60)
     finally:
         captured.close()

@@ -36,9 +36,9 @@ def test_postgres_is_ready_for_logical_decoding(stack: AccordSettings) -> None:
     with postgres(stack, "crm") as conn:
         assert conn.execute("SHOW wal_level").fetchone() == ("logical",)
         tables = conn.execute(
-            "SELECT pubname, tablename FROM pg_publication_tables ORDER BY 1"
+            "SELECT pubname, tablename FROM pg_publication_tables ORDER BY 1, 2"
         ).fetchall()
-    assert tables == [("accord_crm", "customers")]
+    assert tables == [("accord_crm", "accord_heartbeat"), ("accord_crm", "customers")]
 
 
 def test_mariadb_writes_a_row_binlog_with_gtids(stack: AccordSettings) -> None:
