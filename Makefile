@@ -24,8 +24,10 @@ test: $(STAMP)
 	$(BIN)/python -m pytest
 
 ## Benchmarks, each beside its ceiling in the same run; figures in bench/results/.
+## The pipeline bench brings the stack up and loads 100,000 customers' events (~15 min).
 bench: $(STAMP)
 	$(BIN)/python bench/codec_bench.py
+	$(BIN)/python bench/pipeline_bench.py
 
 ## The fault suite: crashes, outages and poison under load, judged by an oracle. Prints
 ## a table; figures in .accord/reports/chaos.json.

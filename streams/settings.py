@@ -137,8 +137,8 @@ class WorkerSettings(BaseModel):
     processing_guarantee: Literal["at_least_once", "exactly_once"] = Field(
         "at_least_once",
         description="Faust's guarantee. Accord's effects are idempotent and version-guarded, "
-        "so at-least-once is enough (README, 'Faults and guarantees'); exactly_once adds "
-        "Kafka transactions to Faust's own produce-and-commit.",
+        "so at-least-once is enough (README, 'Faults and guarantees'). exactly_once is "
+        "experimental: under the fault suite it lost a change and repeated thousands.",
     )
     session_timeout_s: float = Field(
         10.0,

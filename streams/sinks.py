@@ -69,7 +69,8 @@ log = logging.getLogger(__name__)
 APPLIED = Counter("accord_sink_applied_total", "Sink events applied", ["target", "op"])
 SKIPPED = Counter(
     "accord_sink_skipped_total",
-    "Sink events skipped (stale_version, no_row, no_change, delete_disabled)",
+    "Sink events skipped (stale_version, no_row, no_change, delete_disabled, superseded, "
+    "folded)",
     ["target", "reason"],
 )
 RETRIES = Counter("accord_sink_retries_total", "Transient sink failures retried", ["target"])
@@ -1116,16 +1117,27 @@ class SinkRunner:
         self.outcomes = []
         messages = [m for m in self.consumer.consume(self.batch_size, timeout_s) if usable(m)]
         done: list[Any] = []
+        superseded: dict[int, int] = {}
         registry_down = False
         try:
-            for message in messages:
-                self._handle(message, result, stop)
+            records = [self._decode(message, result) for message in messages]
+            superseded = coalesce(records)
+            for index, (message, record) in enumerate(zip(messages, records, strict=True)):
+                if index in superseded:
+                    SKIPPED.labels(self.target, "folded").inc()
+                    result.skipped += 1
+                    result.reasons["folded"] = result.reasons.get("folded", 0) + 1
+                elif record is not None:
+                    self._handle(record, message, result, stop)
                 done.append(message)
         except (Interrupted, RegistryUnavailable) as exc:
             log.warning("%s: batch interrupted, the rest is redelivered: %s", self.target, exc)
             result.retried = True
             registry_down = isinstance(exc, RegistryUnavailable)
-            self._rewind(messages[len(done) :])
+            # A folded event is done only once the event it was folded into is applied.
+            start = min([len(done), *(i for i, j in superseded.items() if j >= len(done))])
+            done = done[:start]
+            self._rewind(messages[start:])
         if done:
             self.dlq.flush()
             self._commit(done)
@@ -1137,17 +1149,23 @@ class SinkRunner:
             _wait(stop, 1.0)
         return result
 
-    def _handle(self, message: Any, result: StepResult, stop: threading.Event) -> None:
+    def _decode(self, message: Any, result: StepResult) -> dict[str, Any] | None:
+        """The event, or None for a tombstone (nothing to apply) or an undecodable one
+        (dead-lettered here)."""
         value = message.value()
-        if value is None:  # a tombstone: nothing to apply
-            return
+        if value is None:
+            return None
         try:
-            record = self.codec.decode(value, self.reader).value
+            return self.codec.decode(value, self.reader).value
         except DecodeError as exc:
             self.dlq.write(DeadLetter.of(message, exc.reason.value, exc, "sink"))
             result.dead += 1
             FAILED.labels(self.target).inc()
-            return
+            return None
+
+    def _handle(
+        self, record: dict[str, Any], message: Any, result: StepResult, stop: threading.Event
+    ) -> None:
         outcome = self.applier.apply(record, stop)
         self.outcomes.append(outcome)
         if outcome.status is Status.APPLIED:
@@ -1225,6 +1243,41 @@ class SinkRunner:
         finally:
             self.producer.flush(10)
             self.applier.close()
+
+
+def coalesce(records: list[dict[str, Any] | None]) -> dict[int, int]:
+    """Which events a later one in the same batch makes redundant: {index: index of the
+    event that carries its effect}.
+
+    An applier that fell behind (a broker restart stalls its group) finds a row's
+    revisions queued one after another. Applying each in turn writes values the golden
+    record has long left behind, and their CDC echoes come back with fresh commit times;
+    once more values have been sent than the merge remembers as echoes, a stale value
+    could win last-writer-wins. So an update of an existing row is skipped when the next
+    event for that row is also an update and changes every field it changes: that event
+    writes newer values for all of them, and its compare-and-set already expects the row
+    as it is (the skipped write was never made, so no echo of it reached the merge).
+    """
+    folded_into: dict[int, int] = {}
+    last: dict[tuple[str, str, str], int] = {}
+    for index, record in enumerate(records):
+        if record is None:
+            continue
+        row = (str(record["target"]), str(record["golden_id"]), str(record.get("target_key")))
+        previous = last.pop(row, None)
+        if record.get("target_key") is None or str(record.get("op") or "UPSERT") != "UPSERT":
+            continue  # creates and deletes are applied as they are, and end a run
+        if previous is not None:
+            earlier = records[previous]
+            assert earlier is not None
+            if set(earlier["changed"]) <= set(record["changed"]):
+                folded_into[previous] = index
+        last[row] = index
+    # Follow chains to the event actually applied: 1 -> 2 -> 3 means 1 waits for 3.
+    for index in sorted(folded_into, reverse=True):
+        target = folded_into[index]
+        folded_into[index] = folded_into.get(target, target)
+    return folded_into
 
 
 def run_sink(
