@@ -23,7 +23,10 @@ from streams.errors import AccordError
 from streams.model import DECIMAL_FIELDS, Change, Op, Value
 from streams.rules import DeletePolicy, Rule, Rules
 
-ECHO_MEMORY = 4  # values remembered per target row and field as sent by Accord
+# Values sent to a target row's field and not yet seen coming back, oldest first. An
+# applier writes them in order, so an echo also settles every value sent before it; the
+# cap only bounds a row whose writes never echo (skipped by compare-and-set).
+ECHO_MEMORY = 64
 Order = tuple[int, str, str]  # source commit time (µs), log position, change id
 NEVER: Order = (-1, "", "")
 
@@ -131,8 +134,8 @@ class GoldenState:
     def remember_sent(self, link: str, values: dict[str, Value]) -> None:
         fields = self.sent_values.setdefault(link, {})
         for name, value in values.items():
-            recent = [v for v in fields.get(name, []) if not _same(v, value)]
-            fields[name] = [*recent[-(ECHO_MEMORY - 1) :], value]
+            # Kept in sending order, repeats included: A, B, A echo back as A, B, A.
+            fields[name] = [*fields.get(name, [])[-(ECHO_MEMORY - 1) :], value]
 
     caused_by: str | None = None  # change id that made the latest revision
     caused_ts: int = 0  # its source commit time: where end-to-end latency starts
@@ -170,6 +173,19 @@ class Outcome:
         return bool(self.changed) or self.status_changed or self.linked
 
 
+def _settle_echo(sent: dict[str, list[Value]] | None, name: str, value: Value) -> bool:
+    """Is `value` Accord's own write coming back? If so, forget what was sent before it:
+    those writes have come back already, or were never made (folded or refused)."""
+    if sent is None:
+        return False
+    outstanding = sent.get(name, [])
+    for index, candidate in enumerate(outstanding):
+        if _same(candidate, value):
+            sent[name] = outstanding[index:]
+            return True
+    return False
+
+
 def apply(state: GoldenState, change: Change, rules: Rules) -> Outcome:
     """Merge one change into `state` (in place)."""
     order: Order = (change.source_ts, change.position, change.change_id)
@@ -198,7 +214,7 @@ def apply(state: GoldenState, change: Change, rules: Rules) -> Outcome:
         if cell is not None and _same(cell.value, value):
             echo = cell.echo  # the row still holds what it held: no new opinion, nor an echo
         else:
-            echo = sent is not None and any(_same(v, value) for v in sent.get(name, ()))
+            echo = _settle_echo(sent, name, value)
         contribution.cells[name] = Cell(value, order, echo)
         touched.append(name)
         owner = rules.fields[name].owner

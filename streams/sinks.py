@@ -69,8 +69,7 @@ log = logging.getLogger(__name__)
 APPLIED = Counter("accord_sink_applied_total", "Sink events applied", ["target", "op"])
 SKIPPED = Counter(
     "accord_sink_skipped_total",
-    "Sink events skipped (stale_version, no_row, no_change, delete_disabled, superseded, "
-    "folded)",
+    "Sink events skipped (stale_version, no_row, no_change, delete_disabled, superseded, folded)",
     ["target", "reason"],
 )
 RETRIES = Counter("accord_sink_retries_total", "Transient sink failures retried", ["target"])

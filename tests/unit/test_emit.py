@@ -166,6 +166,34 @@ def test_a_value_a_row_holds_of_its_own_still_competes() -> None:
     assert not state.contributions["support:u-1"].cells["phone"].echo
 
 
+def test_a_late_echo_of_a_long_superseded_write_is_still_an_echo() -> None:
+    """An applier stalled by a broker restart writes support's queued revisions late:
+    the echo of a value sent many revisions ago arrives last, with the newest commit time,
+    and must not bring that value back (the Kafka restart scenario of `make chaos`)."""
+    state = GoldenState("g")
+    merge(state, change("crm", "1", 1, email="a@x.io", phone="+1"))
+    merge(state, change("support", "u-1", 2, email="a@x.io", phone="+1"))
+    for ts in range(3, 13):  # ten crm edits, each sent to support, none applied yet
+        merge(state, change("crm", "1", ts, phone=f"+{ts}"))
+    merge(state, change("support", "u-1", 13, phone="+3"))  # the first of them, echoed
+    assert state.values()["phone"] == "+12"
+    assert state.contributions["support:u-1"].cells["phone"].echo
+    merge(state, change("support", "u-1", 14, phone="+12"))  # the last, echoed
+    assert state.values()["phone"] == "+12"
+
+
+def test_echoes_of_a_value_sent_twice_are_each_recognised() -> None:
+    state = GoldenState("g")
+    merge(state, change("crm", "1", 1, email="a@x.io", phone="+1"))
+    merge(state, change("support", "u-1", 2, email="a@x.io", phone="+1"))
+    for ts, phone in ((3, "+2"), (4, "+3"), (5, "+2")):  # A, B, A sent to support
+        merge(state, change("crm", "1", ts, phone=phone))
+    for ts, phone in ((6, "+2"), (7, "+3"), (8, "+2")):  # and echoed back in that order
+        merge(state, change("support", "u-1", ts, phone=phone))
+        assert state.contributions["support:u-1"].cells["phone"].echo, phone
+    assert state.values()["phone"] == "+2"
+
+
 def test_the_echo_of_a_created_row_is_recognised() -> None:
     state = GoldenState("g")
     (create,) = merge(state, change("crm", "1", 1, email="a@x.io", first_name="Ada"))
