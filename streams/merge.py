@@ -24,9 +24,11 @@ from streams.model import DECIMAL_FIELDS, Change, Op, Value
 from streams.rules import DeletePolicy, Rule, Rules
 
 # Values sent to a target row's field and not yet seen coming back, oldest first. An
-# applier writes them in order, so an echo also settles every value sent before it; the
-# cap only bounds a row whose writes never echo (skipped by compare-and-set).
-ECHO_MEMORY = 64
+# applier writes them in order, so an echo also settles every value sent before it. The
+# cap bounds rows whose writes never echo (a webhook target, a write refused by
+# compare-and-set) and is the longest backlog of one row an applier can catch up on
+# without a stale echo competing; the state carries the list, so it stays small.
+ECHO_MEMORY = 16
 Order = tuple[int, str, str]  # source commit time (µs), log position, change id
 NEVER: Order = (-1, "", "")
 
