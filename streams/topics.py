@@ -158,6 +158,31 @@ def usable(message: Any) -> bool:
     return False
 
 
+# Errors a broker restart or leader move produces and that go away on their own.
+PASSING_ERRORS = {
+    KafkaError.NOT_LEADER_FOR_PARTITION,
+    KafkaError.LEADER_NOT_AVAILABLE,
+    KafkaError._TRANSPORT,
+    KafkaError._TIMED_OUT,
+    KafkaError._ALL_BROKERS_DOWN,
+}
+
+
+def _high_watermark(consumer: Consumer, tp: TopicPartition, timeout_s: float) -> int:
+    """The partition's end; a retriable error (a leader moving, as after a broker
+    restart) is asked again until `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return consumer.get_watermark_offsets(tp, 10)[1]
+        except KafkaException as exc:
+            error = exc.args[0]
+            passing = error.retriable() or error.code() in PASSING_ERRORS
+            if not passing or time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)  # a backoff before asking again, not a synchronisation
+
+
 def scan(
     kafka: dict[str, Any], topic: str, keep: Callable[[Any], bool], timeout_s: float = 60.0
 ) -> Iterator[Any]:
@@ -176,7 +201,7 @@ def scan(
         if metadata is None or metadata.error is not None:
             return
         partitions = [TopicPartition(topic, p, OFFSET_BEGINNING) for p in metadata.partitions]
-        ends = {tp.partition: consumer.get_watermark_offsets(tp, 10)[1] for tp in partitions}
+        ends = {tp.partition: _high_watermark(consumer, tp, timeout_s) for tp in partitions}
         remaining = {p for p, end in ends.items() if end > 0}
         consumer.assign(partitions)
         deadline = time.monotonic() + timeout_s

@@ -31,7 +31,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import pytest
-from confluent_kafka import Producer
+from confluent_kafka import KafkaException, Producer
 
 from streams.mapping import load_mappings
 from streams.projection import load_sinks
@@ -184,7 +184,11 @@ def settle(run: Run, scenario: str, load_ended: float) -> dict[str, Any]:
 
     def converged() -> bool:
         state["why"] = []
-        state["lost"], state["equal"] = verdict(run, why=state["why"])
+        try:
+            state["lost"], state["equal"] = verdict(run, why=state["why"])
+        except (KafkaException, TimeoutError) as exc:  # the broker is still settling
+            state["why"] = [f"could not read the golden records yet: {exc}"]
+            return False
         return state["equal"]
 
     ok = wait_until(converged, CONVERGE_S, interval_s=2.0)
