@@ -93,6 +93,11 @@ class Component:
     def home(self) -> Path:
         return self.paths.home(self.name)
 
+    @property
+    def listens(self) -> dict[str, int]:
+        """Every port the process takes, by the stack setting that chooses it."""
+        return {f"{self.name}_port": self.port}
+
     def prepare(self) -> None:
         """One-time initialisation of data directories and config files."""
 
@@ -610,6 +615,14 @@ class Kafka(Component):
 
     def version(self) -> str:
         return _jar_version(self.paths.kafka_libs, "kafka-clients")
+
+    @property
+    def listens(self) -> dict[str, int]:
+        return {
+            "kafka_port": self.port,
+            "kafka_controller_port": self.stack.kafka_controller_port,
+            "kafka_sasl_ssl_port": self.stack.kafka_sasl_ssl_port,
+        }
 
     @property
     def tls(self) -> Path:

@@ -117,14 +117,14 @@ class Stack:
             # Started by an older Accord or other settings: restart it with the new ones.
             self.progress(f"{component.name}: command line changed, restarting")
             stop(spec)
-        if port_in_use(self.settings.stack.host, component.port):
-            raise StackError(
-                component.name,
-                f"port {component.port} on {self.settings.stack.host} is in use by another "
-                f"process; free it or choose another port "
-                f"(ACCORD_STACK__{component.name.upper()}_PORT)",
-                component.log,
-            )
+        for setting, port in component.listens.items():
+            if port_in_use(self.settings.stack.host, port):
+                raise StackError(
+                    component.name,
+                    f"port {port} on {self.settings.stack.host} is in use by another "
+                    f"process; free it or choose another port (ACCORD_STACK__{setting.upper()})",
+                    component.log,
+                )
         component.prepare()
         self.progress(f"{component.name}: starting on port {component.port}")
         spawn(component.process())

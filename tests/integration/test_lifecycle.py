@@ -50,6 +50,7 @@ def test_up_is_idempotent_and_down_leaves_no_process(
             redis_port=26379,
             kafka_port=29092,
             kafka_controller_port=29093,
+            kafka_sasl_ssl_port=29094,
         )
     )
     stack = Stack(isolated)

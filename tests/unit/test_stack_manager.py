@@ -171,3 +171,31 @@ def test_a_resolved_profile_whose_unpacked_jars_were_deleted_is_resolved_again(
     assert not maven_profile_ready(paths, "kafka")  # stamped, but nothing unpacked
     (tmp_path / "kafka" / "libs" / "kafka_2.13.jar").write_bytes(b"jar")
     assert maven_profile_ready(paths, "kafka")
+
+
+def test_a_taken_secondary_port_is_named_by_its_setting(tmp_path: Path) -> None:
+    """Kafka takes three ports; the one in use is named, not just the main one."""
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        taken = squatter.getsockname()[1]
+        free = [_free_port(), _free_port()]
+        stack = Stack(
+            _settings(
+                tmp_path,
+                kafka_port=free[0],
+                kafka_controller_port=free[1],
+                kafka_sasl_ssl_port=taken,
+            )
+        )
+        with pytest.raises(StackError) as failure:
+            stack._start(stack.components["kafka"])
+    message = str(failure.value)
+    assert message.startswith(f"kafka: port {taken}")
+    assert "ACCORD_STACK__KAFKA_SASL_SSL_PORT" in message
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
