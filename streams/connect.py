@@ -146,13 +146,7 @@ class ConnectClient:
 
     def rewind(self, name: str, offsets: list[dict[str, Any]], wait_s: float = 60.0) -> None:
         """Stop, set the offsets back, resume: the connector replays what came after them."""
-        self.stop(name)
-        if not wait_until(lambda: self.state(name).state == "STOPPED", wait_s):
-            raise AccordError(f"connector {name} did not stop within {wait_s:.0f}s")
-        self._request("PATCH", f"/connectors/{name}/offsets", json={"offsets": offsets})
-        self.resume(name)
-        if not wait_until(lambda: self.state(name).running, wait_s):
-            raise AccordError(f"connector {name} did not resume within {wait_s:.0f}s")
+        self._offsets_while_stopped(name, "PATCH", {"offsets": offsets}, wait_s)
 
     def resnapshot(self, name: str, wait_s: float = 60.0) -> None:
         """Stop, forget the stored offsets, resume: with `snapshot.mode=initial` Debezium
@@ -162,10 +156,16 @@ class ConnectClient:
         slot held the WAL reach Kafka as snapshot reads; everything Accord already has
         is a no-op in the merge.
         """
+        self._offsets_while_stopped(name, "DELETE", None, wait_s)
+
+    def _offsets_while_stopped(
+        self, name: str, method: str, body: dict[str, Any] | None, wait_s: float
+    ) -> None:
+        """Connect changes a connector's offsets only while it is stopped."""
         self.stop(name)
         if not wait_until(lambda: self.state(name).state == "STOPPED", wait_s):
             raise AccordError(f"connector {name} did not stop within {wait_s:.0f}s")
-        self._request("DELETE", f"/connectors/{name}/offsets")
+        self._request(method, f"/connectors/{name}/offsets", json=body)
         self.resume(name)
         if not wait_until(lambda: self.state(name).running, wait_s):
             raise AccordError(f"connector {name} did not resume within {wait_s:.0f}s")

@@ -12,12 +12,20 @@ import signal
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import httpx
 
 from streams.errors import AccordError
 from streams.settings import AccordSettings
 from streams.stack.process import ProcessSpec, read_pid, spawn, stop, tail, wait_until
+
+
+def _env_text(value: Any) -> str:
+    """A setting as its ACCORD_ variable spells it: secrets in clear, lists as JSON."""
+    if hasattr(value, "get_secret_value"):
+        value = value.get_secret_value()
+    return json.dumps(value) if isinstance(value, list | dict) else str(value)
 
 
 def worker_env(settings: AccordSettings) -> dict[str, str]:
@@ -27,10 +35,7 @@ def worker_env(settings: AccordSettings) -> dict[str, str]:
         for name, value in getattr(settings, section).model_dump().items():
             if value is None:
                 continue
-            if hasattr(value, "get_secret_value"):
-                value = value.get_secret_value()
-            text = json.dumps(value) if isinstance(value, list | dict) else str(value)
-            env[f"ACCORD_{section.upper()}__{name.upper()}"] = text
+            env[f"ACCORD_{section.upper()}__{name.upper()}"] = _env_text(value)
     for name in (
         "kafka_bootstrap",
         "schema_registry_url",
@@ -46,8 +51,7 @@ def worker_env(settings: AccordSettings) -> dict[str, str]:
     ):
         value = getattr(settings, name)
         if value is not None:
-            secret = value.get_secret_value() if hasattr(value, "get_secret_value") else value
-            env[f"ACCORD_{name.upper()}"] = str(secret)
+            env[f"ACCORD_{name.upper()}"] = _env_text(value)
     env["ACCORD_CONNECTORS_DIR"] = str(settings.connectors_dir)
     env["ACCORD_REDACT_PII"] = str(settings.redact_pii).lower()
     return env

@@ -232,6 +232,10 @@ def record(result: dict[str, Any]) -> None:
     REPORT.write_text(json.dumps(existing, indent=2) + "\n")
 
 
+def held(result: dict[str, Any]) -> bool:
+    return result["equal_to_oracle"] and result["lost"] == 0 and result["applied_duplicates"] == 0
+
+
 def assert_held(result: dict[str, Any]) -> None:
     assert result["equal_to_oracle"], result
     assert result["lost"] == 0 and result["applied_duplicates"] == 0, result
@@ -273,9 +277,7 @@ def test_worker_sigkilled_every_10_to_30_s_with_a_burst(run: Run) -> None:
     if run.settings.worker.processing_guarantee == "exactly_once":
         scenario += " (Faust exactly_once)"
     result = settle(run, scenario, under_load(run, fault))
-    if run.settings.worker.processing_guarantee == "exactly_once" and not (
-        result["equal_to_oracle"] and result["lost"] == 0 and result["applied_duplicates"] == 0
-    ):
+    if run.settings.worker.processing_guarantee == "exactly_once" and not held(result):
         # Measured for the guarantee decision, not a mode Accord runs in: the figures are
         # in the report; the README says why at-least-once is the default.
         pytest.xfail(f"Faust exactly_once does not hold: {result}")
