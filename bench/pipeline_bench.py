@@ -26,10 +26,13 @@ import argparse
 import datetime as dt
 import io
 import json
+import multiprocessing
 import os
 import platform
 import random
 import shutil
+import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -47,6 +50,7 @@ from confluent_kafka.schema_registry import Schema
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from streams.mapping import load_mappings  # noqa: E402
 from streams.registry import registry_client  # noqa: E402
 from streams.samples import SampleGenerator  # noqa: E402
 from streams.settings import AccordSettings, TopicSettings, load_settings  # noqa: E402
@@ -166,9 +170,17 @@ def generate(customers: int, template: dict[str, Template], seed: int = 7):
     return messages
 
 
-def load_topics(settings: AccordSettings, messages: list[tuple[str, bytes, bytes]]) -> None:
+def load_topics(
+    settings: AccordSettings, messages: list[tuple[str, bytes, bytes]], prefix: str | None = None
+) -> None:
+    """Produce the messages; with `prefix`, into `<prefix>.<original topic>` instead."""
     producer = Producer(settings.kafka_config({"linger.ms": 50, "batch.size": 1_000_000}))
+    renamed: dict[str, str] = {}
     for topic, key, value in messages:
+        if prefix is not None:
+            if topic not in renamed:
+                renamed[topic] = f"{prefix}.{topic.split('.', 1)[1]}"
+            topic = renamed[topic]
         while True:
             try:
                 producer.produce(topic, key=key, value=value)
@@ -177,6 +189,12 @@ def load_topics(settings: AccordSettings, messages: list[tuple[str, bytes, bytes
                 producer.poll(0.1)
     if producer.flush(120):
         raise SystemExit("could not load the raw topics")
+
+
+def create_topics(settings: AccordSettings, topics: list[str]) -> None:
+    admin = AdminClient(settings.kafka_config())
+    for future in admin.create_topics([NewTopic(t, PARTITIONS, 1) for t in topics]).values():
+        future.result(30)
 
 
 # ----------------------------------------------------------------------- measuring
@@ -240,15 +258,28 @@ def ceiling(settings: AccordSettings, topics: list[str], total: int, run: str) -
     }
 
 
-def _committed_all(settings: AccordSettings, group: str, ends: dict) -> bool:
+def in_own_process(measure: Any, *args: Any) -> Any:
+    """Run a measurement in a fresh interpreter, so its peak RSS is its own, not the
+    bench's (which holds every generated event)."""
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(1) as pool:
+        return pool.apply(measure, args)
+
+
+def _committed(settings: AccordSettings, group: str, ends: dict) -> int | None:
+    """How many of the events up to `ends` the group has committed; None if unknown."""
     consumer = Consumer(settings.kafka_config({"group.id": group}))
     try:
         answer = consumer.committed([TopicPartition(t, p) for t, p in ends], timeout=10)
-        return all(tp.offset >= ends[(tp.topic, tp.partition)] for tp in answer)
+        return sum(min(max(tp.offset, 0), ends[(tp.topic, tp.partition)]) for tp in answer)
     except Exception:
-        return False
+        return None
     finally:
         consumer.close()
+
+
+def _committed_all(settings: AccordSettings, group: str, ends: dict) -> bool:
+    return _committed(settings, group, ends) == sum(ends.values())
 
 
 def _ends(settings: AccordSettings, topics: list[str]) -> dict[tuple[str, int], int]:
@@ -263,30 +294,90 @@ def _ends(settings: AccordSettings, topics: list[str]) -> dict[tuple[str, int], 
         consumer.close()
 
 
-def accord(settings: AccordSettings, topics: list[str], total: int) -> dict:
-    worker = WorkerProcess(settings)
-    worker.start()
-    pid = int(worker.spec.pid_file.read_text().split()[0])
+def top_frames(collapsed: Path, limit: int = 15) -> list[dict[str, Any]]:
+    """The functions the worker spent its samples in (self), from py-spy's collapsed stacks."""
+    own: dict[str, int] = {}
+    total = 0
+    for line in collapsed.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        leaf = stack.rsplit(";", 1)[-1]
+        own[leaf] = own.get(leaf, 0) + int(count)
+        total += int(count)
+    ranked = sorted(own.items(), key=lambda item: -item[1])[:limit]
+    return [{"frame": frame, "share": round(n / total, 4)} for frame, n in ranked]
+
+
+def _profiler(pid: int, out: Path) -> subprocess.Popen:
+    spy = Path(sys.executable).with_name("py-spy")
+    argv = [str(spy), "record", "--pid", str(pid), "--rate", "50", "--format", "raw",
+            "--output", str(out), "--nonblocking"]  # fmt: skip
+    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _instance(settings: AccordSettings, number: int) -> AccordSettings:
+    """Worker process `number` of a run: its own state folder and web port."""
+    worker = settings.worker.model_copy(
+        update={"instance": str(number), "web_port": settings.worker.web_port + number - 1}
+    )
+    return settings.model_copy(update={"worker": worker})
+
+
+def accord(
+    settings: AccordSettings,
+    messages: list[tuple[str, bytes, bytes]],
+    workers: int = 1,
+    profile: Path | None = None,
+) -> dict:
+    """Real worker processes, ready and idle, are handed every event; timed until every
+    output is out.
+
+    The events go to raw topics of this app's own, loaded once every process is ready,
+    so that one worker gets no head start over another and none pays for its start.
+    """
+    raw = raw_topics_of(settings)
+    create_topics(settings, raw)
+    processes = [WorkerProcess(_instance(settings, n)) for n in range(1, workers + 1)]
+    for process in processes:
+        process.start()
+    pids = [int(process.spec.pid_file.read_text().split()[0]) for process in processes]
+    spy = _profiler(pids[0], profile) if profile else None
     try:
-        started, cpu0 = time.monotonic(), _proc_cpu_s(pid)
-        ends = _ends(settings, topics)
+        wait_until(lambda: all(process.ready() for process in processes), 120, 0.5)
         app = settings.worker.app_id
-        if not wait_until(lambda: _committed_all(settings, app, ends), 1800, interval_s=1.0):
-            raise SystemExit("the worker did not read every raw event within 30 minutes")
+        started, cpu0 = time.monotonic(), sum(_proc_cpu_s(pid) for pid in pids)
+        load_topics(settings, messages, prefix=app)
+        ends = _ends(settings, raw)
+        if not wait_until(lambda: _committed_all(settings, app, ends), 1800, interval_s=0.5):
+            raise SystemExit("the workers did not read every raw event within 30 minutes")
+        # Raw offsets commit once changes are handed on; the merge commits its own input
+        # only after the changelog holds what it wrote.
+        merged = _ends(settings, [settings.topics.changes])
+        if not wait_until(lambda: _committed_all(settings, app, merged), 600, interval_s=0.5):
+            raise SystemExit("the merge did not catch up within 10 minutes")
         changelog = f"{app}-golden-changelog"
         out_ends = _ends(settings, [changelog])
-        if not wait_until(lambda: _committed_all(settings, f"{app}-emit", out_ends), 600):
+        if not wait_until(
+            lambda: _committed_all(settings, f"{app}-emit", out_ends), 600, interval_s=0.5
+        ):
             raise SystemExit("the emitter did not catch up within 10 minutes")
-        elapsed, cpu = time.monotonic() - started, _proc_cpu_s(pid) - cpu0
-        rss = _peak_rss_mb(pid)
+        elapsed = time.monotonic() - started
+        cpu = sum(_proc_cpu_s(pid) for pid in pids) - cpu0
+        rss = [_peak_rss_mb(pid) for pid in pids]
     finally:
-        worker.stop()
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)
+            spy.wait(60)
+        for process in processes:
+            process.stop()
+    events = len(messages)
     return {
-        "events": total,
+        "workers": workers,
+        "events": events,
         "seconds": round(elapsed, 2),
-        "events_per_s": round(total / elapsed, 1),
-        "cpu_s_per_1000": round(cpu / total * 1000, 4),
-        "peak_rss_mb": round(rss, 1),
+        "events_per_s": round(events / elapsed, 1),
+        "events_per_s_per_worker": round(events / elapsed / workers, 1),
+        "cpu_s_per_1000": round(cpu / events * 1000, 4),
+        "peak_rss_mb": round(max(rss), 1),
         "golden_revisions": sum(out_ends.values()),
     }
 
@@ -294,41 +385,129 @@ def accord(settings: AccordSettings, topics: list[str], total: int) -> dict:
 def bench_settings(base: AccordSettings, run: str, tmp: Path) -> AccordSettings:
     """This run's raw topics (mappings copied and pointed at them), Accord topics,
     consumer groups and Redis keys: nothing shared with the demo or the tests."""
-    connectors = tmp / "connectors"
-    shutil.copytree(base.connectors_dir, connectors)
-    for mapping in connectors.glob("*/mapping.yaml"):
-        text = mapping.read_text()
-        topic = next(line.split(":", 1)[1].strip() for line in text.splitlines()
-                     if line.startswith("topic:"))  # fmt: skip
-        mapping.write_text(text.replace(f"topic: {topic}", f"topic: bench-{run}.{topic}", 1))
-    topics = TopicSettings(
-        changes=f"bench-{run}.changes", golden=f"bench-{run}.golden",
-        audit=f"bench-{run}.audit", dlq=f"bench-{run}.dlq", sink_prefix=f"bench-{run}.sink.",
-    )  # fmt: skip
     worker = base.worker.model_copy(
         update={
-            "app_id": f"bench-{run}",
-            "redis_prefix": f"bench-{run}:",
             "partitions": PARTITIONS,
             "sinks": [],
             "reconcile_interval_s": 0,
             "connector_watchdog": False,
-            "data_dir": base.stack.state_dir.resolve() / "bench-workers" / run,
         }
     )
-    return base.model_copy(
-        update={"connectors_dir": connectors, "topics": topics, "worker": worker}
+    settings = base.model_copy(update={"worker": worker})
+    return another_app(with_raw_topics(settings, f"bench-{run}", tmp / "home"), run, "home", tmp)
+
+
+def with_raw_topics(settings: AccordSettings, prefix: str, folder: Path) -> AccordSettings:
+    """The settings with every mapping reading `<prefix>.<its topic>` (a copied folder)."""
+    connectors = folder / "connectors"
+    shutil.copytree(settings.connectors_dir, connectors)
+    for mapping in connectors.glob("*/mapping.yaml"):
+        text = mapping.read_text()
+        topic = next(line.split(":", 1)[1].strip() for line in text.splitlines()
+                     if line.startswith("topic:"))  # fmt: skip
+        original = topic.split(".", 1)[1] if topic.startswith("bench-") else topic
+        mapping.write_text(text.replace(f"topic: {topic}", f"topic: {prefix}.{original}", 1))
+    return settings.model_copy(update={"connectors_dir": connectors})
+
+
+def raw_topics_of(settings: AccordSettings) -> list[str]:
+    return sorted(mapping.topic for mapping in load_mappings(settings.connectors_dir).values())
+
+
+def another_app(settings: AccordSettings, run: str, name: str, tmp: Path) -> AccordSettings:
+    """Another Accord app of the run: its own group, topics (raw ones too), keys and state.
+
+    Its raw topics are `<app>.<original topic>`: `accord` loads them itself; the ceiling
+    and the peer read the run's own, `bench-<run>.<original topic>`.
+    """
+    app = f"bench-{run}-{name}"
+    topics = TopicSettings(
+        changes=f"{app}.changes", golden=f"{app}.golden", audit=f"{app}.audit",
+        dlq=f"{app}.dlq", sink_prefix=f"{app}.sink.",
+    )  # fmt: skip
+    worker = settings.worker.model_copy(
+        update={
+            "app_id": app,
+            "redis_prefix": f"{app}:",
+            "data_dir": settings.stack.state_dir.resolve() / "bench-workers" / app,
+        }
     )
+    named = settings.model_copy(update={"topics": topics, "worker": worker})
+    return named if name == "home" else with_raw_topics(named, app, tmp / name)
+
+
+def plot(result: dict[str, Any], out: Path) -> None:
+    """Throughput beside the ceiling and the peer; latency percentiles by edit rate."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    bars = [
+        (label, result[key]["events_per_s"])
+        for label, key in (
+            ("ceiling\n(pass-through)", "ceiling"),
+            ("Quix Streams\npeer", "peer"),
+            ("Accord\n1 worker", "accord"),
+            ("Accord\n2 workers", "accord_2_workers"),
+        )
+        if (result.get(key) or {}).get("events_per_s")
+    ]
+    if bars:
+        left.bar([b[0] for b in bars], [b[1] for b in bars], color="#4c72b0")
+        for index, (_, value) in enumerate(bars):
+            left.annotate(f"{value:,.0f}", (index, value), ha="center", va="bottom")
+    left.set_ylabel("events per second")
+    left.set_title(f"Processor throughput, {result.get('events', 0):,} events")
+    steps = (result.get("latency") or {}).get("steps", [])
+    if steps:
+        rates = [step["rate"] for step in steps]
+        for name in ("p50", "p95", "p99"):
+            right.plot(rates, [step.get(f"{name}_ms") for step in steps], marker="o", label=name)
+        right.axhline(500, color="grey", linestyle="--", linewidth=1, label="goal: p99 500 ms")
+        right.set_yscale("log")
+        right.legend()
+    right.set_xlabel("edits per second (open loop)")
+    right.set_ylabel("source commit -> applied in target (ms)")
+    right.set_title("End-to-end latency")
+    figure.tight_layout()
+    figure.savefig(out, dpi=110)
+    plt.close(figure)
+
+
+PARTS = ("ceiling", "peer", "accord", "scale", "latency", "state")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--customers", type=int, default=100_000)
+    parser.add_argument("--state-customers", type=int, default=1_000_000)
+    parser.add_argument(
+        "--parts", default=",".join(PARTS), help=f"comma-separated, of: {', '.join(PARTS)}"
+    )
     args = parser.parse_args()
+    parts = set(args.parts.split(","))
+    if parts - set(PARTS):
+        parser.error(f"unknown parts: {', '.join(sorted(parts - set(PARTS)))}")
 
     base = load_settings()
     Stack(base, progress=lambda m: print(f"[stack] {m}", file=sys.stderr)).up()
     run = uuid.uuid4().hex[:8]
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    today = dt.date.today().isoformat()
+    result: dict[str, Any] = {
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        "customers": args.customers,
+        "partitions": PARTITIONS,
+    }
+
+    def step(name: str, measure: Any) -> None:
+        print(f"{name} ...", file=sys.stderr)
+        result[name] = measure()
+        print(f"  {json.dumps(result[name])[:600]}", file=sys.stderr)
+
     with tempfile.TemporaryDirectory() as tmp:
         settings = bench_settings(base, run, Path(tmp))
         template = templates(settings, run)
@@ -336,41 +515,52 @@ def main() -> None:
         admin = AdminClient(settings.kafka_config())
         for future in admin.create_topics([NewTopic(t, PARTITIONS, 1) for t in raw]).values():
             future.result(30)
+        try:
+            began = time.monotonic()
+            messages = generate(args.customers, template)
+            print(f"generated {len(messages):,} events in {time.monotonic() - began:.1f}s",
+                  file=sys.stderr)  # fmt: skip
+            load_topics(settings, messages)
+            total = result["events"] = len(messages)
 
-        began = time.monotonic()
-        messages = generate(args.customers, template)
-        print(f"generated {len(messages):,} events in {time.monotonic() - began:.1f}s",
-              file=sys.stderr)  # fmt: skip
-        load_topics(settings, messages)
-        total = len(messages)
+            if "ceiling" in parts:
+                step("ceiling", lambda: in_own_process(ceiling, settings, raw, total, run))
+            if "peer" in parts:
+                from peer import peer
 
-        print("ceiling: pass-through ...", file=sys.stderr)
-        ceiling_figures = ceiling(settings, raw, total, run)
-        print(f"  {ceiling_figures}", file=sys.stderr)
-        print("accord worker ...", file=sys.stderr)
-        accord_figures = accord(settings, raw, total)
-        print(f"  {accord_figures}", file=sys.stderr)
+                step("peer", lambda: peer(settings, raw, total, run))
+            if "accord" in parts:
+                one = another_app(settings, run, "1w", Path(tmp))
+                profile = RESULTS / f"{today}-worker-profile.txt"
+                step("accord", lambda: accord(one, messages, profile=profile))
+                result["accord"]["profile_top"] = top_frames(profile)
+            if "scale" in parts:
+                two = another_app(settings, run, "2w", Path(tmp))
+                step("accord_2_workers", lambda: accord(two, messages, workers=2))
+        finally:
+            ours = set(admin.list_topics(timeout=10).topics)
+            admin.delete_topics([t for t in ours if t.startswith(f"bench-{run}")])
+            for folder in (base.stack.state_dir / "bench-workers").glob(f"bench-{run}-*"):
+                shutil.rmtree(folder, ignore_errors=True)
 
-        ours = set(admin.list_topics(timeout=10).topics)
-        admin.delete_topics([t for t in ours if t.startswith(f"bench-{run}")])
+    if "latency" in parts:
+        from latency_bench import latency
 
-    result = {
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
-        "customers": args.customers,
-        "events": total,
-        "partitions": PARTITIONS,
-        "ceiling": ceiling_figures,
-        "accord": accord_figures,
-        "accord_over_ceiling": round(
-            accord_figures["events_per_s"] / ceiling_figures["events_per_s"], 3
-        ),
-    }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"{dt.date.today().isoformat()}-pipeline.json"
+        step("latency", lambda: latency(base))
+    if "state" in parts:
+        from state_bench import golden_recovery
+
+        step("state", lambda: golden_recovery(base, args.state_customers))
+
+    for key in ("ceiling", "peer"):
+        if result.get(key) and result.get("accord"):
+            ratio = result["accord"]["events_per_s"] / result[key]["events_per_s"]
+            result[f"accord_over_{key}"] = round(ratio, 3)
+    out = RESULTS / f"{today}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
-    print(f"figures: {out}", file=sys.stderr)
+    plot(result, RESULTS / f"{today}.png")
+    print(json.dumps({k: v for k, v in result.items() if k != "latency"}, indent=2))
+    print(f"figures: {out} and {out.with_suffix('.png')}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ from streams.faust_codec import canonical_codec
 from streams.identity import IdentityResolver
 from streams.ingest import IngestPipeline, RawDecoder
 from streams.mapping import Mapper, load_mappings
-from streams.merge import GoldenState, apply, dumps, loads, stage
+from streams.merge import StateCache, apply, dumps, stage
 from streams.model import Change
 from streams.offsets import guarded_consumer
 from streams.projection import SinkKind, load_sinks
@@ -212,6 +212,11 @@ def create_app(settings: AccordSettings, rules: Rules | None = None) -> faust.Ap
         web_bind=worker.web_host,
         web_port=worker.web_port,
         producer_acks=-1,
+        # Let aiokafka gather a few ms of sends into one request, in batches that hold
+        # more than four golden states (its default is 16 KB): sending each change and
+        # changelog write alone cost more CPU than the merge itself.
+        producer_linger=0.005,
+        producer_max_batch_size=256 * 1024,
         table_standby_replicas=0,
         broker_client_id=f"{worker.app_id}-{worker.instance}",
         broker_session_timeout=worker.session_timeout_s,
@@ -276,6 +281,8 @@ def create_app(settings: AccordSettings, rules: Rules | None = None) -> faust.Ap
             for change in batch.changes:
                 await changes_topic.send(key=change.golden_id.encode(), value=change.to_record())
 
+    states = StateCache(worker.state_cache_size)
+
     @app.agent(changes_topic, name="merge", supervisor_strategy=mode.CrashingSupervisor)
     async def merge(stream: faust.StreamT) -> None:
         inputs = stream.noack()
@@ -283,8 +290,7 @@ def create_app(settings: AccordSettings, rules: Rules | None = None) -> faust.Ap
         async for event in inputs.events():
             change = Change.from_record(event.value)
             key = event.key
-            stored = golden.get(key)
-            state = loads(stored) if stored else GoldenState(key.decode())
+            state = states.get(key, golden.get(key))
             if change.observed:
                 outcome = repair(state, change, sinks, rules)
                 REPAIRS.labels(change.system, "planned" if outcome.state_changed else "none").inc()
@@ -296,7 +302,9 @@ def create_app(settings: AccordSettings, rules: Rules | None = None) -> faust.Ap
                 if outcome.state_changed:
                     stage(state, change, outcome, plan_sinks(state, change, sinks, rules))
             if outcome.state_changed:
-                golden[key] = dumps(state)  # the changelog write `emit` turns into outputs
+                payload = dumps(state)
+                golden[key] = payload  # the changelog write `emit` turns into outputs
+                states.put(key, payload, state)
                 acks.after(golden.last_write, event)
             else:
                 await inputs.ack(event)

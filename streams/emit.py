@@ -357,7 +357,7 @@ class Emitter:
             for message in messages:
                 if message.value() is None:
                     continue
-                state = loads(message.value())
+                state = loads(message.value(), cells=False)
                 last = emitted.get(state.golden_id, self._emitted.get(state.golden_id, 0))
                 if not state.fresh or state.revision <= last:
                     continue

@@ -161,6 +161,7 @@ class Monitor:
         self.admin = admin or AdminClient(settings.kafka_config())
         self.members = members
         self._offset_readers: dict[str, Consumer] = {}
+        self._connect: Any = None  # one HTTP client for every snapshot: each costs a TLS context
         self.watched = watched_topics(settings)
         self._changelogs = {w.name for w in self.watched if w.kind == "changelog"}
         self._previous: tuple[float, dict[str, int]] | None = None
@@ -246,13 +247,18 @@ class Monitor:
         for reader in self._offset_readers.values():
             reader.close()
         self._offset_readers.clear()
+        if self._connect is not None:
+            self._connect.http.close()
+            self._connect = None
 
     # -- the rest of the pipeline ------------------------------------------------------
 
     def _connectors(self) -> list[ConnectorStatus]:
         from streams.connect import SYSTEMS, ConnectClient, load_connector
 
-        client = ConnectClient.of(self.settings, timeout_s=REQUEST_TIMEOUT_S)
+        if self._connect is None:
+            self._connect = ConnectClient.of(self.settings, timeout_s=REQUEST_TIMEOUT_S)
+        client = self._connect
         result = []
         for system in SYSTEMS:
             name = load_connector(self.settings.connectors_dir, system).name

@@ -147,6 +147,12 @@ class WorkerSettings(BaseModel):
         "hands them on (Kafka's session timeout; the broker's minimum is 6 s).",
     )
     batch_window_s: float = Field(0.05, gt=0, description="Longest wait to fill a batch.")
+    state_cache_size: int = Field(
+        4096,
+        ge=0,
+        description="Golden states the merge keeps parsed between writes (about 20 KB each); "
+        "0 parses every state it reads.",
+    )
     data_dir: Path | None = Field(None, description="RocksDB state; default <state_dir>/worker.")
     web_host: str = Field("127.0.0.1", description="Interface of the web server (metrics, health).")
     web_port: int = Field(16066, description="Port of the web server (metrics, health).")

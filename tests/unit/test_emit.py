@@ -123,6 +123,15 @@ def test_a_revision_emits_sink_events_and_only_changed_records() -> None:
     assert billing["source_ts"] is not None and billing["caused_by"] == state.caused_by
 
 
+def test_the_emitters_lean_read_of_a_state_gives_the_same_outputs() -> None:
+    state = GoldenState("g")
+    merge(state, change("billing", "AC-1", 1, email="a@x.io", credit_limit=Decimal("10.00")))
+    merge(state, change("support", "u-1", 2, email="b@x.io", first_name="Ada"))
+    lean = loads(dumps(state), cells=False)
+    assert all(not row.cells for row in lean.contributions.values()) and not lean.sent_values
+    assert outputs(lean, now_ms=5) == outputs(loads(dumps(state)), now_ms=5)
+
+
 def test_a_revision_without_golden_changes_emits_no_golden_record() -> None:
     state = GoldenState("g")
     merge(state, change("crm", "1", 1, email="a@x.io", first_name="Ada"))

@@ -13,7 +13,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from streams.merge import GoldenState, apply, deletes_everywhere, dumps, fold, loads
+from streams.merge import (
+    GoldenState,
+    StateCache,
+    apply,
+    deletes_everywhere,
+    dumps,
+    fold,
+    loads,
+)
 from streams.model import FIELDS, Change, Op
 from streams.rules import DeletePolicy, Rules, default_rules
 
@@ -275,3 +283,35 @@ def test_state_survives_its_changelog_encoding(changes: list[Change]) -> None:
 
 def test_every_canonical_field_has_a_default_rule() -> None:
     assert set(RULES.fields) == set(FIELDS)
+
+
+def test_state_cache_reuses_a_state_only_while_the_table_holds_its_bytes() -> None:
+    cache = StateCache(capacity=2)
+    state = cache.get(b"g", None)
+    apply(state, change("crm", "1", 1, email="a@x.io"), RULES)
+    written = dumps(state)
+    cache.put(b"g", written, state)
+
+    assert cache.get(b"g", written) is state  # the bytes this worker wrote: no parse
+    cache.put(b"g", written, state)
+    other = GoldenState("g")
+    apply(other, change("crm", "1", 2, email="b@x.io"), RULES)
+    elsewhere = dumps(other)  # e.g. another worker's write before a rebalance
+    reread = cache.get(b"g", elsewhere)
+    assert reread is not state and reread == loads(elsewhere)
+    assert (cache.hits, cache.misses) == (1, 1)
+
+
+def test_state_cache_forgets_what_was_taken_and_not_put_back_and_its_oldest() -> None:
+    cache = StateCache(capacity=2)
+    states, payloads = {}, {}
+    for key in (b"a", b"b", b"c"):
+        states[key] = GoldenState(key.decode())
+        payloads[key] = dumps(states[key])
+        cache.put(key, payloads[key], states[key])
+    assert len(cache) == 2
+    assert cache.get(b"a", payloads[b"a"]) is not states[b"a"]  # the oldest went: parsed
+    taken = cache.get(b"b", payloads[b"b"])
+    assert taken is states[b"b"]
+    apply(taken, change("crm", "1", 1, email="a@x.io"), RULES)  # changed, never written
+    assert cache.get(b"b", payloads[b"b"]) == loads(payloads[b"b"]) != taken
