@@ -159,6 +159,7 @@ class AvroCodec:
     def __init__(self, schemas: SchemaCache) -> None:
         self.schemas = schemas
         self._readers: dict[str, Any] = {}
+        self._readers_by_id: dict[int, tuple[dict[str, Any], Any]] = {}
 
     def decode(self, payload: bytes, reader: dict[str, Any] | None = None) -> Decoded:
         """Raises DecodeError (dead-letter it) or RegistryUnavailable (retry later)."""
@@ -195,9 +196,15 @@ class AvroCodec:
     def _reader(self, reader: dict[str, Any] | None) -> Any:
         if reader is None:
             return None
+        # Callers pass the same reader object every time: look it up by identity first,
+        # since serializing it for the key cost more than decoding the message.
+        known = self._readers_by_id.get(id(reader))
+        if known is not None and known[0] is reader:
+            return known[1]
         key = json.dumps(reader, sort_keys=True)
         if key not in self._readers:
             self._readers[key] = parse_schema(reader)
+        self._readers_by_id[id(reader)] = (reader, self._readers[key])
         return self._readers[key]
 
     @staticmethod
