@@ -460,11 +460,13 @@ def plot(result: dict[str, Any], out: Path) -> None:
             left.annotate(f"{value:,.0f}", (index, value), ha="center", va="bottom")
     left.set_ylabel("events per second")
     left.set_title(f"Processor throughput, {result.get('events', 0):,} events")
-    steps = (result.get("latency") or {}).get("steps", [])
+    steps = sorted((result.get("latency") or {}).get("steps", []), key=lambda s: s["rate"])
+    steps = [step for step in steps if (step.get("latency") or {}).get("count")]
     if steps:
         rates = [step["rate"] for step in steps]
         for name in ("p50", "p95", "p99"):
-            right.plot(rates, [step.get(f"{name}_ms") for step in steps], marker="o", label=name)
+            values = [step["latency"][f"{name}_ms"] for step in steps]
+            right.plot(rates, values, marker="o", label=name)
         right.axhline(500, color="grey", linestyle="--", linewidth=1, label="goal: p99 500 ms")
         right.set_yscale("log")
         right.legend()

@@ -215,7 +215,7 @@ def run_sync_demo(
         )
         progress("waiting until every system holds the sample customers (reconcile)")
         ours = _seeded_golden_ids(settings, identity, count, timeout_s)
-        _wait_converged(settings, sinks, timeout_s, ours)
+        wait_converged(settings, sinks, timeout_s, ours)
         steady_us = _now_us()  # from here on, every commit finds the worker running
         edits = []
         for edit in _scripted_edits(settings, identity, uuid.uuid4().hex[:6]):
@@ -223,7 +223,7 @@ def run_sync_demo(
             _await_sync(settings, edit, sinks, identity, timeout_s)
             edits.append(edit)
         ours |= {edit.golden_id for edit in edits if edit.golden_id}
-        scorecards = _wait_converged(settings, sinks, timeout_s, ours)
+        scorecards = wait_converged(settings, sinks, timeout_s, ours)
         latencies = {
             target: _ledger_since(settings, spec, steady_us) for target, spec in sinks.items()
         }
@@ -457,7 +457,7 @@ def _ledger_since(settings: AccordSettings, spec: Any, since_us: int) -> list[fl
     return [row[0] / 1000 for row in rows]
 
 
-def _wait_converged(
+def wait_converged(
     settings: AccordSettings, sinks: dict[str, Any], timeout_s: float, only: set[str]
 ) -> list[dict[str, object]]:
     """Reconcile `only` these golden records until no target has drift or missing ones."""
