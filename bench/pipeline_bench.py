@@ -486,6 +486,13 @@ def main() -> None:
     parser.add_argument("--customers", type=int, default=100_000)
     parser.add_argument("--state-customers", type=int, default=1_000_000)
     parser.add_argument(
+        "--state-templates",
+        type=int,
+        default=50_000,
+        help="golden states folded for the recovery bench; the rest are copies of them "
+        "under new golden ids (0: fold every one, about 15 minutes for 1M)",
+    )
+    parser.add_argument(
         "--parts", default=",".join(PARTS), help=f"comma-separated, of: {', '.join(PARTS)}"
     )
     args = parser.parse_args()
@@ -539,6 +546,17 @@ def main() -> None:
             if "scale" in parts:
                 two = another_app(settings, run, "2w", Path(tmp))
                 step("accord_2_workers", lambda: accord(two, messages, workers=2))
+            messages.clear()  # the state bench needs the memory more
+            if "state" in parts:
+                from state_bench import golden_recovery
+
+                app = another_app(settings, run, "state", Path(tmp))
+                step(
+                    "state",
+                    lambda: golden_recovery(
+                        app, args.state_customers, templates=args.state_templates
+                    ),
+                )
         finally:
             ours = set(admin.list_topics(timeout=10).topics)
             admin.delete_topics([t for t in ours if t.startswith(f"bench-{run}")])
@@ -549,11 +567,6 @@ def main() -> None:
         from latency_bench import latency
 
         step("latency", lambda: latency(base))
-    if "state" in parts:
-        from state_bench import golden_recovery
-
-        step("state", lambda: golden_recovery(base, args.state_customers))
-
     for key in ("ceiling", "peer"):
         if result.get(key) and result.get("accord"):
             ratio = result["accord"]["events_per_s"] / result[key]["events_per_s"]
