@@ -147,6 +147,12 @@ class WorkerSettings(BaseModel):
         "hands them on (Kafka's session timeout; the broker's minimum is 6 s).",
     )
     batch_window_s: float = Field(0.05, gt=0, description="Longest wait to fill a batch.")
+    rocksdb_cache_mb: int = Field(
+        32,
+        ge=1,
+        description="RocksDB block cache of each golden table partition (RocksDB's default, "
+        "2 GiB each, let a worker's memory grow with its state).",
+    )
     state_cache_size: int = Field(
         4096,
         ge=0,
