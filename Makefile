@@ -26,7 +26,7 @@ test: $(STAMP)
 ## Benchmarks, each beside its ceiling in the same run; figures and a plot in bench/results/.
 ## The pipeline bench brings the stack up, runs 100,000 customers' events through the
 ## ceiling, the Quix Streams peer and 1 and 2 Accord workers, then the latency ladder and
-## the 1M-state recovery (about 45 minutes in all).
+## the 1M-state recovery (about 30 minutes in all).
 bench: $(STAMP)
 	$(BIN)/python bench/codec_bench.py
 	$(BIN)/python bench/stages_bench.py

@@ -1,23 +1,28 @@
-"""Processor throughput: Accord's worker beside a pass-through ceiling, same events, same run.
+"""Processor throughput beside a ceiling and a peer, then latency and state: one run.
 
-    make bench        (or: .venv/bin/python bench/pipeline_bench.py [--customers N])
+    make bench        (or: .venv/bin/python bench/pipeline_bench.py [--customers N]
+                       [--parts ceiling,peer,accord,scale,latency,state])
 
 Events are real Debezium envelopes (the captured vectors in tests/vectors/debezium,
 their writer schemas registered in the stack's registry) re-rendered with the sample
 generator's messy rows: every customer is created in the systems that know it (crm,
 billing, support, as `SampleGenerator.systems_for` decides), a third get one update, and
-5% of all messages are sent twice. They are loaded into raw topics of this run's own
-(6 partitions) before anything reads them.
+5% of all messages are sent twice. They go to raw topics of this run's own (6 partitions).
 
-- The ceiling: one confluent-kafka consumer -> producer pass-through, batches of 1,000,
-  doing no work; the most a single Python process moves through Kafka here.
-- Accord: a real `accord worker` (no appliers) reading the same topics from the start:
-  decode, normalise, validate, dedupe (Redis), identity, merge, and the golden record,
-  audit entries and sink events written by the emitter. Done when its group and its
-  emitter have committed every offset.
+- ceiling: one confluent-kafka consumer -> producer pass-through, batches of 1,000,
+  doing no work, over the loaded topics; in a process of its own.
+- peer: the same pipeline written plainly on Quix Streams (`bench/peer.py`).
+- accord / scale: 1, then 2, real `accord worker` processes (no appliers), started and
+  ready before the events are loaded into raw topics of their own, so that neither pays
+  for its start nor gets a head start: decode, normalise, validate, dedupe (Redis),
+  identity, merge, and the golden record, audit entries and sink events written by the
+  emitter. Done when the group has committed every raw event and every change, and the
+  emitter every changelog record. The single worker is profiled by py-spy.
+- latency: the open-loop edit ladder on the real connectors (`bench/latency_bench.py`).
+- state: 1M golden states, cold recovery and warm restart (`bench/state_bench.py`).
 
-Figures go to bench/results/<date>-pipeline.json: events/s, CPU seconds per 1,000 events
-and peak RSS of each, and Accord / ceiling.
+Figures go to bench/results/<date>.json and a plot to <date>.png: events/s, CPU
+seconds per 1,000 events and peak RSS of each, Accord / ceiling and Accord / peer.
 """
 
 from __future__ import annotations
@@ -458,7 +463,8 @@ def plot(result: dict[str, Any], out: Path) -> None:
         left.bar([b[0] for b in bars], [b[1] for b in bars], color="#4c72b0")
         for index, (_, value) in enumerate(bars):
             left.annotate(f"{value:,.0f}", (index, value), ha="center", va="bottom")
-    left.set_ylabel("events per second")
+    left.set_yscale("log")  # the ceiling is two orders of magnitude above the rest
+    left.set_ylabel("events per second (log scale)")
     left.set_title(f"Processor throughput, {result.get('events', 0):,} events")
     steps = sorted((result.get("latency") or {}).get("steps", []), key=lambda s: s["rate"])
     steps = [step for step in steps if (step.get("latency") or {}).get("count")]

@@ -266,9 +266,10 @@ def create_app(settings: AccordSettings, rules: Rules | None = None) -> faust.Ap
             value_type=bytes,
             # Per partition. RocksDB's defaults (3 x 64 MiB memtables, a 2 GiB block cache)
             # grew the worker past 1 GiB at 100,000 customers; reads mostly hit the
-            # merge's own `StateCache` anyway.
+            # merge's own `StateCache` anyway. 16 MiB memtables: 8 MiB ones cost 10%
+            # more CPU in flushes and compactions (make bench, issue 8).
             options={
-                "write_buffer_size": 8 * 1024**2,
+                "write_buffer_size": 16 * 1024**2,
                 "max_write_buffer_number": 2,
                 "block_cache_size": worker.rocksdb_cache_mb * 1024**2,
             },
