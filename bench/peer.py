@@ -36,6 +36,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from procstat import cpu_s, peak_rss_mb  # noqa: E402
+
 from streams.settings import AccordSettings  # noqa: E402
 from streams.stack.process import tail, wait_until  # noqa: E402
 
@@ -96,18 +98,6 @@ def ensure_venv(venv: Path = VENV) -> Path:
 
 
 # ------------------------------------------------------------------- measuring
-
-
-def _proc_cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _peak_rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def _ends(admin: AdminClient, probe: Consumer, topics: list[str]) -> dict[tuple[str, int], int]:
@@ -245,8 +235,8 @@ def peer(settings: AccordSettings, topics: list[str], total: int, run: str) -> d
             internal_ends = _ends(admin, probe, repartition)
             _until(lambda: _committed_all(probe, internal_ends), process, 600, "merge", log)
             elapsed = time.time() - first["first_event"]
-            cpu = _proc_cpu_s(process.pid) - first["cpu_s"]
-            rss = _peak_rss_mb(process.pid)
+            cpu = cpu_s(process.pid) - first["cpu_s"]
+            rss = peak_rss_mb(process.pid)
         finally:
             _stop(process)
         outputs = {

@@ -55,6 +55,8 @@ from confluent_kafka.schema_registry import Schema
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from procstat import cpu_s, peak_rss_mb  # noqa: E402
+
 from streams.mapping import load_mappings  # noqa: E402
 from streams.registry import registry_client  # noqa: E402
 from streams.samples import SampleGenerator  # noqa: E402
@@ -205,18 +207,6 @@ def create_topics(settings: AccordSettings, topics: list[str]) -> None:
 # ----------------------------------------------------------------------- measuring
 
 
-def _proc_cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _peak_rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
 def ceiling(settings: AccordSettings, topics: list[str], total: int, run: str) -> dict:
     sink = f"bench-{run}.ceiling"
     AdminClient(settings.kafka_config()).create_topics([NewTopic(sink, PARTITIONS, 1)])
@@ -259,7 +249,7 @@ def ceiling(settings: AccordSettings, topics: list[str], total: int, run: str) -
         "seconds": round(elapsed, 2),
         "events_per_s": round(moved / elapsed, 1) if elapsed else None,
         "cpu_s_per_1000": round(cpu / moved * 1000, 4) if moved else None,
-        "peak_rss_mb": round(_peak_rss_mb(os.getpid()), 1),
+        "peak_rss_mb": round(peak_rss_mb(os.getpid()), 1),
     }
 
 
@@ -349,7 +339,7 @@ def accord(
     try:
         wait_until(lambda: all(process.ready() for process in processes), 120, 0.5)
         app = settings.worker.app_id
-        started, cpu0 = time.monotonic(), sum(_proc_cpu_s(pid) for pid in pids)
+        started, cpu0 = time.monotonic(), sum(cpu_s(pid) for pid in pids)
         load_topics(settings, messages, prefix=app)
         ends = _ends(settings, raw)
         if not wait_until(lambda: _committed_all(settings, app, ends), 1800, interval_s=0.5):
@@ -366,8 +356,8 @@ def accord(
         ):
             raise SystemExit("the emitter did not catch up within 10 minutes")
         elapsed = time.monotonic() - started
-        cpu = sum(_proc_cpu_s(pid) for pid in pids) - cpu0
-        rss = [_peak_rss_mb(pid) for pid in pids]
+        cpu = sum(cpu_s(pid) for pid in pids) - cpu0
+        rss = [peak_rss_mb(pid) for pid in pids]
     finally:
         if spy is not None:
             spy.send_signal(signal.SIGINT)

@@ -80,6 +80,8 @@ from confluent_kafka.admin import AdminClient, NewTopic
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from procstat import cpu_s, memory_mb  # noqa: E402
+
 from streams.debezium import SourceChange, SourcePosition  # noqa: E402
 from streams.emit import plan_sinks  # noqa: E402
 from streams.errors import AccordError  # noqa: E402
@@ -589,14 +591,7 @@ def _free_port(host: str) -> int:
 
 def _status(pid: int) -> dict[str, float]:
     """VmRSS and VmHWM (MiB) and CPU seconds of a process, from /proc."""
-    figures = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        name, _, value = line.partition(":")
-        if name in ("VmRSS", "VmHWM"):
-            figures[name] = int(value.split()[0]) / 1024
-    stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    figures["cpu_s"] = (int(stat[11]) + int(stat[12])) / os.sysconf("SC_CLK_TCK")
-    return figures
+    return {**memory_mb(pid), "cpu_s": cpu_s(pid)}
 
 
 def thread_cpu(pid: int, limit: int = 8) -> list[dict[str, Any]]:
