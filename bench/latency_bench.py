@@ -153,10 +153,7 @@ def bench_settings(base: AccordSettings, run: str) -> AccordSettings:
     step would be measured as pipeline latency.
     """
     app = f"bench-lat-{run}"
-    topics = TopicSettings(
-        changes=f"{app}.changes", golden=f"{app}.golden", audit=f"{app}.audit",
-        dlq=f"{app}.dlq", sink_prefix=f"{app}.sink.",
-    )  # fmt: skip
+    topics = TopicSettings.under(app)
     worker = base.worker.model_copy(
         update={
             "app_id": app,

@@ -416,10 +416,7 @@ def another_app(settings: AccordSettings, run: str, name: str, tmp: Path) -> Acc
     and the peer read the run's own, `bench-<run>.<original topic>`.
     """
     app = f"bench-{run}-{name}"
-    topics = TopicSettings(
-        changes=f"{app}.changes", golden=f"{app}.golden", audit=f"{app}.audit",
-        dlq=f"{app}.dlq", sink_prefix=f"{app}.sink.",
-    )  # fmt: skip
+    topics = TopicSettings.under(app)
     worker = settings.worker.model_copy(
         update={
             "app_id": app,

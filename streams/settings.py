@@ -106,6 +106,17 @@ class TopicSettings(BaseModel):
     def sink(self, system: str) -> str:
         return f"{self.sink_prefix}{system}"
 
+    @classmethod
+    def under(cls, prefix: str) -> TopicSettings:
+        """`<prefix>.changes`, `<prefix>.golden`, ...: an app of its own beside others."""
+        return cls(
+            changes=f"{prefix}.changes",
+            golden=f"{prefix}.golden",
+            audit=f"{prefix}.audit",
+            dlq=f"{prefix}.dlq",
+            sink_prefix=f"{prefix}.sink.",
+        )
+
 
 class SchemaSettings(BaseModel):
     """Where canonical schemas live and how they are governed in the registry."""

@@ -32,13 +32,7 @@ def isolated(settings: AccordSettings, partitions: int = 3) -> AccordSettings:
     """The same stack with this test's own Accord topics, consumer groups, Redis keys and
     worker state: tests never see each other's outputs."""
     run = uuid.uuid4().hex[:8]
-    topics = TopicSettings(
-        changes=f"test-{run}.changes",
-        golden=f"test-{run}.golden",
-        audit=f"test-{run}.audit",
-        dlq=f"test-{run}.dlq",
-        sink_prefix=f"test-{run}.sink.",
-    )
+    topics = TopicSettings.under(f"test-{run}")
     worker = settings.worker.model_copy(
         update={
             "app_id": f"test-{run}",
