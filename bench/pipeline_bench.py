@@ -177,6 +177,18 @@ def generate(customers: int, template: dict[str, Template], seed: int = 7):
     return messages
 
 
+def produce(
+    producer: Producer, topic: str, key: bytes | None, value: bytes | None, wait_s: float = 0.1
+) -> None:
+    """Produce, waiting for room while the producer's queue is full."""
+    while True:
+        try:
+            producer.produce(topic, key=key, value=value)
+            return
+        except BufferError:
+            producer.poll(wait_s)
+
+
 def load_topics(
     settings: AccordSettings, messages: list[tuple[str, bytes, bytes]], prefix: str | None = None
 ) -> None:
@@ -188,12 +200,7 @@ def load_topics(
             if topic not in renamed:
                 renamed[topic] = f"{prefix}.{topic.split('.', 1)[1]}"
             topic = renamed[topic]
-        while True:
-            try:
-                producer.produce(topic, key=key, value=value)
-                break
-            except BufferError:
-                producer.poll(0.1)
+        produce(producer, topic, key, value)
     if producer.flush(120):
         raise SystemExit("could not load the raw topics")
 
@@ -230,12 +237,7 @@ def ceiling(settings: AccordSettings, topics: list[str], total: int, run: str) -
         for message in batch:
             if message.error():
                 continue
-            while True:
-                try:
-                    producer.produce(sink, key=message.key(), value=message.value())
-                    break
-                except BufferError:
-                    producer.poll(0.05)
+            produce(producer, sink, message.key(), message.value(), wait_s=0.05)
             moved += 1
         producer.poll(0)
         if batch:

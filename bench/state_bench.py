@@ -80,6 +80,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from pipeline_bench import produce  # noqa: E402
 from procstat import cpu_s, memory_mb  # noqa: E402
 
 from streams.debezium import SourceChange, SourcePosition  # noqa: E402
@@ -351,7 +352,7 @@ def _generate(task: tuple[int, int, bool, int]) -> dict[str, Any]:
         key = customer.golden_id.encode()
         values = customer.writes if history else customer.writes[-1:]
         for value in values:
-            _produce(_producer, _topic, key, value)
+            produce(_producer, _topic, key, value)
             records += 1
             size += len(key) + len(value)
         if sample is None:
@@ -373,15 +374,6 @@ def _generate(task: tuple[int, int, bool, int]) -> dict[str, Any]:
         "cpu_s": time.process_time() - began,
         "sample": sample,
     }
-
-
-def _produce(producer: Producer, topic: str, key: bytes, value: bytes) -> None:
-    while True:
-        try:
-            producer.produce(topic, key=key, value=value)
-            return
-        except BufferError:
-            producer.poll(0.1)
 
 
 def _changelog_config(settings: AccordSettings) -> dict[str, Any]:
