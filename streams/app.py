@@ -229,6 +229,7 @@ def create_app(settings: AccordSettings, rules: Rules | None = None) -> faust.Ap
     app.transport.Consumer = guarded_consumer(
         app.transport.Consumer,
         [*(mapping.topic for mapping in mappings.values()), settings.topics.changes],
+        in_order=worker.processing_guarantee == "at_least_once",
     )
 
     pipeline = IngestPipeline(
@@ -281,7 +282,9 @@ def create_app(settings: AccordSettings, rules: Rules | None = None) -> faust.Ap
     @app.agent(raw_topics, name="ingest", supervisor_strategy=mode.CrashingSupervisor)
     async def ingest(stream: faust.StreamT) -> None:
         async for events in stream.take_events(worker.batch_size, within=worker.batch_window_s):
-            messages = [FaustMessage(event.message) for event in events]
+            messages = [FaustMessage(e.message) for e in events if app.consumer.admit(e.message)]
+            if not messages:
+                continue
             batch = await retrying(partial(pipeline.process, messages), "ingest")
             for letter in batch.dead:
                 dead_letters.write(letter)
@@ -297,6 +300,9 @@ def create_app(settings: AccordSettings, rules: Rules | None = None) -> faust.Ap
         inputs = stream.noack()
         acks = AcksAfterWrites(app, inputs)
         async for event in inputs.events():
+            if not app.consumer.admit(event.message):
+                await inputs.ack(event)  # refused: it is read again, in order
+                continue
             change = Change.from_record(event.value)
             key = event.key
             state = states.get(key, golden.get(key))

@@ -202,6 +202,22 @@ def _assert_no_duplicates(golden: list[Any], audit: list[Any]) -> None:
     assert [k for k, n in entries.items() if n > 1] == []
 
 
+def _history(golden_id: str, golden: list[Any], audit: list[Any]) -> str:
+    """Every version and audit entry of one record, for a failure message."""
+    lines = [
+        f"v{r['version']} company={r['fields']['company']} links={r['links']}"
+        for r in golden
+        if r and r["golden_id"] == golden_id
+    ]
+    lines += [
+        f"audit v{r['golden_version']} {r['field']}: {r['before']} -> {r['after']} "
+        f"({r['change_id']})"
+        for r in audit
+        if r["golden_id"] == golden_id
+    ]
+    return "\n".join(lines)
+
+
 def test_invalid_records_go_to_the_dlq_with_every_reason_and_the_rest_flows(
     pipeline: tuple[AccordSettings, WorkerProcess],
 ) -> None:
@@ -316,7 +332,9 @@ def test_sigkill_mid_stream_loses_nothing_and_duplicates_nothing(
             for r in audit.records
             if r["golden_id"] == golden_id and r["field"] == "company"
         ]
-        assert company_history == [f"v{i}" for i in range(edits + 1)]
+        assert company_history == [f"v{i}" for i in range(edits + 1)], _history(
+            golden_id, golden.records, audit.records
+        )
 
 
 def test_explain_names_the_rule_and_the_losing_value_of_a_conflict(
