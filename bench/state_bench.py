@@ -17,8 +17,9 @@ table's changelog is filled directly, with exactly the bytes a worker writes the
   cells, sent values. Change ids embed production topic names, not the run's.
 - Writes are keyed and partitioned as Faust writes them: key = the golden id's bytes
   (a `key_type=bytes` table's serializer passes bytes through), value = `dumps` bytes,
-  murmur2 partitioning (aiokafka's default; librdkafka's `murmur2_random`), no
-  compression (Faust's producer default). The topic is made as `ensure_topics` makes it.
+  murmur2 partitioning (aiokafka's default; librdkafka's `murmur2_random`), compressed
+  as the worker compresses (`worker.compression`). The topic is made as `ensure_topics`
+  makes it.
 - By default only each customer's final state is written: the changelog of a worker
   that has run for longer than `min.compaction.lag.ms` (a week) and been compacted.
   `--history` writes every state the merge wrote, as a younger changelog holds them.
@@ -381,9 +382,11 @@ def _changelog_config(settings: AccordSettings) -> dict[str, Any]:
     return settings.kafka_config(
         {
             "partitioner": "murmur2_random",  # aiokafka's DefaultPartitioner: Java's murmur2
-            "compression.type": "none",  # Faust's producer_compression_type default
+            "compression.type": settings.worker.compression,  # as the worker's producer
             "linger.ms": 50,
-            "batch.size": 1_000_000,
+            # The worker's largest batch (`producer_max_batch_size`): compression works
+            # per batch, so a bigger one here would flatter it.
+            "batch.size": 256 * 1024,
             "acks": "all",
         }
     )

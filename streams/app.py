@@ -217,6 +217,7 @@ def create_app(settings: AccordSettings, rules: Rules | None = None) -> faust.Ap
         # changelog write alone cost more CPU than the merge itself.
         producer_linger=0.005,
         producer_max_batch_size=256 * 1024,
+        producer_compression_type=None if worker.compression == "none" else worker.compression,
         table_standby_replicas=0,
         broker_client_id=f"{worker.app_id}-{worker.instance}",
         broker_session_timeout=worker.session_timeout_s,
@@ -452,6 +453,7 @@ def _make_emitter(settings: AccordSettings, registry: Any) -> Callable[[], Emitt
             ).dumps,
             encode_sink=_sink_encoder(settings, registry),
             batch_size=settings.worker.batch_size,
+            compression=settings.worker.compression,
         )
 
     return make

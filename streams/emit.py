@@ -315,6 +315,7 @@ class Emitter:
         encode_sink: Encoder,
         batch_size: int = 500,
         session_timeout_s: float = 45.0,
+        compression: str = "none",
     ) -> None:
         self.topics = topics
         self.encode_golden = encode_golden
@@ -337,6 +338,7 @@ class Emitter:
             "transactional.id": transactional_id,
             "transaction.timeout.ms": 10_000,
             "linger.ms": 5,
+            "compression.type": compression,
         }
         self.producer = self._new_producer()
         self._emitted: dict[str, int] = {}  # golden id -> last revision emitted in this run
