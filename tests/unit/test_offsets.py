@@ -57,7 +57,6 @@ class FaustLikeConsumer:
         self._committed_offset: defaultdict[Any, int | None] = defaultdict(lambda: None)
         self._unacked_messages: set[Message] = set()
         self.sought: list[tuple[Any, int]] = []
-        self.revoked: set[Any] = set()
 
     def ack(self, message: Message) -> bool:
         self._acked_index[message.tp].add(message.offset)
@@ -74,14 +73,11 @@ class FaustLikeConsumer:
     async def seek_wait(self, partitions: dict[Any, int]) -> None:
         self.sought.extend(partitions.items())
 
-    def assignment(self) -> set[Any]:
-        return {TP(TOPIC, 0)} - self.revoked
-
     async def on_partitions_revoked(self, revoked: set[Any]) -> None:
-        self.revoked |= revoked
+        pass
 
     async def on_partitions_assigned(self, assigned: set[Any], generation_id: int = 0) -> None:
-        self.revoked -= assigned
+        pass
 
 
 def consumer(committed: int | None = 10) -> Any:
