@@ -24,6 +24,7 @@ from pathlib import Path
 
 import fastavro
 from fastavro import parse_schema, schemaless_reader, schemaless_writer
+from figures import write_figures
 
 from streams.codec import AvroCodec, SchemaCache
 from streams.debezium import EnvelopeReader
@@ -207,9 +208,7 @@ def main() -> None:
         "aim": "Accord at >= 80% of the ceiling",
         **figures,
     }
-    out = ROOT / "bench" / "results" / f"{dt.date.today().isoformat()}-codec.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    out = write_figures(result, "codec")
     print(
         f"codec, {COLUMNS}-column Debezium envelope, {result['payload_bytes_avg']:.0f} B avg, "
         f"{n} records, best of {k}"

@@ -74,6 +74,8 @@ from psycopg import sql
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from figures import write_figures  # noqa: E402
+
 from streams.app import redis_client  # noqa: E402
 from streams.demo import apply_connectors, percentile, wait_converged  # noqa: E402
 from streams.errors import AccordError  # noqa: E402
@@ -90,7 +92,6 @@ from streams.topics import RAW_TOPICS  # noqa: E402
 from streams.workers import WorkerProcess  # noqa: E402
 from tests.support import drained, end_offsets, free_port, start_group_at_end  # noqa: E402
 
-RESULTS = ROOT / "bench" / "results"
 FIRST_RATES = (100, 500, 1000)
 RATE_STEP = 500  # after FIRST_RATES, until saturation
 MAX_RATE = 20_000  # a bound on the search, far beyond what one worker applies
@@ -873,9 +874,7 @@ def main() -> None:
         stop_at_saturation=not args.all_rates,
         refine_steps=args.refine,
     )
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"{dt.date.today().isoformat()}-latency.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    out = write_figures(result, "latency")
     print(json.dumps(result, indent=2))
     print(f"figures: {out}", file=sys.stderr)
 

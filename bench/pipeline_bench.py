@@ -55,6 +55,7 @@ from confluent_kafka.schema_registry import Schema
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from figures import result_path, write_figures  # noqa: E402
 from procstat import cpu_s, peak_rss_mb  # noqa: E402
 
 from streams.mapping import load_mappings  # noqa: E402
@@ -69,7 +70,6 @@ from tests import vectors  # noqa: E402
 PARTITIONS = 6
 DUPLICATE_SHARE = 0.05
 UPDATE_SHARE = 0.33
-RESULTS = ROOT / "bench" / "results"
 
 
 # ------------------------------------------------------------------------ the events
@@ -498,7 +498,6 @@ def main() -> None:
     base = load_settings()
     Stack(base, progress=lambda m: print(f"[stack] {m}", file=sys.stderr)).up()
     run = uuid.uuid4().hex[:8]
-    RESULTS.mkdir(parents=True, exist_ok=True)
     today = dt.date.today().isoformat()
     result: dict[str, Any] = {
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -535,7 +534,7 @@ def main() -> None:
                 step("peer", lambda: peer(settings, raw, total, run))
             if "accord" in parts:
                 one = another_app(settings, run, "1w", Path(tmp))
-                profile = RESULTS / f"{today}-worker-profile.txt"
+                profile = result_path("worker-profile", "txt", day=today)
                 step("accord", lambda: accord(one, messages, profile=profile))
                 result["accord"]["profile_top"] = top_frames(profile)
             if "scale" in parts:
@@ -566,9 +565,8 @@ def main() -> None:
         if result.get(key) and result.get("accord"):
             ratio = result["accord"]["events_per_s"] / result[key]["events_per_s"]
             result[f"accord_over_{key}"] = round(ratio, 3)
-    out = RESULTS / f"{today}.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    plot(result, RESULTS / f"{today}.png")
+    out = write_figures(result, day=today)
+    plot(result, result_path(ext="png", day=today))
     print(json.dumps({k: v for k, v in result.items() if k != "latency"}, indent=2))
     print(f"figures: {out} and {out.with_suffix('.png')}", file=sys.stderr)
 

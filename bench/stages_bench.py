@@ -33,7 +33,8 @@ import fastavro
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline_bench import RESULTS, Template, _parsed, generate  # noqa: E402
+from figures import write_figures  # noqa: E402
+from pipeline_bench import Template, _parsed, generate  # noqa: E402
 
 from streams.codec import AvroCodec, SchemaCache  # noqa: E402
 from streams.emit import outputs, plan_sinks  # noqa: E402
@@ -190,9 +191,7 @@ def main() -> None:
     parser.add_argument("--customers", type=int, default=20_000)
     args = parser.parse_args()
     result = measure(args.customers)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"{dt.date.today().isoformat()}-stages.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    out = write_figures(result, "stages")
     print(json.dumps(result, indent=2))
     print(f"figures: {out}", file=sys.stderr)
 

@@ -81,6 +81,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from figures import result_path, write_figures  # noqa: E402
 from pipeline_bench import produce  # noqa: E402
 from procstat import cpu_s, memory_mb  # noqa: E402
 
@@ -99,7 +100,6 @@ from streams.stack.process import read_pid, spawn, wait_until  # noqa: E402
 from streams.topology import accord_topics, changelog_topic, source_topics  # noqa: E402
 from streams.workers import WorkerProcess  # noqa: E402
 
-RESULTS = ROOT / "bench" / "results"
 SEED = 7
 CHUNK = 2_000  # customers per generation task: progress granularity
 ROUNDS = 40  # most merges of one customer: sources, then applier echoes (loop guard)
@@ -996,8 +996,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         settings = bench_settings(base, run, Path(tmp))
         try:
-            RESULTS.mkdir(parents=True, exist_ok=True)
-            profile = RESULTS / f"{dt.date.today().isoformat()}-state-profile.txt"
+            profile = result_path("state-profile", "txt")
             figures = golden_recovery(
                 settings,
                 args.customers,
@@ -1015,9 +1014,7 @@ def main() -> None:
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
         **figures,
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"{dt.date.today().isoformat()}-state.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    out = write_figures(result, "state")
     print(json.dumps(result, indent=2))
     print(f"figures: {out}", file=sys.stderr)
 
