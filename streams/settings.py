@@ -167,8 +167,8 @@ class WorkerSettings(BaseModel):
     compression: Literal["none", "gzip", "snappy", "lz4", "zstd"] = Field(
         "lz4",
         description="Compression of the batches the worker writes to Kafka (changes, the "
-        "golden table's changelog, golden, audit and sink events). A state is JSON: lz4 "
-        "shrinks the changelog several times and halved cold recovery (make bench).",
+        "golden table's changelog, golden, audit and sink events). A state is JSON: with lz4 "
+        "1M states recovered 20-24% faster (make bench) for about 5% more CPU per event.",
     )
     state_cache_size: int = Field(
         4096,
