@@ -37,6 +37,9 @@ def test_config_file_is_read_and_environment_wins(
     config = tmp_path / "custom.toml"
     config.write_text("[stack]\nredis_port = 26379\nkafka_port = 1111\n")
     monkeypatch.setenv("ACCORD_STACK__KAFKA_PORT", "2222")
+    # load_settings names the file in ACCORD_CONFIG for the processes it starts; this
+    # undoes it after the test, or every later test would run on this file's ports.
+    monkeypatch.setenv("ACCORD_CONFIG", str(config))
     settings = load_settings(config)
     assert settings.stack.redis_port == 26379
     assert settings.stack.kafka_port == 2222
