@@ -99,9 +99,13 @@ class TopicTail:
     The topic must exist (the worker creates Accord's topics before it reports ready).
     """
 
-    def __init__(self, settings: AccordSettings, topic: str) -> None:
+    def __init__(
+        self, settings: AccordSettings, topic: str, skip_undecodable: bool = False
+    ) -> None:
         self.topic = topic
         self.records: list[dict[str, Any] | None] = []
+        self.skip_undecodable = skip_undecodable
+        self.undecodable = 0
         self._deserializer = AvroDeserializer(registry_client(settings))
         self._context = SerializationContext(topic, MessageField.VALUE)
         self._consumer = Consumer(
@@ -124,7 +128,13 @@ class TopicTail:
             if message.error():
                 continue
             value = message.value()
-            self.records.append(self._deserializer(value, self._context) if value else None)
+            try:
+                self.records.append(self._deserializer(value, self._context) if value else None)
+            except Exception:  # poison is anything: bad magic, unknown id, cut short
+                if not self.skip_undecodable:
+                    raise
+                self.undecodable += 1
+                continue
             count += 1
         return count
 
