@@ -1,7 +1,8 @@
 """Golden state of many customers: worker RSS and the time to recover the table (issue 8).
 
     .venv/bin/python bench/state_bench.py [--customers N] [--history] [--templates K]
-                                          [--profile] [--faust-env NAME=VALUE ...]
+                                          [--profile] [--no-bulk-restore]
+                                          [--faust-env NAME=VALUE ...]
 
 Pushing a million customers through the whole pipeline would take hours, so the golden
 table's changelog is filled directly, with exactly the bytes a worker writes there:
@@ -29,8 +30,10 @@ table's changelog is filled directly, with exactly the bytes a worker writes the
 Then a real `accord worker` (no appliers, no watchdog, no reconcile) is started twice on
 this run's settings and topics:
 
-- cold: empty data dir, so Faust replays the whole changelog into RocksDB. Timed from
-  the process start to `/health` answering ready. Faust starts its web server and the
+- cold: empty data dir, so the whole changelog is read into RocksDB: in bulk by
+  `streams.restore` (`worker.bulk_restore_min_records`), then by Faust's own replay for
+  whatever is left (`--no-bulk-restore`: Faust replays it all). Timed from the process
+  start to `/health` answering ready. Faust starts its web server and the
   app's services only once the tables have recovered (`App.on_started` waits for it),
   and /health then also needs the rebalance ended, which Faust marks after recovery: so
   ready means every active changelog partition was read up to the highwater Faust took
@@ -398,6 +401,7 @@ def fill_changelog(
     history: bool = False,
     processes: int = 0,
     templates: int = 0,
+    bulk_restore: bool = True,
 ) -> dict[str, Any]:
     """Create this run's changelog topic and write the states of `customers` into it.
 
@@ -611,6 +615,8 @@ LOG_LINE = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\] \[\d+\] \[\w
 PHASES = {
     "worker_starting": "[^Worker]: Starting",
     "recovery_starting": "[^---Recovery]: Starting",
+    "bulk_restore_starting": "restoring ",  # streams.restore, before Faust's recovery
+    "bulk_restore_done": "restored ",
     "highwaters": "[^---Recovery]: Highwater for active",
     "restoring": "[^---Recovery]: Restoring state from changelog topics",
     "done_reading": "[^---Recovery]: Done reading from changelog topics",
@@ -620,12 +626,14 @@ PHASES = {
     "worker_ready": "[^Worker]: Ready",
 }
 TABLE_ROW = re.compile(r"^\|\s*(\S+)\s*\|\s*(\d+)\s*\|\s*(-?\d+)\s*\|$")
+RESTORED = re.compile(r"^restored ([\d,]+) golden changelog records")
 
 
 def _log_phases(text: str, spawned_at: float) -> dict[str, Any]:
     """Seconds from the spawn to each of Faust's recovery milestones in one run's log,
     and the highwaters and start offsets of the active changelog partitions it logged."""
     phases: dict[str, float] = {}
+    restored = 0
     tables: dict[str, dict[int, int]] = {"highwater": {}, "start": {}}
     current: str | None = None
     for line in text.splitlines():
@@ -641,11 +649,18 @@ def _log_phases(text: str, spawned_at: float) -> dict[str, Any]:
             for name, marker in PHASES.items():
                 if message.startswith(marker) and name not in phases:
                     phases[name] = round(stamp - spawned_at, 3)
+            if bulk := RESTORED.match(message):
+                restored += int(bulk[1].replace(",", ""))
             continue
         row = TABLE_ROW.match(line.strip())
         if current and row:
             tables[current][int(row[2])] = int(row[3])
-    return {"phases_s": phases, "highwaters": tables["highwater"], "start_offsets": tables["start"]}
+    return {
+        "phases_s": phases,
+        "restored": restored,
+        "highwaters": tables["highwater"],
+        "start_offsets": tables["start"],
+    }
 
 
 def _log_text(worker: WorkerProcess, start: int) -> str:
@@ -835,6 +850,7 @@ def golden_recovery(
     profile: Path | None = None,
     faust_env: dict[str, str] | None = None,
     templates: int = 0,
+    bulk_restore: bool = True,
 ) -> dict[str, Any]:
     """Fill the run's golden changelog with `customers` states; measure a cold recovery
     and a warm restart of a real worker on it. `settings` must be a run's own
@@ -844,6 +860,7 @@ def golden_recovery(
     `faust_env`: Faust settings for the worker by their environment variables (Faust
     reads e.g. CONSUMER_MAX_FETCH_SIZE from the environment), to try a tuning without
     touching the code; recorded in the result. `templates`: see `fill_changelog`.
+    `bulk_restore=False` leaves the whole replay to Faust.
     """
     from streams.app import data_dir
 
@@ -852,6 +869,9 @@ def golden_recovery(
             "sinks": [],
             "connector_watchdog": False,
             "reconcile_interval_s": 0,
+            "bulk_restore_min_records": settings.worker.bulk_restore_min_records
+            if bulk_restore
+            else None,
             "web_port": _free_port(settings.stack.host),
             "data_dir": settings.worker.data_dir
             or settings.stack.state_dir.resolve() / "bench-workers" / settings.worker.app_id,
@@ -902,16 +922,22 @@ def golden_recovery(
         delete_groups(settings)
         _remove_state(directory)
 
+    restore_s = _between(cold, "bulk_restore_starting", "bulk_restore_done")
     replay_s = _between(cold, "restoring", "done_reading")
+    read_s = (restore_s or 0) + (replay_s or 0)
     return {
         "customers": customers,
         "partitions": settings.worker.partitions,
         "faust_env": faust_env or {},
+        "bulk_restore_min_records": worker_settings.bulk_restore_min_records,
         "changelog": changelog,
         "cold": {
             **_public(cold),
+            "restore_s": restore_s,
             "replay_s": replay_s,
-            "records_per_s": round(cold["replayed"] / replay_s, 1) if replay_s else None,
+            "records_per_s": round((cold["restored"] + cold["replayed"]) / read_s, 1)
+            if read_s
+            else None,
             "records_per_s_to_ready": round(changelog["records"] / cold["seconds_to_ready"], 1),
         },
         "warm": _public(warm),
@@ -954,7 +980,8 @@ def _public(run: dict[str, Any]) -> dict[str, Any]:
 
 def _summary(run: dict[str, Any]) -> str:
     return (
-        f"ready in {run['seconds_to_ready']}s, replayed {run['replayed']:,}, "
+        f"ready in {run['seconds_to_ready']}s, restored in bulk {run['restored']:,}, "
+        f"replayed by Faust {run['replayed']:,}, "
         f"RSS {run['rss_mb']:,.0f} MiB (peak {run['peak_rss_mb']:,.0f}), "
         f"cpu {run['cpu_s']}s, clean stop {run['clean']}"
     )
@@ -976,6 +1003,10 @@ def main() -> None:
     parser.add_argument(
         "--faust-env", action="append", default=[], metavar="NAME=VALUE",
         help="a Faust setting for the worker by its environment variable (repeatable)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--no-bulk-restore", action="store_true",
+        help="leave the whole cold recovery to Faust's replay (worker.bulk_restore_min_records)",
     )  # fmt: skip
     parser.add_argument(
         "--templates", type=int, default=0, metavar="K",
@@ -1005,6 +1036,7 @@ def main() -> None:
                 profile=profile if args.profile else None,
                 faust_env=faust_env,
                 templates=args.templates,
+                bulk_restore=not args.no_bulk_restore,
             )
         finally:  # everything of the run, whatever golden_recovery got to
             left = {t for t in _topics(settings) if t.startswith(f"bench-{run}")}

@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 import faust
 import mode
 import redis
+from faust.stores.rocksdb import Store as RocksDBStore
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
@@ -43,6 +44,7 @@ from streams.model import Change
 from streams.offsets import guarded_consumer
 from streams.projection import SinkKind, load_sinks
 from streams.registry import registry_client
+from streams.restore import ChangelogRestore
 from streams.rules import Rules, load_rules
 from streams.settings import AccordSettings
 from streams.sinks import SinkRunner
@@ -107,13 +109,62 @@ class GoldenTable(faust.Table):
     gives up after 0.1 s with writes still in that buffer: a crash right after the commit
     loses a write whose input is already committed. The merge therefore acks an input only
     once the changelog has confirmed the write it caused (`AcksAfterWrites`).
+
+    With `restore` set, its store restores newly assigned partitions in bulk first.
     """
 
     last_write: asyncio.Future | None = None
+    restore: ChangelogRestore | None = None  # set before the table's store is made
 
     def send_changelog(self, *args: Any, **kwargs: Any) -> Any:
         self.last_write = future = super().send_changelog(*args, **kwargs)
         return future
+
+    def _new_store(self) -> Any:
+        if self.restore is None:
+            return super()._new_store()
+        return RestoringStore(
+            self.restore,
+            self._store or self.app.conf.store,
+            self.app,
+            self,
+            table_name=self.name,
+            key_type=self.key_type,
+            key_serializer=self.key_serializer,
+            value_serializer=self.value_serializer,
+            value_type=self.value_type,
+            loop=self.loop,
+            options=self.options,
+        )
+
+
+class RestoringStore(RocksDBStore):
+    """Faust's RocksDB store, restoring newly assigned partitions in bulk before Faust's
+    recovery replays what is left (see `streams.restore`)."""
+
+    def __init__(self, restore: ChangelogRestore, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.restore = restore
+
+    async def assign_partitions(
+        self, table: Any, tps: set[faust.types.TP], generation_id: int = 0
+    ) -> None:
+        await super().assign_partitions(table, tps, generation_id)
+        opened = {tp.partition for tp in tps if tp.topic in table.changelog_topic.topics}
+        dbs = {p: db for p, db in self._dbs.items() if p in opened}
+        if not dbs:
+            return
+        app = self.app
+
+        def rebalanced() -> bool:
+            return app.consumer_generation_id != generation_id
+
+        try:
+            await asyncio.get_running_loop().run_in_executor(
+                None, partial(self.restore.run, dbs, rebalanced)
+            )
+        except Exception as exc:  # Faust's own replay restores whatever this did not
+            log.warning("bulk restore failed, Faust replays the changelog: %s", exc)
 
 
 class AcksAfterWrites:
@@ -258,25 +309,31 @@ def create_app(settings: AccordSettings, rules: Rules | None = None) -> faust.Ap
         partitions=worker.partitions,
     )
     # Values are `streams.merge.dumps` bytes: the changelog format `emit` reads.
-    golden = app.tables.add(
-        GoldenTable(
-            app,
-            name="golden",
-            beacon=app.tables.beacon,
-            partitions=worker.partitions,
-            key_type=bytes,
-            value_type=bytes,
-            # Per partition. RocksDB's defaults (3 x 64 MiB memtables, a 2 GiB block cache)
-            # grew the worker past 1 GiB at 100,000 customers; reads mostly hit the
-            # merge's own `StateCache` anyway. 16 MiB memtables: 8 MiB ones cost 10%
-            # more CPU in flushes and compactions (make bench, issue 8).
-            options={
-                "write_buffer_size": 16 * 1024**2,
-                "max_write_buffer_number": 2,
-                "block_cache_size": worker.rocksdb_cache_mb * 1024**2,
-            },
-        )
+    golden = GoldenTable(
+        app,
+        name="golden",
+        beacon=app.tables.beacon,
+        partitions=worker.partitions,
+        key_type=bytes,
+        value_type=bytes,
+        # Per partition. RocksDB's defaults (3 x 64 MiB memtables, a 2 GiB block cache)
+        # grew the worker past 1 GiB at 100,000 customers; reads mostly hit the
+        # merge's own `StateCache` anyway. 16 MiB memtables: 8 MiB ones cost 10%
+        # more CPU in flushes and compactions (make bench, issue 8).
+        options={
+            "write_buffer_size": 16 * 1024**2,
+            "max_write_buffer_number": 2,
+            "block_cache_size": worker.rocksdb_cache_mb * 1024**2,
+        },
     )
+    if worker.bulk_restore_min_records is not None:
+        golden.restore = ChangelogRestore(
+            settings.kafka_config(),
+            changelog_topic(settings),
+            RocksDBStore.offset_key,
+            worker.bulk_restore_min_records,
+        )
+    app.tables.add(golden)
 
     # An unexpected error in an agent is a bug or broken state, not bad input (that goes
     # to the DLQ): crash the worker, so it shows, instead of restarting the agent forever.

@@ -40,6 +40,8 @@ def isolated(settings: AccordSettings, partitions: int = 3) -> AccordSettings:
             "web_port": free_port(),
             "partitions": partitions,
             "data_dir": settings.stack.state_dir.resolve() / "test-workers",
+            # Every restart of a test's worker restores its table in bulk, however small.
+            "bulk_restore_min_records": 0,
         }
     )
     return settings.model_copy(update={"topics": topics, "worker": worker})
