@@ -329,7 +329,8 @@ def _same(a: Value, b: Value) -> bool:
 # ------------------------------------------------------------------- serialization
 
 
-STATE_FORMAT = 3  # bump on any incompatible change to `dumps`
+STATE_FORMAT = 4  # bump on any incompatible change to `dumps`
+READABLE_FORMATS = (3, 4)  # 3: before orders were stored once; still in changelogs
 
 
 class StateFormatError(AccordError):
@@ -340,8 +341,33 @@ def dumps(state: GoldenState) -> bytes:
     """Compact JSON for the table's changelog and RocksDB; `loads` reverses it.
 
     orjson, because every merge writes one and the emitter reads it back: the standard
-    library's encoder was a tenth of the worker's time.
+    library's encoder was a tenth of the worker's time. Each distinct order (commit time,
+    position, change id) is written once in `ord` and cells point to it by index: a row's
+    cells mostly share one, and repeating it in each made orders most of a state's bytes.
     """
+    orders: dict[Order, int] = {}
+
+    def ref(order: Order) -> int:
+        index = orders.get(order)
+        if index is None:
+            index = orders[order] = len(orders)
+        return index
+
+    contributions = {
+        link: [
+            c.system,
+            c.key,
+            c.alive,
+            ref(c.lifecycle),
+            {n: [_out(n, cell.value), ref(cell.order), cell.echo] for n, cell in c.cells.items()},
+        ]
+        for link, c in state.contributions.items()
+    }
+    golden = {
+        n: [_out(n, r.value), r.system, r.key, ref(r.order), r.rule.value]
+        for n, r in state.golden.items()
+    }
+    cause = state.cause
     return orjson.dumps(
         {
             "fmt": STATE_FORMAT,
@@ -349,29 +375,15 @@ def dumps(state: GoldenState) -> bytes:
             "v": state.version,
             "a": state.active,
             "u": state.updated_ts,
-            "c": {
-                link: [
-                    c.system,
-                    c.key,
-                    c.alive,
-                    c.lifecycle,
-                    {
-                        n: [_out(n, cell.value), cell.order, cell.echo]
-                        for n, cell in c.cells.items()
-                    },
-                ]
-                for link, c in state.contributions.items()
-            },
-            "g": {
-                n: [_out(n, r.value), r.system, r.key, r.order, r.rule.value]
-                for n, r in state.golden.items()
-            },
+            "c": contributions,
+            "g": golden,
             "l": [
                 [f.field, _out(f.field, f.before), _out(f.field, f.after)]
                 for f in state.last_changes
             ],
             "s": state.status_changed,
-            "k": [state.cause.system, state.cause.key, state.cause.order] if state.cause else None,
+            "k": [cause.system, cause.key, ref(cause.order)] if cause else None,
+            "ord": list(orders),
             "r": state.revision,
             "vr": state.version_revision,
             "f": state.fresh,
@@ -400,11 +412,17 @@ def loads(payload: bytes, cells: bool = True) -> GoldenState:
     """The state `dumps` wrote. `cells=False` leaves out each row's cells and the values
     sent to it: the emitter needs neither, and they are most of what there is to read."""
     raw = orjson.loads(payload)
-    if raw.get("fmt") != STATE_FORMAT:
+    fmt = raw.get("fmt")
+    if fmt not in READABLE_FORMATS:
         raise StateFormatError(
-            f"golden state of {raw.get('id')!r} has format {raw.get('fmt')!r}, this Accord "
-            f"reads format {STATE_FORMAT}: rebuild the state (`accord reset`, then replay)"
+            f"golden state of {raw.get('id')!r} has format {fmt!r}, this Accord reads "
+            f"formats {', '.join(map(str, READABLE_FORMATS))}: rebuild the state "
+            "(`accord reset`, then replay)"
         )
+    if fmt == 3:  # each order written out in full where it is used
+        order: Any = tuple
+    else:
+        order = [tuple(o) for o in raw["ord"]].__getitem__
     return GoldenState(
         golden_id=raw["id"],
         version=raw["v"],
@@ -415,10 +433,10 @@ def loads(payload: bytes, cells: bool = True) -> GoldenState:
                 system,
                 key,
                 alive,
-                tuple(lifecycle),
+                order(lifecycle),
                 {
-                    n: Cell(_in(n, value), tuple(order), echo)
-                    for n, (value, order, echo) in row_cells.items()
+                    n: Cell(_in(n, value), order(at), echo)
+                    for n, (value, at, echo) in row_cells.items()
                 }
                 if cells
                 else {},
@@ -426,14 +444,14 @@ def loads(payload: bytes, cells: bool = True) -> GoldenState:
             for link, (system, key, alive, lifecycle, row_cells) in raw["c"].items()
         },
         golden={
-            n: Resolved(_in(n, value), system, key, tuple(order), Rule(rule))
-            for n, (value, system, key, order, rule) in raw["g"].items()
+            n: Resolved(_in(n, value), system, key, order(at), Rule(rule))
+            for n, (value, system, key, at, rule) in raw["g"].items()
         },
         last_changes=tuple(
             FieldChange(n, _in(n, before), _in(n, after)) for n, before, after in raw["l"]
         ),
         status_changed=raw["s"],
-        cause=Cause(raw["k"][0], raw["k"][1], tuple(raw["k"][2])) if raw["k"] else None,
+        cause=Cause(raw["k"][0], raw["k"][1], order(raw["k"][2])) if raw["k"] else None,
         revision=raw["r"],
         version_revision=raw["vr"],
         fresh=raw["f"],

@@ -181,7 +181,7 @@ class WorkerSettings(BaseModel):
     state_cache_size: int = Field(
         4096,
         ge=0,
-        description="Golden states the merge keeps parsed between writes (about 20 KB each); "
+        description="Golden states the merge keeps parsed between writes (about 11 KB each); "
         "0 parses every state it reads.",
     )
     data_dir: Path | None = Field(None, description="RocksDB state; default <state_dir>/worker.")
