@@ -31,7 +31,7 @@ Then a real `accord worker` (no appliers, no watchdog, no reconcile) is started 
 this run's settings and topics:
 
 - cold: empty data dir, so the whole changelog is read into RocksDB: in bulk by
-  `streams.restore` (`worker.bulk_restore_min_records`), then by Faust's own replay for
+  `streams.restore` (`worker.bulk_restore`), then by Faust's own replay for
   whatever is left (`--no-bulk-restore`: Faust replays it all). Timed from the process
   start to `/health` answering ready. Faust starts its web server and the
   app's services only once the tables have recovered (`App.on_started` waits for it),
@@ -401,7 +401,6 @@ def fill_changelog(
     history: bool = False,
     processes: int = 0,
     templates: int = 0,
-    bulk_restore: bool = True,
 ) -> dict[str, Any]:
     """Create this run's changelog topic and write the states of `customers` into it.
 
@@ -869,9 +868,7 @@ def golden_recovery(
             "sinks": [],
             "connector_watchdog": False,
             "reconcile_interval_s": 0,
-            "bulk_restore_min_records": settings.worker.bulk_restore_min_records
-            if bulk_restore
-            else None,
+            "bulk_restore": bulk_restore,
             "web_port": _free_port(settings.stack.host),
             "data_dir": settings.worker.data_dir
             or settings.stack.state_dir.resolve() / "bench-workers" / settings.worker.app_id,
@@ -929,7 +926,7 @@ def golden_recovery(
         "customers": customers,
         "partitions": settings.worker.partitions,
         "faust_env": faust_env or {},
-        "bulk_restore_min_records": worker_settings.bulk_restore_min_records,
+        "bulk_restore": bulk_restore,
         "changelog": changelog,
         "cold": {
             **_public(cold),
@@ -1006,7 +1003,7 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument(
         "--no-bulk-restore", action="store_true",
-        help="leave the whole cold recovery to Faust's replay (worker.bulk_restore_min_records)",
+        help="leave the whole cold recovery to Faust's replay (worker.bulk_restore = false)",
     )  # fmt: skip
     parser.add_argument(
         "--templates", type=int, default=0, metavar="K",

@@ -326,7 +326,7 @@ def create_app(settings: AccordSettings, rules: Rules | None = None) -> faust.Ap
             "block_cache_size": worker.rocksdb_cache_mb * 1024**2,
         },
     )
-    if worker.bulk_restore_min_records is not None:
+    if worker.bulk_restore:
         golden.restore = ChangelogRestore(
             settings.kafka_config(),
             changelog_topic(settings),
