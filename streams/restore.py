@@ -177,7 +177,8 @@ class ChangelogRestore:
             if should_stop():
                 log.info("restore stopped by a rebalance; Faust replays the rest")
                 break
-            messages = consumer.consume(num_messages=2000, timeout=0.5)
+            # consume() waits out its timeout unless 2,000 are there: short, for the last few.
+            messages = consumer.consume(num_messages=2000, timeout=0.1)
             now = time.monotonic()
             for message in messages:
                 partition = message.partition()

@@ -7,6 +7,7 @@ of its own, fed by the real Debezium connectors.
 from __future__ import annotations
 
 import json
+import re
 import threading
 import uuid
 from collections import Counter
@@ -304,6 +305,7 @@ def test_sigkill_mid_stream_loses_nothing_and_duplicates_nothing(
     assert golden.wait_for(lambda rs: len(rs) >= customers + 20, 120)
     worker.kill()
     writer.join(120)
+    restart_log_from = worker.log.stat().st_size
     worker.start()
 
     def converged(records: list[Any]) -> bool:
@@ -317,6 +319,10 @@ def test_sigkill_mid_stream_loses_nothing_and_duplicates_nothing(
         )
 
     assert golden.wait_for(converged, 180)
+    # The kill left the crash marker, so the restart wiped RocksDB and rebuilt the table
+    # from its changelog, in bulk (`streams.restore`) before Faust's replay.
+    restart_log = worker.log.read_bytes()[restart_log_from:].decode(errors="replace")
+    assert re.search(r"restored [1-9][\d,]* golden changelog records", restart_log), restart_log
     assert wait_until(lambda: drained(settings, appliers=[]), 90)
     golden.read_to_end()
     audit.read_to_end()
