@@ -56,10 +56,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from figures import result_path, write_figures  # noqa: E402
-from procstat import cpu_s, peak_rss_mb  # noqa: E402
+from procstat import cpu_s, peak_rss_mb, wait_for_quiet  # noqa: E402
 
 from streams.mapping import load_mappings  # noqa: E402
 from streams.registry import registry_client  # noqa: E402
+from streams.reset import delete_redis_keys  # noqa: E402
 from streams.samples import SampleGenerator  # noqa: E402
 from streams.settings import AccordSettings, TopicSettings, load_settings  # noqa: E402
 from streams.stack.manager import Stack  # noqa: E402
@@ -507,8 +508,11 @@ def main() -> None:
     }
 
     def step(name: str, measure: Any) -> None:
-        print(f"{name} ...", file=sys.stderr)
+        quiet = wait_for_quiet()
+        print(f"{name} ... (after {quiet['waited_s']} s for a quiet machine)", file=sys.stderr)
         result[name] = measure()
+        if isinstance(result[name], dict):
+            result[name]["quiet_before"] = quiet
         print(f"  {json.dumps(result[name])[:600]}", file=sys.stderr)
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -554,6 +558,9 @@ def main() -> None:
         finally:
             ours = set(admin.list_topics(timeout=10).topics)
             admin.delete_topics([t for t in ours if t.startswith(f"bench-{run}")])
+            # Dedupe and identity keys of every app of the run: a million per 100,000
+            # customers, which would otherwise pile up in the stack's Redis run after run.
+            delete_redis_keys(base, f"bench-{run}-")
             for folder in (base.stack.state_dir / "bench-workers").glob(f"bench-{run}-*"):
                 shutil.rmtree(folder, ignore_errors=True)
 

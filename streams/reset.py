@@ -34,7 +34,7 @@ class ResetReport:
 
 def reset(settings: AccordSettings, progress: Progress) -> ResetReport:
     """Delete what the app `settings.worker.app_id` made. Refuses while its worker runs."""
-    from streams.app import data_dir, redis_client
+    from streams.app import data_dir
     from streams.workers import WorkerProcess
 
     app_id = settings.worker.app_id
@@ -63,15 +63,7 @@ def reset(settings: AccordSettings, progress: Progress) -> ResetReport:
         for future in admin.delete_consumer_groups(report.groups).values():
             future.result(30)
 
-    client = redis_client(settings)
-    batch: list[bytes] = []
-    for key in client.scan_iter(match=f"{settings.worker.redis_prefix}*", count=1000):
-        batch.append(key)
-        if len(batch) >= 1000:
-            report.redis_keys += client.unlink(*batch)
-            batch.clear()
-    if batch:
-        report.redis_keys += client.unlink(*batch)
+    report.redis_keys = delete_redis_keys(settings, settings.worker.redis_prefix)
     progress(f"deleted {report.redis_keys} Redis keys under {settings.worker.redis_prefix!r}")
 
     shutil.rmtree(data_dir(settings), ignore_errors=True)
@@ -82,6 +74,23 @@ def reset(settings: AccordSettings, progress: Progress) -> ResetReport:
         if spec.kind is SinkKind.SQL:
             report.ledger_rows[target] = _clear_ledger(settings, target, app_id)
     return report
+
+
+def delete_redis_keys(settings: AccordSettings, prefix: str) -> int:
+    """Unlink every key starting with `prefix`, a thousand at a time; how many there were."""
+    from streams.app import redis_client
+
+    client = redis_client(settings)
+    deleted = 0
+    batch: list[bytes] = []
+    for key in client.scan_iter(match=f"{prefix}*", count=1000):
+        batch.append(key)
+        if len(batch) >= 1000:
+            deleted += client.unlink(*batch)
+            batch.clear()
+    if batch:
+        deleted += client.unlink(*batch)
+    return deleted
 
 
 def _clear_ledger(settings: AccordSettings, target: str, app_id: str) -> int:
