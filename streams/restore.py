@@ -181,16 +181,16 @@ class ChangelogRestore:
             messages = consumer.consume(num_messages=2000, timeout=0.1)
             now = time.monotonic()
             for message in messages:
+                error = message.error()
+                if error is not None and error.code() != KafkaError._PARTITION_EOF:
+                    raise KafkaException(error)  # the caller leaves the rest to Faust
                 partition = message.partition()
                 progress = plan[partition]
-                error = message.error()
                 if error is None:
                     self._add(progress, message.key(), message.value(), message.offset())
                     at_end = message.offset() >= progress.end - 1
-                elif error.code() == KafkaError._PARTITION_EOF:
-                    at_end = True
                 else:
-                    raise KafkaException(error)
+                    at_end = True
                 if at_end or progress.pending_bytes >= BATCH_BYTES:
                     self._write(progress, dbs[partition], no_wal)
                 if at_end:

@@ -21,10 +21,11 @@ pytestmark = pytest.mark.integration
 OFFSET_KEY = RocksDBStore.offset_key
 PARTITIONS = 2
 RECORDS = 600  # per partition
+Changelog = tuple[str, dict[int, dict[bytes, bytes]]]  # topic, what each partition must hold
 
 
 @pytest.fixture
-def changelog(stack: AccordSettings) -> Iterator[tuple[str, dict[int, dict[bytes, bytes]]]]:
+def changelog(stack: AccordSettings) -> Iterator[Changelog]:
     """A compressed changelog with overwrites and tombstones; also what each partition
     must hold once restored: the last value of every key not deleted last."""
     topic = f"restore-{uuid.uuid4().hex[:8]}-changelog"
@@ -60,7 +61,7 @@ def _restore(settings: AccordSettings, topic: str, min_records: int = 0) -> Chan
 
 
 def test_an_empty_store_gets_each_keys_last_value_and_the_offset_faust_resumes_from(
-    stack: AccordSettings, changelog: tuple[str, dict[int, dict[bytes, bytes]]], tmp_path: Path
+    stack: AccordSettings, changelog: Changelog, tmp_path: Path
 ) -> None:
     topic, expected = changelog
     dbs = {p: _open(tmp_path, p) for p in range(PARTITIONS)}
@@ -76,7 +77,7 @@ def test_an_empty_store_gets_each_keys_last_value_and_the_offset_faust_resumes_f
 
 
 def test_a_store_with_a_persisted_offset_reads_only_what_came_after_it(
-    stack: AccordSettings, changelog: tuple[str, dict[int, dict[bytes, bytes]]], tmp_path: Path
+    stack: AccordSettings, changelog: Changelog, tmp_path: Path
 ) -> None:
     topic, expected = changelog
     db = _open(tmp_path, 0)
@@ -98,7 +99,7 @@ def test_a_store_with_a_persisted_offset_reads_only_what_came_after_it(
 
 
 def test_a_partition_behind_by_less_than_the_minimum_is_left_to_faust(
-    stack: AccordSettings, changelog: tuple[str, dict[int, dict[bytes, bytes]]], tmp_path: Path
+    stack: AccordSettings, changelog: Changelog, tmp_path: Path
 ) -> None:
     topic, _ = changelog
     db = _open(tmp_path, 1)
@@ -111,7 +112,7 @@ def test_a_partition_behind_by_less_than_the_minimum_is_left_to_faust(
 
 
 def test_a_restore_stopped_by_a_rebalance_leaves_a_consistent_store_to_finish_later(
-    stack: AccordSettings, changelog: tuple[str, dict[int, dict[bytes, bytes]]], tmp_path: Path
+    stack: AccordSettings, changelog: Changelog, tmp_path: Path
 ) -> None:
     topic, expected = changelog
     db = _open(tmp_path, 0)
