@@ -47,15 +47,34 @@ class PartitionProgress:
     partition: int
     start: int  # first offset to read
     end: int  # the high watermark when restoring began
-    last_offset: int | None = None  # last offset written to RocksDB
-    records: int = 0
+    records: int = 0  # written to RocksDB
     pending: WriteBatch = field(default_factory=lambda: WriteBatch(raw_mode=True))
     pending_bytes: int = 0
-    pending_last: int | None = None
+    pending_last: int | None = None  # offset of the last record pending
 
     @property
     def behind(self) -> int:
         return self.end - self.start
+
+    def add(self, key: bytes, value: bytes | None, offset: int) -> None:
+        if value is None:
+            self.pending.delete(key)
+        else:
+            self.pending.put(key, value)
+        self.pending_bytes += len(key) + len(value or b"")
+        self.pending_last = offset
+
+    def write(self, db: PartitionDB, offset_key: bytes, options: WriteOptions) -> None:
+        """One atomic RocksDB write: the pending records and the offset of the last."""
+        if self.pending_last is None:
+            return
+        self.pending.put(offset_key, str(self.pending_last).encode())
+        records = self.pending.len() - 1
+        db.write(self.pending, options)
+        self.records += records
+        self.pending = WriteBatch(raw_mode=True)
+        self.pending_bytes = 0
+        self.pending_last = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,7 +167,7 @@ class ChangelogRestore:
             )
             persisted = self.persisted_offset(db)
             start = low if persisted is None else max(low, persisted + 1)
-            progress = PartitionProgress(partition, start, high, last_offset=persisted)
+            progress = PartitionProgress(partition, start, high)
             if progress.behind >= max(self.min_records, 1):
                 plan[partition] = progress
         if plan:
@@ -187,12 +206,12 @@ class ChangelogRestore:
                 partition = message.partition()
                 progress = plan[partition]
                 if error is None:
-                    self._add(progress, message.key(), message.value(), message.offset())
+                    progress.add(message.key(), message.value(), message.offset())
                     at_end = message.offset() >= progress.end - 1
                 else:
                     at_end = True
                 if at_end or progress.pending_bytes >= BATCH_BYTES:
-                    self._write(progress, dbs[partition], no_wal)
+                    progress.write(dbs[partition], self.offset_key, no_wal)
                 if at_end:
                     open_partitions.discard(partition)
             if messages:
@@ -215,28 +234,5 @@ class ChangelogRestore:
                     100 * done / max(total, 1),
                 )
         for partition, progress in plan.items():
-            self._write(progress, dbs[partition], no_wal)
+            progress.write(dbs[partition], self.offset_key, no_wal)
         return not open_partitions
-
-    def _add(
-        self, progress: PartitionProgress, key: bytes, value: bytes | None, offset: int
-    ) -> None:
-        if value is None:
-            progress.pending.delete(key)
-        else:
-            progress.pending.put(key, value)
-        progress.pending_bytes += len(key) + len(value or b"")
-        progress.pending_last = offset
-
-    def _write(self, progress: PartitionProgress, db: PartitionDB, options: WriteOptions) -> None:
-        """One atomic RocksDB write: the pending records and the offset of the last."""
-        if progress.pending_last is None:
-            return
-        progress.pending.put(self.offset_key, str(progress.pending_last).encode())
-        records = progress.pending.len() - 1
-        db.write(progress.pending, options)
-        progress.records += records
-        progress.last_offset = progress.pending_last
-        progress.pending = WriteBatch(raw_mode=True)
-        progress.pending_bytes = 0
-        progress.pending_last = None
