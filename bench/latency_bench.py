@@ -89,6 +89,7 @@ from streams.sources import PRIMARY_KEYS, TABLES, insert_rows, mariadb, postgres
 from streams.stack.manager import Stack  # noqa: E402
 from streams.stack.process import read_pid, wait_until  # noqa: E402
 from streams.topics import RAW_TOPICS  # noqa: E402
+from streams.topology import ingest_group  # noqa: E402
 from streams.workers import WorkerProcess  # noqa: E402
 from tests.support import drained, end_offsets, free_port, start_group_at_end  # noqa: E402
 
@@ -745,7 +746,7 @@ def latency(
     bench = bench_settings(settings, run)
     sinks = load_sinks(bench.connectors_dir)
     targets = sorted(t for t, s in sinks.items() if s.kind is SinkKind.SQL and FIELD in s.fields)
-    start_group_at_end(bench, bench.worker.app_id)
+    start_group_at_end(bench, ingest_group(bench))
     worker = WorkerProcess(bench)
     progress(f"starting worker {worker.name} on port {bench.worker.web_port} (log: {worker.log})")
     started = time.monotonic()

@@ -65,6 +65,7 @@ from streams.samples import SampleGenerator  # noqa: E402
 from streams.settings import AccordSettings, TopicSettings, load_settings  # noqa: E402
 from streams.stack.manager import Stack  # noqa: E402
 from streams.stack.process import wait_until  # noqa: E402
+from streams.topology import ingest_group  # noqa: E402
 from streams.workers import WorkerProcess  # noqa: E402
 from tests import vectors  # noqa: E402
 
@@ -345,7 +346,8 @@ def accord(
         started, cpu0 = time.monotonic(), sum(cpu_s(pid) for pid in pids)
         load_topics(settings, messages, prefix=app)
         ends = _ends(settings, raw)
-        if not wait_until(lambda: _committed_all(settings, app, ends), 1800, interval_s=0.5):
+        ingest = ingest_group(settings)
+        if not wait_until(lambda: _committed_all(settings, ingest, ends), 1800, interval_s=0.5):
             raise SystemExit("the workers did not read every raw event within 30 minutes")
         # Raw offsets commit once changes are handed on; the merge commits its own input
         # only after the changelog holds what it wrote.

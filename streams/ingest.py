@@ -7,7 +7,8 @@ message's fault: the batch is retried, never dead-lettered.
 
 `RawDecoder` and `IngestPipeline` are plain logic over messages with confluent-kafka's
 accessors (`topic()`, `partition()`, `offset()`, `key()`, `value()`); the Faust agent in
-`streams.app` and `RawChangeConsumer` below are thin loops around them.
+`IngestLoop` (what a worker runs) and `RawChangeConsumer` (decoding only, for tests)
+below are thin confluent-kafka loops around them.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from prometheus_client import Counter
 
 from streams.codec import AvroCodec, DecodeError, RegistryUnavailable, SchemaCache, registry_fetcher
 from streams.debezium import EnvelopeError, EnvelopeReader, SourceChange
-from streams.dedupe import Deduplicator, origin_of
+from streams.dedupe import Deduplicator, RedisUnavailable, origin_of
 from streams.dlq import DeadLetter, DeadLetterWriter
 from streams.identity import IdentityResolver
 from streams.mapping import Mapper, Rejected
@@ -157,6 +158,141 @@ class StepResult:
     retried: bool = False
 
 
+class IngestLoop:
+    """The worker's ingest stage: raw topics in, changes keyed by golden id out.
+
+    A confluent-kafka loop on a thread of the worker, beside the Faust agents (as the
+    emitter is): in Faust, each raw message and each change sent cost more CPU in
+    aiokafka's Python fetcher and producer and in Faust's per-event bookkeeping than
+    ingest's own work (issue 8).
+
+    At least once, in a consumer group of its own: a batch's offsets are committed only
+    once its changes and dead letters are on the broker. A batch read again after a crash
+    is harmless: the dedupe lets a message's own origin through again and the merge is
+    idempotent. While Redis or the registry is down, the batch is read again after a
+    backoff and nothing is committed past it.
+    """
+
+    def __init__(
+        self,
+        kafka: dict[str, Any],
+        group_id: str,
+        raw_topics: list[str],
+        pipeline: IngestPipeline,
+        changes_topic: str,
+        encode_change: Callable[[dict[str, Any]], bytes],
+        make_dead_letters: Callable[[Producer], DeadLetterWriter],
+        batch_size: int = 500,
+        batch_window_s: float = 0.05,
+        compression: str = "none",
+    ) -> None:
+        self.pipeline = pipeline
+        self.changes_topic = changes_topic
+        self.encode_change = encode_change
+        self.batch_size = batch_size
+        self.batch_window_s = batch_window_s
+        self.consumer = Consumer(
+            {
+                **kafka,
+                "group.id": group_id,
+                "client.id": group_id,  # names this loop in `accord monitor`
+                "enable.auto.commit": False,
+                "auto.offset.reset": "earliest",
+            }
+        )
+        self.consumer.subscribe(raw_topics)
+        self.producer = Producer(
+            {
+                **kafka,
+                "enable.idempotence": True,
+                "linger.ms": 5,
+                "compression.type": compression,
+                # aiokafka's (and Java's) partitioner: a golden id keeps its partition of
+                # the changes topic, and so its merge state, whichever client wrote it.
+                "partitioner": "murmur2_random",
+            }
+        )
+        self.dead_letters = make_dead_letters(self.producer)
+        self._undelivered: list[str] = []
+        self._backoff_s = 0.0
+
+    def step(self, stop: threading.Event) -> int:
+        """One batch: returns how many raw messages it took (0 if it must be read again)."""
+        messages = [
+            m for m in self.consumer.consume(self.batch_size, self.batch_window_s) if usable(m)
+        ]
+        if not messages:
+            return 0
+        try:
+            batch = self.pipeline.process(messages)
+        except (RedisUnavailable, RegistryUnavailable) as exc:
+            self._backoff_s = min(max(self._backoff_s * 2, 0.25), 5.0)
+            log.warning("ingest paused, retrying in %.1fs: %s", self._backoff_s, exc)
+            self._rewind(messages)
+            stop.wait(self._backoff_s)
+            return 0
+        self._backoff_s = 0.0
+        for letter in batch.dead:
+            self.dead_letters.write(letter)
+        for change in batch.changes:
+            self.producer.produce(
+                self.changes_topic,
+                key=change.golden_id.encode(),
+                value=self.encode_change(change.to_record()),
+                on_delivery=self._delivered,
+            )
+        if not self._delivered_all(stop):
+            self._rewind(messages)
+            return 0
+        if batch.dead:
+            self.dead_letters.flush()  # a dead letter that failed for good stops the worker
+        self.consumer.commit(offsets=_next_offsets(messages), asynchronous=True)
+        return len(messages)
+
+    def _delivered(self, error: Any, _message: Any) -> None:
+        if error is not None:
+            self._undelivered.append(str(error))
+
+    def _delivered_all(self, stop: threading.Event) -> bool:
+        """Waits for the batch's deliveries (the producer retries by itself while the
+        broker is away); False if one failed for good or the worker stops first."""
+        while self.producer.flush(1.0):
+            if stop.is_set():
+                return False
+        if self._undelivered:
+            failures, self._undelivered = self._undelivered, []
+            log.warning("ingest: %d changes not delivered, reading the batch again: %s",
+                        len(failures), failures[:3])  # fmt: skip
+            return False
+        return True
+
+    def _rewind(self, messages: list[Any]) -> None:
+        for tp in _first_offsets(messages):
+            self.consumer.seek(tp)
+
+    def run(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            self.step(stop)
+
+    def close(self) -> None:
+        self.consumer.close()
+        self.producer.flush(10)
+
+
+def _first_offsets(messages: list[Any]) -> list[TopicPartition]:
+    first: dict[tuple[str, int], int] = {}
+    for message in messages:
+        first.setdefault((message.topic(), message.partition()), message.offset())
+    return [TopicPartition(t, p, o) for (t, p), o in first.items()]
+
+
+def _next_offsets(messages: list[Any]) -> list[TopicPartition]:
+    last: dict[tuple[str, int], int] = {}
+    for message in messages:
+        last[(message.topic(), message.partition())] = message.offset()
+    return [TopicPartition(t, p, o + 1) for (t, p), o in last.items()]
+
+
 Handler = Callable[[list[SourceChange]], None]
 
 
@@ -225,11 +361,8 @@ class RawChangeConsumer:
         return result
 
     def _rewind(self, messages: list[Any]) -> None:
-        first: dict[tuple[str, int], int] = {}
-        for message in messages:
-            first.setdefault((message.topic(), message.partition()), message.offset())
-        for (topic, partition), offset in first.items():
-            self.consumer.seek(TopicPartition(topic, partition, offset))
+        for tp in _first_offsets(messages):
+            self.consumer.seek(tp)
         time.sleep(1.0)
 
     def run(self, stop: threading.Event) -> None:

@@ -19,7 +19,7 @@ from streams.projection import SinkKind, load_sinks
 from streams.settings import AccordSettings
 from streams.sinks import LEDGER_TABLE
 from streams.sources import mariadb, postgres
-from streams.topology import accord_topics, sink_targets
+from streams.topology import accord_topics, ingest_group, sink_targets
 
 Progress = Callable[[str], None]
 
@@ -55,7 +55,12 @@ def reset(settings: AccordSettings, progress: Progress) -> ResetReport:
             except KafkaException as exc:
                 raise AccordError(f"kafka: cannot delete topic {name}: {exc}") from exc
 
-    groups = [app_id, f"{app_id}-emit", *(f"{app_id}-sink-{t}" for t in sink_targets(settings))]
+    groups = [
+        app_id,
+        ingest_group(settings),
+        f"{app_id}-emit",
+        *(f"{app_id}-sink-{t}" for t in sink_targets(settings)),
+    ]
     listed = {g.group_id for g in admin.list_consumer_groups().result(30).valid}
     report.groups = [g for g in groups if g in listed]
     if report.groups:

@@ -33,6 +33,11 @@ def changelog_topic(settings: AccordSettings) -> str:
     return f"{settings.worker.app_id}-golden-changelog"
 
 
+def ingest_group(settings: AccordSettings) -> str:
+    """The consumer group of the workers' ingest loops over the raw topics."""
+    return f"{settings.worker.app_id}-ingest"
+
+
 def sink_targets(settings: AccordSettings) -> list[str]:
     """Every target with a sink section; the sample systems even without one."""
     from streams.projection import load_sinks

@@ -19,6 +19,7 @@ from confluent_kafka.serialization import MessageField, SerializationContext
 from streams.registry import registry_client
 from streams.settings import AccordSettings, TopicSettings
 from streams.topics import RAW_TOPICS
+from streams.topology import ingest_group
 from streams.workers import WorkerProcess, worker_env
 
 
@@ -56,7 +57,7 @@ def without_appliers(settings: AccordSettings) -> AccordSettings:
 def running_worker(settings: AccordSettings) -> Iterator[WorkerProcess]:
     """A real `accord worker` that starts at the raw topics' current ends, so that it
     processes only what the test writes; stopped when the block ends."""
-    start_group_at_end(settings, settings.worker.app_id)
+    start_group_at_end(settings, ingest_group(settings))
     worker = WorkerProcess(settings)
     worker.start()
     try:
@@ -173,13 +174,14 @@ def _wait(condition: Callable[[], bool], timeout_s: float) -> bool:
 
 def drained(settings: AccordSettings, appliers: list[str] | None = None) -> bool:
     """True when the worker has processed and committed everything on its inputs: raw
-    topics and accord.changes (the Faust group), the golden changelog (emit) and the
+    topics (ingest), accord.changes (the Faust group), the golden changelog (emit) and the
     sink topics of `appliers` (default: every sample system's), wherever they run."""
     from streams.topology import changelog_topic
 
     app_id = settings.worker.app_id
     groups = {
-        app_id: [*RAW_TOPICS.values(), settings.topics.changes],
+        ingest_group(settings): list(RAW_TOPICS.values()),
+        app_id: [settings.topics.changes],
         f"{app_id}-emit": [changelog_topic(settings)],
         **{
             f"{app_id}-sink-{target}": [settings.topics.sink(target)]
