@@ -24,6 +24,7 @@ from typing import Any
 import faust
 import mode
 import redis
+from faust.sensors.monitor import Monitor as FaustMonitor
 from faust.stores.rocksdb import Store as RocksDBStore
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 from redis.backoff import ExponentialBackoff
@@ -143,6 +144,36 @@ class RestoringStore(RocksDBStore):
             log.warning("bulk restore failed, Faust replays the changelog: %s", exc)
 
 
+class PerEventStatsOff(FaustMonitor):
+    """Faust's monitor without its per-message statistics (counts, timings, per-stream
+    dicts), which nothing reads: Accord's Prometheus counters say what each stage did.
+    It cost about 1% of a worker's CPU."""
+
+    def on_message_in(self, *args: Any) -> None:
+        pass
+
+    def on_stream_event_in(self, *args: Any) -> None:
+        return None
+
+    def on_stream_event_out(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def on_message_out(self, *args: Any) -> None:
+        pass
+
+    def on_table_get(self, *args: Any) -> None:
+        pass
+
+    def on_table_set(self, *args: Any) -> None:
+        pass
+
+    def on_send_initiated(self, *args: Any, **kwargs: Any) -> Any:
+        return None
+
+    def on_send_completed(self, *args: Any) -> None:
+        pass
+
+
 class AcksAfterWrites:
     """Acks each merge input once the changelog has confirmed the write it caused.
 
@@ -239,6 +270,7 @@ def create_app(settings: AccordSettings, rules: Rules | None = None) -> faust.Ap
         broker_heartbeat_interval=worker.session_timeout_s / 5,
         broker_credentials=faust_credentials(settings),
         processing_guarantee=worker.processing_guarantee,
+        Monitor=PerEventStatsOff,
     )
 
     # Before anything creates the consumer: see `streams.offsets` for why.
@@ -335,6 +367,7 @@ def create_app(settings: AccordSettings, rules: Rules | None = None) -> faust.Ap
         batch_size=worker.batch_size,
         batch_window_s=worker.batch_window_s,
         compression=worker.compression,
+        session_timeout_s=worker.session_timeout_s,
     )
     services = [ThreadStatus("ingest"), ThreadStatus("emitter")]
     app.service(_thread_service(services[0], ingest))

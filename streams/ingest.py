@@ -185,6 +185,7 @@ class IngestLoop:
         batch_size: int = 500,
         batch_window_s: float = 0.05,
         compression: str = "none",
+        session_timeout_s: float = 45.0,
     ) -> None:
         self.pipeline = pipeline
         self.changes_topic = changes_topic
@@ -198,6 +199,7 @@ class IngestLoop:
                 "client.id": group_id,  # names this loop in `accord monitor`
                 "enable.auto.commit": False,
                 "auto.offset.reset": "earliest",
+                "session.timeout.ms": int(session_timeout_s * 1000),
             }
         )
         self.consumer.subscribe(raw_topics)
@@ -214,7 +216,7 @@ class IngestLoop:
         )
         self.dead_letters = make_dead_letters(self.producer)
         self._undelivered: list[str] = []
-        self._backoff_s = 0.0
+        self.backoff_s = 0.0  # the pause after a refused batch; 0 while services answer
 
     def step(self, stop: threading.Event) -> int:
         """One batch: returns how many raw messages it took (0 if it must be read again)."""
@@ -226,12 +228,12 @@ class IngestLoop:
         try:
             batch = self.pipeline.process(messages)
         except (RedisUnavailable, RegistryUnavailable) as exc:
-            self._backoff_s = min(max(self._backoff_s * 2, 0.25), 5.0)
-            log.warning("ingest paused, retrying in %.1fs: %s", self._backoff_s, exc)
+            self.backoff_s = min(max(self.backoff_s * 2, 0.25), 5.0)
+            log.warning("ingest paused, retrying in %.1fs: %s", self.backoff_s, exc)
             self._rewind(messages)
-            stop.wait(self._backoff_s)
+            stop.wait(self.backoff_s)
             return 0
-        self._backoff_s = 0.0
+        self.backoff_s = 0.0
         for letter in batch.dead:
             self.dead_letters.write(letter)
         for change in batch.changes:

@@ -21,7 +21,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaException, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicCollection, TopicPartition
 from confluent_kafka.admin import AdminClient, OffsetSpec
 
 from streams.settings import AccordSettings
@@ -169,12 +169,20 @@ class Monitor:
     # -- Kafka ------------------------------------------------------------------------
 
     def _layout(self, topics: list[str]) -> dict[str, int]:
-        metadata = self.admin.list_topics(timeout=REQUEST_TIMEOUT_S).topics
-        return {
-            t: len(metadata[t].partitions)
-            for t in topics
-            if t in metadata and metadata[t].error is None
-        }
+        """Partition counts of the topics that exist. Only these are described: the
+        cluster's whole metadata, on a shared cluster thousands of topics, cost a worker
+        2% of its CPU at a snapshot every 5 s."""
+        futures = self.admin.describe_topics(
+            TopicCollection(topics), request_timeout=REQUEST_TIMEOUT_S
+        )
+        layout = {}
+        for topic, future in futures.items():
+            try:
+                layout[topic] = len(future.result().partitions)
+            except KafkaException as exc:
+                if exc.args[0].code() != KafkaError.UNKNOWN_TOPIC_OR_PART:
+                    raise
+        return layout
 
     def _offsets(self, layout: dict[str, int], spec: OffsetSpec) -> dict[tuple[str, int], int]:
         request = {
