@@ -14,7 +14,6 @@ see an output twice.
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 import json
 import logging
@@ -29,7 +28,7 @@ from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 from prometheus_client import Counter
 
 from streams.merge import GoldenState, Outcome, SinkOrder, deletes_everywhere, loads, stage
-from streams.model import EPOCH, FIELDS, Change, Op, Value
+from streams.model import FIELDS, Change, Op, Value
 from streams.projection import SinkSpec
 from streams.rules import Rules
 from streams.topics import usable
@@ -178,14 +177,14 @@ def customer_record(state: GoldenState) -> dict[str, Any]:
         "provenance": {
             name: {
                 "system": r.system,
-                "source_ts": _micros(r.source_ts),
+                "source_ts": r.source_ts,
                 "position": r.position,
                 "rule": r.rule.value,
             }
             for name, r in state.golden.items()
         },
         "links": [{"system": c.system, "key": c.key} for c in state.contributions.values()],
-        "updated_at": _micros(state.updated_ts),
+        "updated_at": state.updated_ts // 1000,  # micros; the field is timestamp-millis
     }  # fmt: skip
 
 
@@ -204,11 +203,11 @@ def audit_records(state: GoldenState, recorded_ms: int) -> list[dict[str, Any]]:
                 "before": as_text(change.before),
                 "after": as_text(change.after),
                 "system": resolved.system if resolved else cause.system,
-                "source_ts": _micros(resolved.source_ts if resolved else cause.order[0]),
+                "source_ts": resolved.source_ts if resolved else cause.order[0],
                 "position": resolved.position if resolved else cause.order[1],
                 "rule": resolved.rule.value if resolved else "cleared",
                 "change_id": state.last_change_id or "",
-                "recorded_at": _millis(recorded_ms),
+                "recorded_at": recorded_ms,
             }
         )
     if state.status_changed:
@@ -221,11 +220,11 @@ def audit_records(state: GoldenState, recorded_ms: int) -> list[dict[str, Any]]:
                 "before": as_text(not state.active),
                 "after": as_text(state.active),
                 "system": cause.system,
-                "source_ts": _micros(cause.order[0]),
+                "source_ts": cause.order[0],
                 "position": cause.order[1],
                 "rule": "delete_policy",
                 "change_id": state.last_change_id or "",
-                "recorded_at": _millis(recorded_ms),
+                "recorded_at": recorded_ms,
             }
         )
     return entries
@@ -249,15 +248,19 @@ def sink_records(state: GoldenState, emitted_ms: int) -> list[dict[str, Any]]:
                 if order.expected is None
                 else {name: order.expected.get(name) for name in FIELDS},
                 "caused_by": state.caused_by,
-                "emitted_at": _millis(emitted_ms),
-                "source_ts": _micros(state.caused_ts) if state.caused_ts else None,
+                "emitted_at": emitted_ms,
+                "source_ts": state.caused_ts if state.caused_ts else None,
             }
         )
     return records
 
 
 def outputs(state: GoldenState, now_ms: int) -> Outputs:
-    """Everything the latest revision of `state` emits."""
+    """Everything the latest revision of `state` emits.
+
+    Timestamps are epoch integers in the unit of their field's logical type, which
+    fastavro writes as they are: datetimes cost the emitter about 8% of its encoding
+    (issue 8) only to be taken apart again."""
     changed = state.version_revision == state.revision
     return Outputs(
         customer_record(state) if changed else None,
@@ -275,14 +278,6 @@ def as_text(value: Value) -> str | None:
     if isinstance(value, Decimal):
         return format(value, "f")
     return str(value)
-
-
-def _micros(micros: int) -> dt.datetime:
-    return EPOCH + dt.timedelta(microseconds=micros)
-
-
-def _millis(millis: int) -> dt.datetime:
-    return EPOCH + dt.timedelta(milliseconds=millis)
 
 
 # ------------------------------------------------------------------------ Kafka glue
