@@ -65,7 +65,7 @@ from streams.samples import SampleGenerator  # noqa: E402
 from streams.settings import AccordSettings, TopicSettings, load_settings  # noqa: E402
 from streams.stack.manager import Stack  # noqa: E402
 from streams.stack.process import wait_until  # noqa: E402
-from streams.topology import ingest_group  # noqa: E402
+from streams.topology import emit_group, ingest_group  # noqa: E402
 from streams.workers import WorkerProcess  # noqa: E402
 from tests import vectors  # noqa: E402
 
@@ -357,7 +357,7 @@ def accord(
         changelog = f"{app}-golden-changelog"
         out_ends = _ends(settings, [changelog])
         if not wait_until(
-            lambda: _committed_all(settings, f"{app}-emit", out_ends), 600, interval_s=0.5
+            lambda: _committed_all(settings, emit_group(settings), out_ends), 600, interval_s=0.5
         ):
             raise SystemExit("the emitter did not catch up within 10 minutes")
         elapsed = time.monotonic() - started

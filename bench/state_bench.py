@@ -100,7 +100,12 @@ from streams.rules import Rules, load_rules  # noqa: E402
 from streams.samples import SampleGenerator  # noqa: E402
 from streams.settings import AccordSettings, load_settings  # noqa: E402
 from streams.stack.process import read_pid, spawn, wait_until  # noqa: E402
-from streams.topology import accord_topics, changelog_topic, source_topics  # noqa: E402
+from streams.topology import (  # noqa: E402
+    accord_topics,
+    changelog_topic,
+    emit_group,
+    source_topics,
+)
 from streams.workers import WorkerProcess  # noqa: E402
 
 SEED = 7
@@ -521,7 +526,7 @@ def _catch_up_emitter(settings: AccordSettings, ends: dict[int, int]) -> None:
     caught-up worker does. No setting turns it off; its group's offsets are Kafka state.
     """
     topic = changelog_topic(settings)
-    group = f"{settings.worker.app_id}-emit"
+    group = emit_group(settings)
     consumer = Consumer(settings.kafka_config({"group.id": group, "enable.auto.commit": False}))
     try:
         offsets = [TopicPartition(topic, p, end) for p, end in ends.items()]
@@ -571,7 +576,7 @@ def made_by_run(settings: AccordSettings, existed: set[str]) -> set[str]:
 def delete_groups(settings: AccordSettings) -> None:
     """The app's consumer group and its emitter's (ignored where there is none)."""
     admin = AdminClient(settings.kafka_config())
-    groups = [settings.worker.app_id, f"{settings.worker.app_id}-emit"]
+    groups = [settings.worker.app_id, emit_group(settings)]
     with contextlib.suppress(KafkaException):
         for future in admin.delete_consumer_groups(groups, request_timeout=30).values():
             with contextlib.suppress(KafkaException):
@@ -894,9 +899,7 @@ def golden_recovery(
 
         print("cold recovery (empty data dir) ...", file=sys.stderr)
         cold = _timed_start(worker, ready_timeout_s, "cold", profile)
-        cold["emit_group_committed"] = _committed(
-            settings, f"{settings.worker.app_id}-emit", topic, len(ends)
-        )
+        cold["emit_group_committed"] = _committed(settings, emit_group(settings), topic, len(ends))
         cold |= _stop(worker, settings)
         cold["replayed"] = _replayed(cold)
         cold["rocksdb"] = _rocksdb_keys(directory)
@@ -912,7 +915,7 @@ def golden_recovery(
         warm["replayed"] = _replayed(warm)
         print(f"  {_summary(warm)}", file=sys.stderr)
         outputs_after = _outputs(settings)
-        emit_committed = _committed(settings, f"{settings.worker.app_id}-emit", topic, len(ends))
+        emit_committed = _committed(settings, emit_group(settings), topic, len(ends))
     finally:
         worker.stop()
         delete_topics(settings, made_by_run(settings, existed))

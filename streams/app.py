@@ -51,7 +51,7 @@ from streams.rules import Rules, load_rules
 from streams.settings import AccordSettings
 from streams.sinks import SinkRunner
 from streams.status import BoardCollector, StatusBoard, page
-from streams.topology import changelog_topic, ensure_topics, ingest_group
+from streams.topology import changelog_topic, emit_group, ensure_topics, ingest_group
 
 log = logging.getLogger(__name__)
 
@@ -478,7 +478,7 @@ def _make_emitter(settings: AccordSettings, registry: Any) -> Callable[[], Emitt
     def make() -> Emitter:
         return Emitter(
             settings.kafka_config(),
-            group_id=f"{settings.worker.app_id}-emit",
+            group_id=emit_group(settings),
             session_timeout_s=settings.worker.session_timeout_s,
             transactional_id=f"{settings.worker.app_id}-emit-{settings.worker.instance}",
             topics=EmitTopics(

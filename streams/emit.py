@@ -31,7 +31,7 @@ from streams.merge import GoldenState, Outcome, SinkOrder, deletes_everywhere, l
 from streams.model import FIELDS, Change, Op, Value
 from streams.projection import SinkSpec
 from streams.rules import Rules
-from streams.topics import usable
+from streams.topics import first_offsets, usable
 
 log = logging.getLogger(__name__)
 
@@ -457,11 +457,8 @@ class Emitter:
         except KafkaException as exc:
             log.warning("emit: abort failed (%s); starting a new transactional producer", exc)
             self._replace_producer()
-        first: dict[tuple[str, int], int] = {}
-        for message in messages:
-            first.setdefault((message.topic(), message.partition()), message.offset())
-        for (topic, partition), offset in first.items():
-            self.consumer.seek(TopicPartition(topic, partition, offset))
+        for tp in first_offsets(messages):
+            self.consumer.seek(tp)
 
     def run(self, stop: threading.Event) -> None:
         while not stop.is_set():

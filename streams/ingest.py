@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Consumer, Producer
 from prometheus_client import Counter
 
 from streams.codec import AvroCodec, DecodeError, RegistryUnavailable, SchemaCache, registry_fetcher
@@ -32,7 +32,7 @@ from streams.mapping import Mapper, Rejected
 from streams.model import Change
 from streams.registry import registry_client
 from streams.settings import AccordSettings
-from streams.topics import usable
+from streams.topics import first_offsets, next_offsets, usable
 
 log = logging.getLogger(__name__)
 
@@ -248,7 +248,7 @@ class IngestLoop:
             return 0
         if batch.dead:
             self.dead_letters.flush()  # a dead letter that failed for good stops the worker
-        self.consumer.commit(offsets=_next_offsets(messages), asynchronous=True)
+        self.consumer.commit(offsets=next_offsets(messages), asynchronous=True)
         return len(messages)
 
     def _delivered(self, error: Any, _message: Any) -> None:
@@ -269,7 +269,7 @@ class IngestLoop:
         return True
 
     def _rewind(self, messages: list[Any]) -> None:
-        for tp in _first_offsets(messages):
+        for tp in first_offsets(messages):
             self.consumer.seek(tp)
 
     def run(self, stop: threading.Event) -> None:
@@ -279,20 +279,6 @@ class IngestLoop:
     def close(self) -> None:
         self.consumer.close()
         self.producer.flush(10)
-
-
-def _first_offsets(messages: list[Any]) -> list[TopicPartition]:
-    first: dict[tuple[str, int], int] = {}
-    for message in messages:
-        first.setdefault((message.topic(), message.partition()), message.offset())
-    return [TopicPartition(t, p, o) for (t, p), o in first.items()]
-
-
-def _next_offsets(messages: list[Any]) -> list[TopicPartition]:
-    last: dict[tuple[str, int], int] = {}
-    for message in messages:
-        last[(message.topic(), message.partition())] = message.offset()
-    return [TopicPartition(t, p, o + 1) for (t, p), o in last.items()]
 
 
 Handler = Callable[[list[SourceChange]], None]
@@ -363,7 +349,7 @@ class RawChangeConsumer:
         return result
 
     def _rewind(self, messages: list[Any]) -> None:
-        for tp in _first_offsets(messages):
+        for tp in first_offsets(messages):
             self.consumer.seek(tp)
         time.sleep(1.0)
 

@@ -19,7 +19,7 @@ from streams.projection import SinkKind, load_sinks
 from streams.settings import AccordSettings
 from streams.sinks import LEDGER_TABLE
 from streams.sources import mariadb, postgres
-from streams.topology import accord_topics, ingest_group, sink_targets
+from streams.topology import accord_topics, emit_group, ingest_group, sink_group, sink_targets
 
 Progress = Callable[[str], None]
 
@@ -58,8 +58,8 @@ def reset(settings: AccordSettings, progress: Progress) -> ResetReport:
     groups = [
         app_id,
         ingest_group(settings),
-        f"{app_id}-emit",
-        *(f"{app_id}-sink-{t}" for t in sink_targets(settings)),
+        emit_group(settings),
+        *(sink_group(settings, t) for t in sink_targets(settings)),
     ]
     listed = {g.group_id for g in admin.list_consumer_groups().result(30).valid}
     report.groups = [g for g in groups if g in listed]

@@ -47,7 +47,7 @@ import httpx
 import psycopg
 import pymysql
 import redis
-from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaException, Producer
 from prometheus_client import Counter, Histogram
 
 from streams import redact
@@ -62,7 +62,8 @@ from streams.projection import KeyGeneration, SinkKind, SinkSpec, load_sinks
 from streams.registry import registry_client
 from streams.schemas import load_local
 from streams.settings import AccordSettings
-from streams.topics import usable
+from streams.topics import first_offsets, next_offsets, usable
+from streams.topology import sink_group
 
 log = logging.getLogger(__name__)
 
@@ -1080,7 +1081,7 @@ class SinkRunner:
         self.spec = spec or sink_spec(settings, target)
         self.target = target
         self.topic = settings.topics.sink(target)
-        self.group_id = f"{settings.worker.app_id}-sink-{target}"
+        self.group_id = sink_group(settings, target)
         self.applier = applier or make_applier(settings, self.spec)
         registry = registry_client(settings)
         self.codec = AvroCodec(SchemaCache(registry_fetcher(registry)))
@@ -1179,15 +1180,10 @@ class SinkRunner:
             result.dead += 1
 
     def _commit(self, messages: list[Any]) -> None:
-        offsets: dict[tuple[str, int], int] = {}
-        for message in messages:
-            offsets[(message.topic(), message.partition())] = message.offset() + 1
+        offsets = next_offsets(messages)
         try:
-            self.consumer.commit(
-                offsets=[TopicPartition(t, p, o) for (t, p), o in offsets.items()],
-                asynchronous=False,
-            )
-            self._committed.update(offsets)
+            self.consumer.commit(offsets=offsets, asynchronous=False)
+            self._committed.update({(tp.topic, tp.partition): tp.offset for tp in offsets})
         except KafkaException as exc:
             # Lost the partitions (e.g. a long retry outlived max.poll.interval.ms): the
             # next owner redelivers from the last commit and the ledger skips what was done.
@@ -1215,14 +1211,13 @@ class SinkRunner:
                 self._committed.update({(tp.topic, tp.partition): tp.offset for tp in moved})
 
     def _rewind(self, messages: list[Any]) -> None:
-        first: dict[tuple[str, int], int] = {}
-        for message in messages:
-            first.setdefault((message.topic(), message.partition()), message.offset())
-        for (topic, partition), offset in first.items():
+        for tp in first_offsets(messages):
             try:
-                self.consumer.seek(TopicPartition(topic, partition, offset))
+                self.consumer.seek(tp)
             except KafkaException as exc:
-                log.warning("%s: cannot rewind %s[%d]: %s", self.target, topic, partition, exc)
+                log.warning(
+                    "%s: cannot rewind %s[%d]: %s", self.target, tp.topic, tp.partition, exc
+                )
 
     def run(self, stop: threading.Event) -> None:
         """Apply until `stop` is set."""

@@ -145,6 +145,22 @@ class RawTopicReader:
         self.close()
 
 
+def first_offsets(messages: list[Any]) -> list[TopicPartition]:
+    """Where to seek to read a batch again: each partition's first offset in it."""
+    first: dict[tuple[str, int], int] = {}
+    for message in messages:
+        first.setdefault((message.topic(), message.partition()), message.offset())
+    return [TopicPartition(t, p, o) for (t, p), o in first.items()]
+
+
+def next_offsets(messages: list[Any]) -> list[TopicPartition]:
+    """What to commit once a batch is done: each partition's offset after its last."""
+    last: dict[tuple[str, int], int] = {}
+    for message in messages:
+        last[(message.topic(), message.partition())] = message.offset()
+    return [TopicPartition(t, p, o + 1) for (t, p), o in last.items()]
+
+
 def usable(message: Any) -> bool:
     """A consumed message to process; False for a transient error (logged), which the
     client recovers from by itself. A fatal error raises: the consumer is unusable."""

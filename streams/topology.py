@@ -38,6 +38,16 @@ def ingest_group(settings: AccordSettings) -> str:
     return f"{settings.worker.app_id}-ingest"
 
 
+def emit_group(settings: AccordSettings) -> str:
+    """The consumer group of the workers' emitters over the golden changelog."""
+    return f"{settings.worker.app_id}-emit"
+
+
+def sink_group(settings: AccordSettings, target: str) -> str:
+    """The consumer group of `target`'s appliers over its sink topic."""
+    return f"{settings.worker.app_id}-sink-{target}"
+
+
 def sink_targets(settings: AccordSettings) -> list[str]:
     """Every target with a sink section; the sample systems even without one."""
     from streams.projection import load_sinks

@@ -19,7 +19,7 @@ from confluent_kafka.serialization import MessageField, SerializationContext
 from streams.registry import registry_client
 from streams.settings import AccordSettings, TopicSettings
 from streams.topics import RAW_TOPICS
-from streams.topology import ingest_group
+from streams.topology import emit_group, ingest_group, sink_group
 from streams.workers import WorkerProcess, worker_env
 
 
@@ -182,9 +182,9 @@ def drained(settings: AccordSettings, appliers: list[str] | None = None) -> bool
     groups = {
         ingest_group(settings): list(RAW_TOPICS.values()),
         app_id: [settings.topics.changes],
-        f"{app_id}-emit": [changelog_topic(settings)],
+        emit_group(settings): [changelog_topic(settings)],
         **{
-            f"{app_id}-sink-{target}": [settings.topics.sink(target)]
+            sink_group(settings, target): [settings.topics.sink(target)]
             for target in (list(RAW_TOPICS) if appliers is None else appliers)
         },
     }
