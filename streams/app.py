@@ -31,6 +31,7 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from streams import redact
+from streams.changelog import ChangelogWriter
 from streams.codec import AvroCodec, SchemaCache, registry_fetcher
 from streams.connect import SYSTEMS, ConnectClient, ConnectorWatchdog, load_connector
 from streams.dedupe import Deduplicator
@@ -87,15 +88,37 @@ class GoldenTable(faust.Table):
     loses a write whose input is already committed. The merge therefore acks an input only
     once the changelog has confirmed the write it caused (`AcksAfterWrites`).
 
-    With `restore` set, its store restores newly assigned partitions in bulk first.
+    With `restore` set, its store restores newly assigned partitions in bulk first. With
+    `writer` set (at-least-once), its changelog writes go through librdkafka
+    (`streams.changelog`).
     """
 
     last_write: asyncio.Future | None = None
     restore: ChangelogRestore | None = None  # set before the table's store is made
+    writer: ChangelogWriter | None = None  # at-least-once: writes go through librdkafka
 
     def send_changelog(self, *args: Any, **kwargs: Any) -> Any:
         self.last_write = future = super().send_changelog(*args, **kwargs)
         return future
+
+    def on_key_set(self, key: Any, value: Any) -> None:
+        if self.writer is None:
+            super().on_key_set(key, value)  # through `send_changelog`
+            return
+        # What Faust's `on_key_set` does for a table without expiry or sensors, with the
+        # write through librdkafka; keys and values are bytes already (`key_type`,
+        # `value_type`). The merge deletes no key, so no write takes Faust's producer.
+        self.last_write = self.writer.send(self.partition_for_key(key), key, value)
+
+    def on_key_del(self, key: Any) -> None:
+        if self.writer is not None:  # it would race the writer's records of the partition
+            raise NotImplementedError("golden states are never deleted under at-least-once")
+        super().on_key_del(key)
+
+    def persisted(self, partition: int, offset: int) -> None:
+        """A changelog write is confirmed: what Faust's `_on_changelog_sent` records."""
+        tp = faust.types.TP(self.changelog_topic.get_topic_name(), partition)
+        self.data.set_persisted_offset(tp, offset)
 
     def _new_store(self) -> Any:
         if self.restore is None:
@@ -195,12 +218,24 @@ class AcksAfterWrites:
             log.error("golden changelog write failed, stopping: %s", error)
             self._keep(self.app.crash(error))
         else:
-            self._keep(self.stream.ack(event))
+            ack_now(self.stream, event)
 
     def _keep(self, coroutine: Any) -> None:
         task = asyncio.ensure_future(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+def ack_now(stream: faust.StreamT, event: Any) -> None:
+    """`stream.ack(event)` without scheduling a task per event for it: Faust's
+    `Stream.ack` is a coroutine that never awaits."""
+    coroutine = stream.ack(event)
+    try:
+        coroutine.send(None)
+    except StopIteration:
+        return
+    coroutine.close()
+    raise RuntimeError("faust's Stream.ack awaited something: it must be awaited in a task")
 
 
 def faust_credentials(settings: AccordSettings) -> Any:
@@ -316,6 +351,14 @@ def create_app(settings: AccordSettings, rules: Rules | None = None) -> faust.Ap
             worker.bulk_restore_min_records,
         )
     app.tables.add(golden)
+    if worker.processing_guarantee == "at_least_once":
+        golden.writer = ChangelogWriter(
+            settings.kafka_config(),
+            changelog_topic(settings),
+            golden.persisted,
+            client_id=f"{worker.app_id}-{worker.instance}-changelog",
+            compression=worker.compression,
+        )
 
     # An unexpected error in an agent is a bug or broken state, not bad input (that goes
     # to the DLQ): crash the worker, so it shows, instead of restarting the agent forever.
@@ -372,6 +415,9 @@ def create_app(settings: AccordSettings, rules: Rules | None = None) -> faust.Ap
     services = [ThreadStatus("ingest"), ThreadStatus("emitter")]
     app.service(_thread_service(services[0], ingest))
     app.service(_thread_service(services[1], _make_emitter(settings, registry)))
+    if golden.writer is not None:
+        services.append(ThreadStatus("changelog-writer"))
+        app.service(_thread_service(services[-1], lambda: golden.writer))
     board = StatusBoard(settings)
     board_metrics = CollectorRegistry(auto_describe=True)
     board_metrics.register(BoardCollector(board))
