@@ -24,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -78,7 +79,7 @@ class SinkSpec:
     secret_env: str | None = None  # webhook: environment variable holding the HMAC key
     timeout_s: float = 10.0  # webhook
 
-    @property
+    @cached_property  # read for every sink of every merged change
     def fields(self) -> tuple[str, ...]:
         """The canonical fields this target receives, in canonical order."""
         used = {f for column in self.columns for f in column.fields}

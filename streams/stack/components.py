@@ -838,6 +838,9 @@ class Registry(Component):
             "apicurio.rest.deletion.artifact.enabled": "true",
             "apicurio.rest.deletion.artifact-version.enabled": "true",
             "apicurio.rest.deletion.group.enabled": "true",
+            # GET /subjects answers at most this many, silently (Apicurio's default is
+            # 1,000): past it, subjects are missing from `accord schemas list`.
+            "apicurio.ccompat.max-subjects": "100000",
         }
         return self._spec(
             [
