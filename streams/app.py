@@ -425,6 +425,7 @@ def create_app(settings: AccordSettings, rules: Rules | None = None) -> faust.Ap
         batch_window_s=worker.batch_window_s,
         compression=worker.compression,
         session_timeout_s=worker.session_timeout_s,
+        client_id=f"{ingest_group(settings)}-{worker.instance}",
     )
     services = [ThreadStatus("ingest"), ThreadStatus("emitter")]
     app.service(_thread_service(services[0], ingest))

@@ -186,6 +186,7 @@ class IngestLoop:
         batch_window_s: float = 0.05,
         compression: str = "none",
         session_timeout_s: float = 45.0,
+        client_id: str | None = None,
     ) -> None:
         self.pipeline = pipeline
         self.changes_topic = changes_topic
@@ -196,7 +197,7 @@ class IngestLoop:
             {
                 **kafka,
                 "group.id": group_id,
-                "client.id": group_id,  # names this loop in `accord monitor`
+                "client.id": client_id or group_id,  # names this loop in `accord monitor`
                 "enable.auto.commit": False,
                 "auto.offset.reset": "earliest",
                 "session.timeout.ms": int(session_timeout_s * 1000),
