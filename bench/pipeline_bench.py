@@ -307,8 +307,10 @@ def top_frames(collapsed: Path, limit: int = 15) -> list[dict[str, Any]]:
 
 
 def _profiler(pid: int, out: Path) -> subprocess.Popen:
+    """py-spy on the thread holding the GIL: a worker is bound by its one GIL, and without
+    `--gil` threads waiting in librdkafka or epoll took the top of the profile."""
     spy = Path(sys.executable).with_name("py-spy")
-    argv = [str(spy), "record", "--pid", str(pid), "--rate", "50", "--format", "raw",
+    argv = [str(spy), "record", "--pid", str(pid), "--rate", "50", "--format", "raw", "--gil",
             "--output", str(out), "--nonblocking"]  # fmt: skip
     return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
