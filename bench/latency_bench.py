@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/latency_bench.py [--rates 100,500,1000] [--seconds 20]
         [--customers 3000] [--writers 1] [--all-rates] [--refine 2] [--keep]
+        [--appliers-apart]
 
 GitHub issue 8. The real path is measured, nothing simulated: UPDATEs committed in the
 three source databases, captured by the real Debezium connectors, read by a real
@@ -87,10 +88,10 @@ from streams.settings import AccordSettings, TopicSettings, load_settings  # noq
 from streams.sinks import LEDGER_TABLE  # noqa: E402
 from streams.sources import PRIMARY_KEYS, TABLES, insert_rows, mariadb, postgres  # noqa: E402
 from streams.stack.manager import Stack  # noqa: E402
-from streams.stack.process import read_pid, wait_until  # noqa: E402
+from streams.stack.process import ProcessSpec, read_pid, spawn, stop, wait_until  # noqa: E402
 from streams.topics import RAW_TOPICS  # noqa: E402
 from streams.topology import ingest_group  # noqa: E402
-from streams.workers import WorkerProcess  # noqa: E402
+from streams.workers import WorkerProcess, worker_env  # noqa: E402
 from tests.support import drained, end_offsets, free_port, start_group_at_end  # noqa: E402
 
 FIRST_RATES = (100, 500, 1000)
@@ -720,6 +721,18 @@ def _round_rate(rate: float) -> int:
     return max(unit, round(rate / unit) * unit)
 
 
+def _applier(settings: AccordSettings, target: str) -> ProcessSpec:
+    name = f"sink-{settings.worker.app_id}-{target}"
+    state = settings.stack.state_dir
+    return ProcessSpec(
+        name=name,
+        argv=[sys.executable, "-m", "streams.cli", "sink", "--target", target],
+        log=state / "logs" / f"{name}.log",
+        pid_file=state / "run" / f"{name}.pid",
+        env=worker_env(settings),
+    )
+
+
 def latency(
     settings: AccordSettings,
     rates: list[int] | None = None,
@@ -729,6 +742,7 @@ def latency(
     keep: bool = False,
     stop_at_saturation: bool = True,
     refine_steps: int = 2,
+    appliers_apart: bool = False,
     progress: Progress = _stderr,
 ) -> dict:
     """Measure commit-to-applied latency at rising open-loop edit rates (issue 8).
@@ -747,11 +761,16 @@ def latency(
     sinks = load_sinks(bench.connectors_dir)
     targets = sorted(t for t, s in sinks.items() if s.kind is SinkKind.SQL and FIELD in s.fields)
     start_group_at_end(bench, ingest_group(bench))
+    if appliers_apart:  # each applier an `accord sink` process with a GIL of its own
+        bench = bench.model_copy(update={"worker": bench.worker.model_copy(update={"sinks": []})})
     worker = WorkerProcess(bench)
     progress(f"starting worker {worker.name} on port {bench.worker.web_port} (log: {worker.log})")
     started = time.monotonic()
     worker.start()
     worker_start_s = round(time.monotonic() - started, 1)
+    appliers = [_applier(bench, target) for target in targets] if appliers_apart else []
+    for applier in appliers:
+        spawn(applier)
     steps: list[dict[str, Any]] = []
     pool: Pool | None = None
     try:
@@ -782,6 +801,8 @@ def latency(
                     break
                 low, high = (rate, high) if measure(rate) else (low, rate)
     finally:
+        for applier in appliers:
+            stop(applier, 30)
         worker.stop()
         if keep:
             progress(f"kept app {bench.worker.app_id} (topics, groups, Redis keys, ledger rows)")
@@ -827,7 +848,9 @@ def latency(
                 "partitions": bench.worker.partitions,
                 "batch_size": bench.worker.batch_size,
                 "batch_window_s": bench.worker.batch_window_s,
-                "appliers": "in the worker (worker.sinks default)",
+                "appliers": "one `accord sink` process per target"
+                if appliers_apart
+                else "in the worker (worker.sinks default)",
                 "reconcile_interval_s": bench.worker.reconcile_interval_s,
             },
             "worker_start_s": worker_start_s,
@@ -861,6 +884,10 @@ def main() -> None:
     parser.add_argument(
         "--refine", type=int, default=2, help="bisection steps after the first saturated rate"
     )
+    parser.add_argument(
+        "--appliers-apart", action="store_true",
+        help="run each target's applier as its own `accord sink` process, not in the worker",
+    )  # fmt: skip
     args = parser.parse_args()
 
     settings = load_settings()
@@ -874,6 +901,7 @@ def main() -> None:
         keep=args.keep,
         stop_at_saturation=not args.all_rates,
         refine_steps=args.refine,
+        appliers_apart=args.appliers_apart,
     )
     out = write_figures(result, "latency")
     print(json.dumps(result, indent=2))
