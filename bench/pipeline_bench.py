@@ -17,12 +17,15 @@ billing, support, as `SampleGenerator.systems_for` decides), a third get one upd
   for its start nor gets a head start: decode, normalise, validate, dedupe (Redis),
   identity, merge, and the golden record, audit entries and sink events written by the
   emitter. Done when the group has committed every raw event and every change, and the
-  emitter every changelog record. The single worker is profiled by py-spy.
+  emitter every changelog record. py-spy samples the single worker's thread holding
+  the GIL.
 - latency: the open-loop edit ladder on the real connectors (`bench/latency_bench.py`).
 - state: 1M golden states, cold recovery and warm restart (`bench/state_bench.py`).
 
 Figures go to bench/results/<date>.json and a plot to <date>.png: events/s, CPU
-seconds per 1,000 events and peak RSS of each, Accord / ceiling and Accord / peer.
+seconds per 1,000 events and peak RSS of each, Accord / ceiling and Accord / peer. A
+run of some `--parts` only writes <date>-<parts>.json and .png (`2026-11-24-accord.json`)
+and leaves the day's full run alone.
 """
 
 from __future__ import annotations
@@ -500,6 +503,8 @@ def main() -> None:
     if parts - set(PARTS):
         parser.error(f"unknown parts: {', '.join(sorted(parts - set(PARTS)))}")
 
+    # A run of some parts only keeps its own files: it must not overwrite the day's full run.
+    label = "" if parts == set(PARTS) else "-".join(sorted(parts))
     base = load_settings()
     Stack(base, progress=lambda m: print(f"[stack] {m}", file=sys.stderr)).up()
     run = uuid.uuid4().hex[:8]
@@ -542,7 +547,8 @@ def main() -> None:
                 step("peer", lambda: peer(settings, raw, total, run))
             if "accord" in parts:
                 one = another_app(settings, run, "1w", Path(tmp))
-                profile = result_path("worker-profile", "txt", day=today)
+                profile_name = f"{label}-worker-profile" if label else "worker-profile"
+                profile = result_path(profile_name, "txt", day=today)
                 step("accord", lambda: accord(one, messages, profile=profile))
                 result["accord"]["profile_top"] = top_frames(profile)
             if "scale" in parts:
@@ -576,8 +582,8 @@ def main() -> None:
         if result.get(key) and result.get("accord"):
             ratio = result["accord"]["events_per_s"] / result[key]["events_per_s"]
             result[f"accord_over_{key}"] = round(ratio, 3)
-    out = write_figures(result, day=today)
-    plot(result, result_path(ext="png", day=today))
+    out = write_figures(result, label, day=today)
+    plot(result, result_path(label, "png", day=today))
     print(json.dumps({k: v for k, v in result.items() if k != "latency"}, indent=2))
     print(f"figures: {out} and {out.with_suffix('.png')}", file=sys.stderr)
 
