@@ -88,10 +88,10 @@ from streams.settings import AccordSettings, TopicSettings, load_settings  # noq
 from streams.sinks import LEDGER_TABLE  # noqa: E402
 from streams.sources import PRIMARY_KEYS, TABLES, insert_rows, mariadb, postgres  # noqa: E402
 from streams.stack.manager import Stack  # noqa: E402
-from streams.stack.process import ProcessSpec, read_pid, spawn, stop, wait_until  # noqa: E402
+from streams.stack.process import read_pid, spawn, stop, wait_until  # noqa: E402
 from streams.topics import RAW_TOPICS  # noqa: E402
 from streams.topology import ingest_group  # noqa: E402
-from streams.workers import WorkerProcess, worker_env  # noqa: E402
+from streams.workers import WorkerProcess, applier_process  # noqa: E402
 from tests.support import drained, end_offsets, free_port, start_group_at_end  # noqa: E402
 
 FIRST_RATES = (100, 500, 1000)
@@ -721,18 +721,6 @@ def _round_rate(rate: float) -> int:
     return max(unit, round(rate / unit) * unit)
 
 
-def _applier(settings: AccordSettings, target: str) -> ProcessSpec:
-    name = f"sink-{settings.worker.app_id}-{target}"
-    state = settings.stack.state_dir
-    return ProcessSpec(
-        name=name,
-        argv=[sys.executable, "-m", "streams.cli", "sink", "--target", target],
-        log=state / "logs" / f"{name}.log",
-        pid_file=state / "run" / f"{name}.pid",
-        env=worker_env(settings),
-    )
-
-
 def latency(
     settings: AccordSettings,
     rates: list[int] | None = None,
@@ -768,7 +756,7 @@ def latency(
     started = time.monotonic()
     worker.start()
     worker_start_s = round(time.monotonic() - started, 1)
-    appliers = [_applier(bench, target) for target in targets] if appliers_apart else []
+    appliers = [applier_process(bench, target) for target in targets] if appliers_apart else []
     for applier in appliers:
         spawn(applier)
     steps: list[dict[str, Any]] = []

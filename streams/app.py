@@ -118,6 +118,10 @@ class GoldenTable(faust.Table):
 
     def persisted(self, partition: int, offset: int) -> None:
         """A changelog write is confirmed: what Faust's `_on_changelog_sent` records."""
+        if self.should_stop:
+            # The store has closed its RocksDB partitions; writing would reopen one. A
+            # restart replays the changelog from the offset persisted before instead.
+            return
         tp = faust.types.TP(self.changelog_topic.get_topic_name(), partition)
         self.data.set_persisted_offset(tp, offset)
 

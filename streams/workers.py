@@ -110,3 +110,17 @@ class WorkerProcess:
 
     def stop(self, timeout_s: float = 60.0) -> None:
         stop(self.spec, timeout_s)
+
+
+def applier_process(settings: AccordSettings, target: str) -> ProcessSpec:
+    """An `accord sink --target` process for `target` with the caller's settings: the
+    appliers a worker runs without (`worker.sinks = []`), one process and GIL each."""
+    state = settings.stack.state_dir
+    name = f"sink-{settings.worker.app_id}-{target}"
+    return ProcessSpec(
+        name=name,
+        argv=[sys.executable, "-m", "streams.cli", "sink", "--target", target],
+        log=state / "logs" / f"{name}.log",
+        pid_file=state / "run" / f"{name}.pid",
+        env=worker_env(settings),
+    )

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import random
 import signal
-import sys
 import threading
 import uuid
 from collections import Counter
@@ -29,7 +28,7 @@ from streams.settings import AccordSettings
 from streams.sources import mariadb, postgres
 from streams.stack.process import ProcessSpec, read_pid, spawn, stop
 from streams.topics import RAW_TOPICS
-from streams.workers import worker_env
+from streams.workers import applier_process
 from tests.support import TopicTail, isolated, quiesced, running_worker, without_appliers
 
 pytestmark = pytest.mark.e2e
@@ -37,23 +36,11 @@ SYSTEMS = ("crm", "billing", "support")
 EDITS = 520
 
 
-def applier(settings: AccordSettings, target: str) -> ProcessSpec:
-    state = settings.stack.state_dir
-    name = f"sink-{settings.worker.app_id}-{target}"
-    return ProcessSpec(
-        name=name,
-        argv=[sys.executable, "-m", "streams.cli", "sink", "--target", target],
-        log=state / "logs" / f"{name}.log",
-        pid_file=state / "run" / f"{name}.pid",
-        env=worker_env(settings),
-    )
-
-
 @pytest.fixture
 def sync(connectors: AccordSettings) -> Iterator[tuple[AccordSettings, dict[str, ProcessSpec]]]:
     settings = without_appliers(isolated(connectors))
     with running_worker(settings):
-        appliers = {target: applier(settings, target) for target in SYSTEMS}
+        appliers = {target: applier_process(settings, target) for target in SYSTEMS}
         for spec in appliers.values():
             spawn(spec)
         try:
