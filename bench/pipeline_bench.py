@@ -19,7 +19,8 @@ billing, support, as `SampleGenerator.systems_for` decides), a third get one upd
   emitter. Done when the group has committed every raw event and every change, and the
   emitter every changelog record. py-spy samples the single worker's thread holding
   the GIL.
-- latency: the open-loop edit ladder on the real connectors (`bench/latency_bench.py`).
+- latency: the open-loop edit ladder on the real connectors (`bench/latency_bench.py`),
+  with the appliers in the worker and then each in a process of its own.
 - state: 1M golden states, cold recovery and warm restart (`bench/state_bench.py`).
 
 Figures go to bench/results/<date>.json and a plot to <date>.png: events/s, CPU
@@ -578,13 +579,16 @@ def main() -> None:
         from latency_bench import latency
 
         step("latency", lambda: latency(base))
+        # The same ladder with each applier in a process of its own instead of the
+        # worker's threads: how far the deployment moves the highest steady rate.
+        step("latency_appliers_apart", lambda: latency(base, appliers_apart=True))
     for key in ("ceiling", "peer"):
         if result.get(key) and result.get("accord"):
             ratio = result["accord"]["events_per_s"] / result[key]["events_per_s"]
             result[f"accord_over_{key}"] = round(ratio, 3)
     out = write_figures(result, label, day=today)
     plot(result, result_path(label, "png", day=today))
-    print(json.dumps({k: v for k, v in result.items() if k != "latency"}, indent=2))
+    print(json.dumps({k: v for k, v in result.items() if not k.startswith("latency")}, indent=2))
     print(f"figures: {out} and {out.with_suffix('.png')}", file=sys.stderr)
 
 
