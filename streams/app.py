@@ -311,9 +311,10 @@ def create_app(settings: AccordSettings, rules: Rules | None = None) -> faust.Ap
         web_bind=worker.web_host,
         web_port=worker.web_port,
         producer_acks=-1,
-        # Let aiokafka gather a few ms of sends into one request, in batches that hold
-        # more than four golden states (its default is 16 KB): sending each change and
-        # changelog write alone cost more CPU than the merge itself.
+        # Faust's (aiokafka's) producer writes the changelog only under exactly_once
+        # (at-least-once: `streams.changelog`). Let it gather a few ms of writes into one
+        # request, in batches that hold more than four golden states (its default is
+        # 16 KB): sending each write alone cost more CPU than the merge itself.
         producer_linger=0.005,
         producer_max_batch_size=256 * 1024,
         producer_compression_type=None if worker.compression == "none" else worker.compression,

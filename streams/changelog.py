@@ -67,8 +67,6 @@ class ChangelogWriter:
         self._loop: asyncio.AbstractEventLoop | None = None
         # Filled by delivery reports on the polling thread, emptied on the event loop.
         self._reports: deque[tuple[asyncio.Future, KafkaError | None, int, int]] = deque()
-        self._settle_scheduled = False
-        self._lock = threading.Lock()
 
     def send(self, partition: int, key: bytes, value: bytes | None) -> asyncio.Future:
         """Called on the event loop. Waits (blocking it) only when librdkafka's queue is full."""
@@ -101,20 +99,16 @@ class ChangelogWriter:
         self._reports.append((future, error, msg.partition(), msg.offset()))
 
     def _hand_over(self) -> None:
+        """One wake-up of the event loop per poll that brought reports. A settle that finds
+        them taken by the one before it does nothing."""
         if not self._reports or self._loop is None:
             return
-        with self._lock:
-            if self._settle_scheduled:
-                return
-            self._settle_scheduled = True
         try:
             self._loop.call_soon_threadsafe(self._settle)
         except RuntimeError:  # the loop is closed: nobody waits for these any more
             self._reports.clear()
 
     def _settle(self) -> None:
-        with self._lock:
-            self._settle_scheduled = False
         last: dict[int, int] = {}
         reports = self._reports
         while reports:

@@ -169,8 +169,8 @@ class WorkerSettings(BaseModel):
         description="Compression of the batches the worker writes to Kafka (changes, the "
         "golden table's changelog, golden, audit and sink events). zstd measured worse than "
         "lz4 in make bench (issue 8): a cold recovery of 1M states took 25.4 s against "
-        "20.8, and on the few-kilobyte batches a worker writes aiokafka's zstd cost more "
-        "CPU than its lz4.",
+        "20.8, and on the few-kilobyte batches a worker writes zstd cost more CPU than lz4 "
+        "(measured when aiokafka wrote the changelog).",
     )
     bulk_restore: bool = Field(
         True,

@@ -10,11 +10,12 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
-from confluent_kafka import Consumer, KafkaException, TopicPartition
+from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from streams.changelog import ChangelogWriter
 from streams.settings import AccordSettings
+from streams.topics import scan
 
 pytestmark = pytest.mark.integration
 
@@ -36,21 +37,6 @@ def _running(writer: ChangelogWriter) -> tuple[threading.Thread, threading.Event
     thread = threading.Thread(target=writer.run, args=(stop,), daemon=True)
     thread.start()
     return thread, stop
-
-
-def _read_all(settings: AccordSettings, topic: str) -> list[tuple[int, int, bytes, bytes]]:
-    group = f"test-{uuid.uuid4().hex[:8]}"
-    consumer = Consumer({**settings.kafka_config(), "group.id": group, "enable.auto.commit": False})
-    consumer.assign([TopicPartition(topic, p, 0) for p in range(PARTITIONS)])
-    records = []
-    try:
-        while len(records) < WRITES:
-            messages = consumer.consume(500, 10)
-            assert messages, f"only {len(records)} of {WRITES} records on the broker"
-            records += [(m.partition(), m.offset(), m.key(), m.value()) for m in messages]
-    finally:
-        consumer.close()
-    return records
 
 
 def test_writes_resolve_with_their_offsets_and_move_the_persisted_offset(
@@ -80,7 +66,10 @@ def test_writes_resolve_with_their_offsets_and_move_the_persisted_offset(
         thread.join(30)
         writer.close()
 
-    on_broker = {(p, o): (k, v) for p, o, k, v in _read_all(stack, topic)}
+    on_broker = {
+        (m.partition(), m.offset()): (m.key(), m.value())
+        for m in scan(stack.kafka_config(), topic, lambda m: True)
+    }
     for n, offset in enumerate(offsets):
         assert on_broker[(n % PARTITIONS, offset)] == (
             f"golden-{n % 50}".encode(),

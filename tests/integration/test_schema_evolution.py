@@ -4,7 +4,6 @@ decode, the new column appears, nothing is lost, nothing restarts."""
 import uuid
 
 import pytest
-from confluent_kafka import Consumer, TopicPartition
 from psycopg import sql
 
 from streams.dlq import read_dead_letters
@@ -13,28 +12,17 @@ from streams.sources import postgres
 from streams.stack.process import wait_until
 from streams.topics import RAW_TOPICS
 from tests.integration.conftest import running_consumer
-from tests.support import isolated
+from tests.support import end_offsets, isolated
 
 pytestmark = pytest.mark.integration
 
 
-def _ends(settings: AccordSettings, topic: str) -> dict[int, int]:
-    consumer = Consumer({**settings.kafka_config(), "group.id": f"test-{uuid.uuid4().hex[:8]}"})
-    try:
-        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-        return {
-            p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
-            for p in partitions
-        }
-    finally:
-        consumer.close()
-
-
-def _dead_letters_since(settings: AccordSettings, starts: dict[int, int]) -> list[str]:
+def _dead_letters_since(settings: AccordSettings, starts: dict[tuple[str, int], int]) -> list[str]:
+    letters = (stored.letter for stored in read_dead_letters(settings, topic=RAW_TOPICS["crm"]))
     return [
-        f"{stored.letter['partition']}:{stored.letter['offset']} {stored.letter['reason']}"
-        for stored in read_dead_letters(settings, topic=RAW_TOPICS["crm"])
-        if stored.letter["offset"] >= starts.get(stored.letter["partition"], 0)
+        f"{letter['partition']}:{letter['offset']} {letter['reason']}"
+        for letter in letters
+        if letter["offset"] >= starts.get((letter["topic"], letter["partition"]), 0)
     ]
 
 
@@ -49,7 +37,7 @@ def test_add_column_while_running(connectors: AccordSettings) -> None:
 
     # The raw topic may hold older bad messages (the fault suite writes poison there):
     # only dead letters of messages written from here on count against this test.
-    starts = _ends(settings, RAW_TOPICS["crm"])
+    starts = end_offsets(settings, [RAW_TOPICS["crm"]])
     with running_consumer(settings, [RAW_TOPICS["crm"]]) as (_consumer, changes, thread):
         with postgres(settings, "crm") as conn:
             conn.execute("INSERT INTO customers (email) VALUES (%s)", (before_email,))
