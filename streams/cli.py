@@ -658,7 +658,13 @@ def demo_seed(
 @demo_app.command("run")
 def demo_run(
     count: Annotated[int, typer.Option(min=1, help="Sample customers to seed.")] = 50,
-    timeout: Annotated[float, typer.Option(help="Seconds to wait for each step.")] = 180.0,
+    timeout: Annotated[
+        float,
+        typer.Option(
+            help="Seconds to wait for each step; while the worker catches up on a backlog, "
+            "seconds in which it reads nothing."
+        ),
+    ] = 180.0,
 ) -> None:
     """The main job: stack up, seed, run the worker, edit each system, watch the others follow."""
     from streams.demo import apply_connectors, percentile, run_sync_demo

@@ -1,8 +1,7 @@
-"""The demo job: seed the sample systems, change a row in each, watch it arrive decoded.
-
-At this stage of Accord the main job is the capture half of the data path: a change
-committed in CRM, billing or support must appear on its raw topic as a Debezium
-envelope that decodes through the schema registry.
+"""The demo job: seed the sample systems, run the worker, edit each system, watch the
+others follow (`run_sync_demo`), and the capture half alone: a change committed in CRM,
+billing or support arrives on its raw topic as a Debezium envelope that decodes through
+the schema registry (`trace_changes`).
 """
 
 from __future__ import annotations
@@ -11,6 +10,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import closing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +25,9 @@ from streams.stack.process import wait_until
 from streams.topics import RAW_TOPICS, DecodedMessage, RawTopicReader
 
 Progress = Callable[[str], None]
+
+# Records the worker still has to process below which the demo's own waits suffice.
+CAUGHT_UP = 5_000
 
 
 def apply_connectors(
@@ -207,6 +210,7 @@ def run_sync_demo(
         progress(f"starting the worker (log: {worker.log})")
         worker.start()
     try:
+        await_caught_up(settings, progress, stall_s=timeout_s)
         sinks = load_sinks(settings.connectors_dir)
         identity = IdentityResolver(
             redis_client(settings),
@@ -231,6 +235,124 @@ def run_sync_demo(
         if started_here:
             worker.stop()
     return DemoReport(seeded, edits, scorecards, latencies)
+
+
+@dataclass(frozen=True)
+class Standing:
+    """Where a worker's consumer groups stand: what each stage has left to read, and how
+    much all of them have read, which grows while they work (the lags need not shrink
+    meanwhile: each raw change read becomes a change for the merge, a revision for the
+    emitter and sink events for the appliers)."""
+
+    left: dict[str, int]  # stage -> records it has yet to read
+    read: int  # committed offsets, summed over every stage's partitions
+
+    @property
+    def total(self) -> int:
+        return sum(self.left.values())
+
+    def describe(self) -> str:
+        return ", ".join(f"{stage} {count:,}" for stage, count in self.left.items() if count)
+
+
+@dataclass
+class Backlog:
+    """A worker working off its lag: how fast it reads, and whether it still does."""
+
+    stall_s: float  # nothing read for this long: stalled
+    first: tuple[float, int] | None = None  # (when, records read) at the first look
+    most_read: int = -1
+    progress_at: float = 0.0
+
+    def observe(self, standing: Standing, now: float) -> None:
+        if self.first is None:
+            self.first = (now, standing.read)
+        if standing.read > self.most_read:
+            self.most_read, self.progress_at = standing.read, now
+
+    def stalled(self, now: float) -> bool:
+        return self.first is not None and now - self.progress_at > self.stall_s
+
+    def rate(self, standing: Standing, now: float) -> float:
+        """Records read per second since the first look, over every stage."""
+        began, read = self.first or (now, standing.read)
+        return (standing.read - read) / (now - began) if now > began else 0.0
+
+
+def follow_backlog(
+    standing_of: Callable[[], Standing],
+    progress: Progress,
+    stall_s: float,
+    poll_s: float = 2.0,
+    report_every_s: float = 10.0,
+    clock: Callable[[], float] = time.monotonic,
+) -> None:
+    """Wait while the worker reads, until at most CAUGHT_UP records are left in all.
+
+    A backlog can be far larger than any fixed timeout allows for (a benchmark's edits
+    of the sample databases: hundreds of thousands of changes), so only a worker that
+    reads nothing for `stall_s` is a failure.
+    """
+    backlog = Backlog(stall_s)
+    reported: list[float] = []
+
+    def caught_up() -> bool:
+        standing, now = standing_of(), clock()
+        backlog.observe(standing, now)
+        if standing.total <= CAUGHT_UP:
+            return True
+        if backlog.stalled(now):
+            raise AccordError(
+                f"the worker read nothing in {stall_s:.0f}s with records left "
+                f"({standing.describe()}): is it running? (its log, or `accord monitor`)"
+            )
+        if not reported:
+            progress(
+                f"the worker first catches up on what was written since it last ran (other "
+                f"apps, benchmarks or tests on this stack): {standing.describe()}"
+            )
+            reported.append(now)
+        elif now - reported[-1] >= report_every_s:
+            rate = backlog.rate(standing, now)
+            progress(f"catching up at {rate:,.0f} records/s: {standing.describe()} left")
+            reported.append(now)
+        return False
+
+    wait_until(caught_up, float("inf"), interval_s=poll_s)
+
+
+def await_caught_up(settings: AccordSettings, progress: Progress, stall_s: float) -> None:
+    """Wait until the worker's consumer groups are (nearly) at the ends of their topics."""
+    from streams.app import in_worker_sinks
+    from streams.monitor import Monitor
+    from streams.topology import emit_group, ingest_group, sink_group
+
+    stages = {
+        ingest_group(settings): "raw changes",
+        settings.worker.app_id: "changes",  # the merge
+        emit_group(settings): "revisions",
+        **{
+            sink_group(settings, target): f"{target} sink events"
+            for target in in_worker_sinks(settings)
+        },
+    }
+    with closing(Monitor(settings, members=False)) as monitor:
+
+        def standing() -> Standing:
+            groups = {
+                group.group: group
+                for group in monitor.snapshot(connectors=False, slots=False).groups
+            }
+            left = {name: groups[g].lag if g in groups else 0 for g, name in stages.items()}
+            read = sum(
+                partition.committed or 0
+                for g in stages
+                if g in groups
+                for partition in groups[g].partitions
+            )
+            return Standing(left, read)
+
+        follow_backlog(standing, progress, stall_s)
 
 
 def _scripted_edits(settings: AccordSettings, identity: Any, tag: str) -> Iterator[Edit]:
