@@ -11,6 +11,7 @@ only the fields its columns are made from.
       table: users
       key: {column: id, generate: uuid}
       create: true                    # insert rows for golden records it does not have
+      adopt_by: [email]               # ...unless a row with that email is there already
       delete: true                    # apply deletes under the `propagate` policy
       columns:
         email: email                  # column: canonical field
@@ -74,6 +75,7 @@ class SinkSpec:
     key_generation: KeyGeneration = KeyGeneration.NONE
     key_template: str | None = None
     create: bool = False
+    adopt_by: tuple[str, ...] = ()  # sql: columns that find a row to adopt, not create
     delete: bool = False
     url: str | None = None  # webhook
     secret_env: str | None = None  # webhook: environment variable holding the HMAC key
@@ -119,8 +121,8 @@ def parse_sink(target: str, raw: Any, path: Path, line: int = 1) -> SinkSpec:
         return line_of(raw, key) if isinstance(raw, Map) else line
 
     allowed = {
-        "kind", "table", "key", "create", "delete", "columns", "fields", "url", "secret_env",
-        "timeout_s",
+        "kind", "table", "key", "create", "adopt_by", "delete", "columns", "fields", "url",
+        "secret_env", "timeout_s",
     }  # fmt: skip
     for key in raw:
         if key not in allowed:
@@ -214,11 +216,35 @@ def _sql(spec: SinkSpec, raw: Mapping[str, Any], problems: Problems, at: Any) ->
             "key_column": key["column"],
             "key_generation": generation,
             "key_template": template,
+            "adopt_by": _adopt_by(spec, raw, problems, at),
         }
     )
 
 
+def _adopt_by(
+    spec: SinkSpec, raw: Mapping[str, Any], problems: Problems, at: Any
+) -> tuple[str, ...]:
+    """Columns, each made from one canonical field, that find a row to adopt."""
+    names = raw.get("adopt_by", [])
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        problems.add(at("adopt_by"), "sink: adopt_by must be a list of columns, e.g. [email]")
+        return ()
+    if names and not spec.create:
+        problems.add(at("adopt_by"), "sink: adopt_by only applies with create: true")
+    single = {column.name for column in spec.columns if len(column.fields) == 1}
+    for name in names:
+        if name not in single:
+            problems.add(
+                at("adopt_by"),
+                f"sink: adopt_by column {name!r} must be one of the columns made from a single "
+                f"canonical field{did_you_mean(name, sorted(single))}",
+            )
+    return tuple(names)
+
+
 def _webhook(spec: SinkSpec, raw: Mapping[str, Any], problems: Problems, at: Any) -> SinkSpec:
+    if "adopt_by" in raw:
+        problems.add(at("adopt_by"), "sink: adopt_by applies to kind sql only")
     url = raw.get("url")
     if not isinstance(url, str) or not url.startswith(("http://", "https://")):
         problems.add(at("url"), "sink: a webhook needs `url: http(s)://...`")

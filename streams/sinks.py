@@ -733,9 +733,34 @@ class SqlApplier(Applier):
         key = self._linked(event.golden_id)
         if key is not None or not self.spec.create:
             return key, self.spec.create
-        key = self._new_key(cur, event.golden_id)
+        key = self._adoptable(cur, event) or self._new_key(cur, event.golden_id)
         self.identity.link(self.target, key, event.golden_id)
         return key, True
+
+    def _adoptable(self, cur: Any, event: SinkEvent) -> str | None:
+        """The one row the target holds with the golden values of `adopt_by`, if no other
+        golden record links it: a row made in the target itself whose CDC has not reached
+        the merge yet. Creating instead would duplicate the customer there."""
+        if not self.spec.adopt_by:
+            return None
+        wanted = self.spec.project(event.fields)
+        values = [wanted.get(column) for column in self.spec.adopt_by]
+        if any(value is None for value in values):
+            return None
+        matches = " AND ".join(
+            f"lower(trim({self.dialect.quote(column)})) = lower(trim(%s))"
+            for column in self.spec.adopt_by
+        )
+        cur.execute(
+            f"SELECT {self._key_column} FROM {self._table} WHERE {matches} LIMIT 2",
+            tuple(str(value) for value in values),
+        )
+        rows = cur.fetchall()
+        if len(rows) != 1:
+            return None  # none, or several: which one is this customer is not ours to guess
+        key = str(rows[0][0])
+        owner = self.identity.lookup(self.target, key)
+        return key if owner in (None, event.golden_id) else None
 
     def _linked(self, golden_id: str) -> str | None:
         keys = [key for system, key in self.identity.links(golden_id) if system == self.target]

@@ -13,6 +13,8 @@ CREATE TABLE IF NOT EXISTS public.customers (
 );
 -- Full before-images on update and delete, so every change carries the whole old row.
 ALTER TABLE public.customers REPLICA IDENTITY FULL;
+-- The sink's adopt_by lookup before a create (connectors/README.md, "Sinks").
+CREATE INDEX IF NOT EXISTS customers_email_adopt ON public.customers (lower(trim(email)));
 -- Debezium's heartbeat.action.query writes here; the row travels through the slot, so
 -- the slot's confirmed position moves on even while customers sees no change and other
 -- databases on this server fill the WAL.

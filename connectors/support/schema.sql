@@ -9,6 +9,8 @@ CREATE TABLE IF NOT EXISTS public.users (
     updated_at   timestamptz NOT NULL DEFAULT now()
 );
 ALTER TABLE public.users REPLICA IDENTITY FULL;
+-- The sink's adopt_by lookup before a create (connectors/README.md, "Sinks").
+CREATE INDEX IF NOT EXISTS users_email_adopt ON public.users (lower(trim(email)));
 -- Debezium's heartbeat.action.query writes here; the row travels through the slot, so
 -- the slot's confirmed position moves on even while users sees no change and other
 -- databases on this server fill the WAL.

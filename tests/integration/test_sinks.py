@@ -274,6 +274,49 @@ def test_a_second_create_finds_the_row_through_the_xref_and_only_adopts_it(env: 
     )
 
 
+def test_a_create_adopts_the_one_unlinked_row_the_target_holds_with_that_email(env: Env) -> None:
+    """The row a user made in support, whose CDC has not linked it yet: no second row."""
+    golden_id, email = env.golden_id("support"), env.email()
+    theirs = env.insert("support", email=f"  {email.upper()} ", display_name="Ada L.")
+    before = xmin(env.settings, "support", theirs)
+    outcome = env.applier("support").apply(
+        sink_event("support", golden_id, 1, email=email, first_name="Ada", last_name="Lovelace")
+    )
+    assert (outcome.status, outcome.action, outcome.target_key) == (
+        Status.APPLIED,
+        Action.ADOPT,
+        theirs,
+    )
+    assert env.identity.links(golden_id) == [("support", theirs)]
+    assert xmin(env.settings, "support", theirs) != before  # touched: its CDC links it
+    assert row(env.settings, "support", theirs, "display_name") == {"display_name": "Ada L."}
+    [(count,)] = query(
+        env.settings,
+        "support",
+        "SELECT count(*) FROM users WHERE lower(trim(email)) = %s",
+        (email,),
+    )
+    assert count == 1
+
+
+@pytest.mark.parametrize("other", ["linked to another golden record", "one of two"])
+def test_a_create_adopts_no_row_another_record_holds_or_that_is_ambiguous(
+    env: Env, other: str
+) -> None:
+    golden_id, email = env.golden_id("support"), env.email()
+    first = env.insert("support", email=email)
+    if other == "linked to another golden record":
+        env.identity.link("support", first, env.golden_id("support"))
+    else:
+        env.insert("support", email=email.upper())
+    outcome = env.applier("support").apply(sink_event("support", golden_id, 1, email=email))
+    env.created("support", outcome)
+    assert (outcome.action, outcome.target_key) == (
+        Action.INSERT,
+        str(uuid.uuid5(SINK_KEY_NAMESPACE, golden_id)),
+    )
+
+
 # ------------------------------------------------------------------------- updating
 
 
