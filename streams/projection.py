@@ -41,6 +41,10 @@ class SinkKind(StrEnum):
     WEBHOOK = "webhook"
 
 
+# Options a sink of another kind refuses rather than ignores.
+OPTION_KINDS = {"adopt_by": SinkKind.SQL}
+
+
 class KeyGeneration(StrEnum):
     """How an applier makes the key of a row it creates, before inserting it."""
 
@@ -131,6 +135,9 @@ def parse_sink(target: str, raw: Any, path: Path, line: int = 1) -> SinkSpec:
         kind = SinkKind(raw.get("kind", "sql"))
     except ValueError:
         raise problems.fatal(at("kind"), "sink: kind must be sql or webhook") from None
+    for option, only in OPTION_KINDS.items():
+        if option in raw and kind is not only:
+            problems.add(at(option), f"sink: {option} applies to kind {only} only")
 
     if kind is SinkKind.WEBHOOK:
         columns = _webhook_fields(raw, problems, at)
@@ -243,8 +250,6 @@ def _adopt_by(
 
 
 def _webhook(spec: SinkSpec, raw: Mapping[str, Any], problems: Problems, at: Any) -> SinkSpec:
-    if "adopt_by" in raw:
-        problems.add(at("adopt_by"), "sink: adopt_by applies to kind sql only")
     url = raw.get("url")
     if not isinstance(url, str) or not url.startswith(("http://", "https://")):
         problems.add(at("url"), "sink: a webhook needs `url: http(s)://...`")
