@@ -33,9 +33,10 @@ bench: $(STAMP)
 	$(BIN)/python bench/pipeline_bench.py
 
 ## The fault suite: crashes, outages and poison under load, judged by an oracle. Prints
-## a table; figures in .accord/reports/chaos.json.
+## a table; figures in .accord/reports/chaos.json. A subset: `make chaos K=redis` (pytest -k).
+K ?=
 chaos: $(STAMP)
-	$(BIN)/python -m pytest -m chaos tests/chaos --timeout 1200
+	$(BIN)/python -m pytest -m chaos tests/chaos --timeout 1200 $(if $(K),-k "$(K)")
 
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest tests/unit

@@ -15,6 +15,7 @@ COLUMNS = (
     ("lost", "lost"),
     ("equal_to_oracle", "= oracle"),
     ("converged_s", "converged (s)"),
+    ("probe_max_s", "probe max (s)"),
 )
 
 
@@ -31,6 +32,12 @@ def table() -> str:
         cells = []
         for key, _ in COLUMNS:
             value = result.get(key)
-            cells.append("yes" if value is True else "no" if value is False else str(value))
+            cells.append(_cell(value))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _cell(value: object) -> str:
+    if value is None:
+        return "-"
+    return "yes" if value is True else "no" if value is False else str(value)
