@@ -39,7 +39,9 @@ class Stack:
         self.settings = settings
         self.paths = StackPaths(settings.stack.state_dir.resolve())
         self.components: dict[str, Component] = {
-            kind.name: kind(settings, self.paths) for kind in COMPONENT_TYPES
+            component.name: component
+            for kind in COMPONENT_TYPES
+            for component in kind.instances(settings, self.paths)
         }
         self.progress: Progress = progress or (lambda _message: None)
 
@@ -57,7 +59,8 @@ class Stack:
         def add(name: str) -> None:
             if name not in wanted:
                 wanted.add(name)
-                for dependency in self.components[name].depends_on:
+                component = self.components[name]
+                for dependency in (*component.depends_on, *component.peers):
                     add(dependency)
 
         for name in names:
@@ -73,6 +76,7 @@ class Stack:
         for component in components:
             if component.java_major:
                 find_java(component.name, component.java_major)
+            component.preflight()
         for wave in self._waves(components):
             started = [c for c in wave if self._start(c)]
             for component in wave:
