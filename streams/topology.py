@@ -268,6 +268,14 @@ def reconcile_durability(
         replication = min((len(p.replicas) for p in partitions), default=0)
         have = {name: entry.value for name, entry in entries.items()}
         drifts += config_drift(spec, have, replication)
+        if int(have.get("min.insync.replicas", 1)) > replication:
+            log.warning(
+                "topic %s has %d replica(s) but min.insync.replicas %s: every write that "
+                "waits for all in-sync copies (acks=all, as Accord's) is refused",
+                spec.name,
+                replication,
+                have["min.insync.replicas"],
+            )
     altered = [d for d in drifts if d.alterable]
     left = [d for d in drifts if not d.alterable]
     by_topic: dict[str, list[Drift]] = {}

@@ -649,7 +649,8 @@ class Kafka(Component):
 
     @property
     def peers(self) -> tuple[str, ...]:
-        names = ["kafka" if n == 1 else f"kafka-{n}" for n in range(1, self.brokers + 1)]
+        count = max(self.brokers, recorded_brokers(self.paths) or 0)
+        names = ["kafka" if n == 1 else f"kafka-{n}" for n in range(1, count + 1)]
         return tuple(name for name in names if name != self.name)
 
     @property
