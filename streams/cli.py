@@ -81,7 +81,9 @@ def stack_up(
     ] = None,
     brokers: Annotated[
         int | None,
-        typer.Option(help="Kafka brokers, 1 or 3 (default: stack.kafka_brokers).", min=1),
+        typer.Option(
+            help="Kafka brokers; 3 gives each topic 3 copies (stack.kafka_brokers).", min=1, max=5
+        ),
     ] = None,
 ) -> None:
     """Install what is missing, start everything, wait until healthy. Idempotent."""
