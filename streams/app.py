@@ -53,7 +53,13 @@ from streams.rules import Rules, load_rules
 from streams.settings import AccordSettings
 from streams.sinks import SinkRunner
 from streams.status import BoardCollector, StatusBoard, page
-from streams.topology import changelog_topic, emit_group, ensure_topics, ingest_group
+from streams.topology import (
+    changelog_topic,
+    emit_group,
+    ensure_topics,
+    ingest_group,
+    internal_replication,
+)
 
 log = logging.getLogger(__name__)
 
@@ -302,7 +308,7 @@ def create_app(settings: AccordSettings, rules: Rules | None = None) -> faust.Ap
         store="rocksdb://",
         datadir=str(data_dir(settings)),
         topic_partitions=worker.partitions,
-        topic_replication_factor=1,
+        topic_replication_factor=internal_replication(settings),
         topic_allow_declare=True,
         consumer_auto_offset_reset="earliest",
         broker_commit_interval=1.0,

@@ -79,11 +79,22 @@ def stack_up(
     components: Annotated[
         list[str] | None, typer.Argument(help="Only these (and their dependencies).")
     ] = None,
+    brokers: Annotated[
+        int | None,
+        typer.Option(
+            help="Kafka brokers; 3 gives each topic 3 copies (stack.kafka_brokers).", min=1, max=5
+        ),
+    ] = None,
 ) -> None:
     """Install what is missing, start everything, wait until healthy. Idempotent."""
+    from streams.settings import StackSettings
     from streams.stack.manager import Stack
 
-    statuses = Stack(settings(), progress=_progress).up(components)
+    current = settings()
+    if brokers is not None:
+        stack = StackSettings.model_validate({**dict(current.stack), "kafka_brokers": brokers})
+        current = current.model_copy(update={"stack": stack})
+    statuses = Stack(current, progress=_progress).up(components)
     _render_status([s.as_dict() for s in statuses])
 
 

@@ -23,6 +23,7 @@ from pydantic_settings import (
 from streams.errors import ConfigError
 
 DEFAULT_CONFIG_FILE = Path("accord.toml")
+KAFKA_NODE_PORT_STEP = 10  # broker N of the local stack: each Kafka port + 10 * (N - 1)
 
 
 class StackSettings(BaseModel):
@@ -49,6 +50,14 @@ class StackSettings(BaseModel):
     registry_port: int = 18081
     registry_management_port: int = 18082
     connect_port: int = 18083
+    kafka_brokers: int = Field(
+        1,
+        ge=1,
+        le=5,
+        description="Brokers of the local Kafka cluster (KRaft, each also a controller). "
+        "Broker N (from 1) listens on each Kafka port + 10 * (N - 1); with 3, topics are "
+        "replicated 3 times. Fixed once the cluster is made in state_dir.",
+    )
     kafka_heap: str = "768m"
     connect_heap: str = "768m"
     registry_heap: str = "384m"
@@ -64,6 +73,25 @@ class StackSettings(BaseModel):
     install_missing: bool = Field(
         True, description="Install missing Debian packages and Maven artifacts on `up`."
     )
+
+    def kafka_node_ports(self, node: int) -> tuple[int, int, int]:
+        """Broker `node`'s (from 1) plaintext, controller and TLS + SASL ports."""
+        step = KAFKA_NODE_PORT_STEP * (node - 1)
+        return (
+            self.kafka_port + step,
+            self.kafka_controller_port + step,
+            self.kafka_sasl_ssl_port + step,
+        )
+
+    @model_validator(mode="after")
+    def _distinct_kafka_ports(self) -> StackSettings:
+        ports = [p for n in range(1, self.kafka_brokers + 1) for p in self.kafka_node_ports(n)]
+        if len(set(ports)) != len(ports):
+            raise ValueError(
+                f"stack: the ports of {self.kafka_brokers} Kafka broker(s) overlap ({ports}); "
+                f"broker N takes each Kafka port + {KAFKA_NODE_PORT_STEP} * (N - 1)"
+            )
+        return self
 
 
 class SourceDatabase(BaseModel):
@@ -116,6 +144,66 @@ class TopicSettings(BaseModel):
             dlq=f"{prefix}.dlq",
             sink_prefix=f"{prefix}.sink.",
         )
+
+
+class TopicDurability(BaseModel):
+    """How one kind of Accord topic is kept: its copies, the copies a write needs, retention.
+
+    None leaves a value to the cluster: replication `min(3, brokers)`, counted when the topic
+    is made; `min.insync.replicas` 2 where replication is 3 or more, else the broker's;
+    retention the broker's. An existing topic weaker than this is reported when the worker
+    starts, and its configs (not its replication) are raised to these.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    replication_factor: int | None = Field(
+        None, ge=1, description="Copies of each partition; default min(3, brokers)."
+    )
+    min_insync_replicas: int | None = Field(
+        None,
+        ge=1,
+        description="Copies that must hold a write before it is acknowledged (acks=all); "
+        "default 2 where replication is 3 or more, else the broker's.",
+    )
+    cleanup_policy: Literal["delete", "compact", "compact,delete"] = "delete"
+    retention_ms: int | None = Field(
+        None, ge=-1, description="-1 keeps records until an operator deletes them; None: broker's."
+    )
+    retention_bytes: int | None = Field(
+        None, ge=-1, description="Per partition; -1 has no limit; None: the broker's."
+    )
+
+
+class CompactedTopic(TopicDurability):
+    """The latest record of each key, kept until it is replaced or deleted."""
+
+    cleanup_policy: Literal["delete", "compact", "compact,delete"] = "compact"
+
+
+class KeptTopic(TopicDurability):
+    """Kept until an operator deletes it (dead letters, the audit trail)."""
+
+    retention_ms: int | None = Field(-1, ge=-1)
+    retention_bytes: int | None = Field(-1, ge=-1)
+
+
+class DurabilitySettings(BaseModel):
+    """Replication, acknowledgement and retention of each kind of topic Accord creates.
+
+    E.g. ``ACCORD_DURABILITY__DLQ__RETENTION_MS=-1``. `source` is the raw topics the worker
+    makes before a connector does (a connector makes them with the broker's defaults).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    changes: TopicDurability = TopicDurability()
+    changelog: CompactedTopic = CompactedTopic()
+    golden: CompactedTopic = CompactedTopic()
+    audit: KeptTopic = KeptTopic()
+    dlq: KeptTopic = KeptTopic()
+    sink: TopicDurability = TopicDurability()
+    source: TopicDurability = TopicDurability()
 
 
 class SchemaSettings(BaseModel):
@@ -312,6 +400,7 @@ class AccordSettings(BaseSettings):
     billing: BillingDatabase = BillingDatabase()
     support: SupportDatabase = SupportDatabase()
     topics: TopicSettings = TopicSettings()
+    durability: DurabilitySettings = DurabilitySettings()
     schemas: SchemaSettings = SchemaSettings()
     worker: WorkerSettings = WorkerSettings()
     connectors_dir: Path = Path("connectors")
@@ -358,7 +447,10 @@ class AccordSettings(BaseSettings):
 
     @property
     def kafka(self) -> str:
-        return self.kafka_bootstrap or f"{self.stack.host}:{self.stack.kafka_port}"
+        if self.kafka_bootstrap:
+            return self.kafka_bootstrap
+        nodes = range(1, self.stack.kafka_brokers + 1)
+        return ",".join(f"{self.stack.host}:{self.stack.kafka_node_ports(n)[0]}" for n in nodes)
 
     @property
     def registry(self) -> str:

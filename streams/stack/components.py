@@ -81,6 +81,19 @@ class Component:
         self.stack = settings.stack
         self.paths = paths
 
+    @classmethod
+    def instances(cls, settings: AccordSettings, paths: StackPaths) -> list[Component]:
+        """The processes of this kind the stack runs (one, but for Kafka's brokers)."""
+        return [cls(settings, paths)]
+
+    @property
+    def peers(self) -> tuple[str, ...]:
+        """Components started and awaited together with this one (a cluster's other nodes)."""
+        return ()
+
+    def preflight(self) -> None:
+        """Refuse, before anything is started or stopped, what `up` cannot do."""
+
     @property
     def port(self) -> int:
         raise NotImplementedError
@@ -600,45 +613,107 @@ def _jar_version(directory: Path, prefix: str) -> str:
     return "unknown"
 
 
+def replication_for(brokers: int) -> tuple[int, int]:
+    """(replication, min in-sync replicas) of a cluster of `brokers`: 3 and 2 from 3 up."""
+    replication = min(3, brokers)
+    return replication, 2 if replication >= 3 else 1
+
+
 class Kafka(Component):
+    """One broker of the local KRaft cluster; each of `stack.kafka_brokers` is also a controller.
+
+    Broker 1 is named `kafka` and takes the configured ports; broker N (`kafka-N`) takes
+    each of them + KAFKA_NODE_PORT_STEP * (N - 1) and keeps its log under `<state>/kafka-N`.
+    The cluster's size is recorded when it is made (`cluster.properties`) and cannot change.
+    """
+
     name = "kafka"
     maven_profile = "kafka"
     java_major = 17
 
+    def __init__(self, settings: AccordSettings, paths: StackPaths, node: int = 1) -> None:
+        super().__init__(settings, paths)
+        self.node = node
+        if node > 1:
+            self.name = f"kafka-{node}"
+
+    @classmethod
+    def instances(cls, settings: AccordSettings, paths: StackPaths) -> list[Component]:
+        # Every broker the state holds, so `status` and `down` see them whatever is set.
+        count = max(settings.stack.kafka_brokers, recorded_brokers(paths) or 0)
+        return [cls(settings, paths, node) for node in range(1, count + 1)]
+
+    @property
+    def brokers(self) -> int:
+        return self.stack.kafka_brokers
+
+    @property
+    def peers(self) -> tuple[str, ...]:
+        count = max(self.brokers, recorded_brokers(self.paths) or 0)
+        names = ["kafka" if n == 1 else f"kafka-{n}" for n in range(1, count + 1)]
+        return tuple(name for name in names if name != self.name)
+
     @property
     def port(self) -> int:
-        return self.stack.kafka_port
+        return self.stack.kafka_node_ports(self.node)[0]
 
     @property
     def config(self) -> Path:
         return self.home / "server.properties"
+
+    @property
+    def cluster_file(self) -> Path:
+        return self.paths.home("kafka") / "cluster.properties"
 
     def version(self) -> str:
         return _jar_version(self.paths.kafka_libs, "kafka-clients")
 
     @property
     def listens(self) -> dict[str, int]:
+        plain, controller, secure = self.stack.kafka_node_ports(self.node)
         return {
-            "kafka_port": self.port,
-            "kafka_controller_port": self.stack.kafka_controller_port,
-            "kafka_sasl_ssl_port": self.stack.kafka_sasl_ssl_port,
+            "kafka_port": plain,
+            "kafka_controller_port": controller,
+            "kafka_sasl_ssl_port": secure,
         }
 
     @property
     def tls(self) -> Path:
-        """CA and broker certificate of the TLS listener; clients trust `ca.pem`."""
-        return self.home / "tls"
+        """CA and broker certificate of the TLS listener, one for every broker; clients
+        trust `ca.pem`."""
+        return self.paths.home("kafka") / "tls"
+
+    def preflight(self) -> None:
+        recorded = recorded_brokers(self.paths)
+        if recorded is not None and recorded != self.brokers:
+            raise StackError(
+                self.name,
+                f"the Kafka cluster in {self.paths.root} was made with {recorded} broker(s), "
+                f"not {self.brokers}; set ACCORD_STACK__KAFKA_BROKERS={recorded} (`accord "
+                f"stack up --brokers {recorded}`), or choose another ACCORD_STACK__STATE_DIR "
+                f"(or run `accord stack down` and delete {self.paths.root}/kafka* to make it "
+                "afresh, losing its topics)",
+            )
 
     def config_text(self) -> str:
-        host, controller = self.stack.host, self.stack.kafka_controller_port
-        secure = self.stack.kafka_sasl_ssl_port
+        host = self.stack.host
+        plain, controller, secure = self.stack.kafka_node_ports(self.node)
+        replication, min_isr = replication_for(self.brokers)
+        if self.brokers == 1:
+            quorum = f"controller.quorum.bootstrap.servers={host}:{controller}\n"
+        else:
+            voters = ",".join(
+                f"{n}@{host}:{self.stack.kafka_node_ports(n)[1]}"
+                for n in range(1, self.brokers + 1)
+            )
+            quorum = f"controller.quorum.voters={voters}\n"
         return (
             "process.roles=broker,controller\n"
-            "node.id=1\n"
-            f"controller.quorum.bootstrap.servers={host}:{controller}\n"
-            f"listeners=PLAINTEXT://{host}:{self.port},CONTROLLER://{host}:{controller},"
+            f"node.id={self.node}\n"
+            f"{quorum}"
+            f"listeners=PLAINTEXT://{host}:{plain},CONTROLLER://{host}:{controller},"
             f"SASL_SSL://{host}:{secure}\n"
-            f"advertised.listeners=PLAINTEXT://{host}:{self.port},SASL_SSL://{host}:{secure}\n"
+            f"advertised.listeners=PLAINTEXT://{host}:{plain},SASL_SSL://{host}:{secure}\n"
             "controller.listener.names=CONTROLLER\n"
             "inter.broker.listener.name=PLAINTEXT\n"
             "listener.security.protocol.map="
@@ -651,12 +726,15 @@ class Kafka(Component):
             f"ssl.keystore.location={self.tls / 'broker.pem'}\n"
             f"log.dirs={self.home / 'data'}\n"
             "num.partitions=3\n"
-            "default.replication.factor=1\n"
-            "offsets.topic.replication.factor=1\n"
-            "transaction.state.log.replication.factor=1\n"
-            "transaction.state.log.min.isr=1\n"
-            "share.coordinator.state.topic.replication.factor=1\n"
-            "share.coordinator.state.topic.min.isr=1\n"
+            # Every topic that matters gets a copy on each of up to 3 brokers: those made
+            # with the broker's defaults (Debezium's, Connect's), offsets, transactions.
+            f"default.replication.factor={replication}\n"
+            + (f"min.insync.replicas={min_isr}\n" if replication >= 3 else "")
+            + f"offsets.topic.replication.factor={replication}\n"
+            f"transaction.state.log.replication.factor={replication}\n"
+            f"transaction.state.log.min.isr={min_isr}\n"
+            f"share.coordinator.state.topic.replication.factor={replication}\n"
+            f"share.coordinator.state.topic.min.isr={min_isr}\n"
             "group.initial.rebalance.delay.ms=0\n"
             "auto.create.topics.enable=true\n"
             "log.retention.hours=168\n"
@@ -686,6 +764,13 @@ class Kafka(Component):
         key, certificate = (self.tls / "broker.key").read_text(), (self.tls / "broker.crt")
         (self.tls / "broker.pem").write_text(key + certificate.read_text())
 
+    def _cluster_id(self) -> str:
+        """The id every broker of the cluster is formatted with, made by the first one."""
+        if not self.cluster_file.exists():
+            self.cluster_file.parent.mkdir(parents=True, exist_ok=True)
+            self.cluster_file.write_text(f"cluster.id={new_cluster_id()}\nbrokers={self.brokers}\n")
+        return _properties(self.cluster_file)["cluster.id"]
+
     def prepare(self) -> None:
         data = self.home / "data"
         data.mkdir(parents=True, exist_ok=True)
@@ -694,7 +779,9 @@ class Kafka(Component):
         self.config.write_text(self.config_text())
         if (data / "meta.properties").exists():
             return
-        cluster_id = new_cluster_id()
+        cluster_id = self._cluster_id()
+        # One broker: a single-node dynamic quorum; more: the static voters of the config.
+        quorum = ["--standalone"] if self.brokers == 1 else []
         run_checked(
             self.name,
             [
@@ -706,7 +793,7 @@ class Kafka(Component):
                 "format",
                 f"--cluster-id={cluster_id}",
                 f"--config={self.config}",
-                "--standalone",
+                *quorum,
             ],
             self.log,
         )
@@ -742,10 +829,14 @@ class Kafka(Component):
             metadata = admin.list_topics(timeout=3)
         except Exception as exc:
             return Health(False, _short(exc))
+        if self.node not in metadata.brokers:
+            return Health(False, f"broker {self.node} not registered in the cluster yet")
         return Health(True, f"{len(metadata.brokers)} broker(s), {len(metadata.topics)} topic(s)")
 
     def bootstrap(self) -> None:
         """The SCRAM user of the TLS + SASL listener (an upsert: safe on every `up`)."""
+        if self.node != 1:
+            return  # one user for the cluster, made through its first broker
         from confluent_kafka.admin import (
             AdminClient,
             ScramCredentialInfo,
@@ -761,6 +852,23 @@ class Kafka(Component):
         )
         for future in admin.alter_user_scram_credentials([upsert]).values():
             future.result(30)
+
+
+def _properties(path: Path) -> dict[str, str]:
+    lines = path.read_text().splitlines()
+    pairs = (line.split("=", 1) for line in lines if "=" in line and not line.startswith("#"))
+    return {key.strip(): value.strip() for key, value in pairs}
+
+
+def recorded_brokers(paths: StackPaths) -> int | None:
+    """How many brokers the cluster in `paths` was made with; None before it is made.
+
+    A cluster made before the count was recorded has one broker.
+    """
+    home = paths.home("kafka")
+    if (home / "cluster.properties").exists():
+        return int(_properties(home / "cluster.properties").get("brokers", 1))
+    return 1 if (home / "data" / "meta.properties").exists() else None
 
 
 def new_cluster_id() -> str:
@@ -904,6 +1012,7 @@ class Connect(Component):
         self.config.write_text(self.config_text())
 
     def config_text(self) -> str:
+        replication, _ = replication_for(self.stack.kafka_brokers)
         registry = f"http://{self.stack.host}:{self.stack.registry_port}/apis/registry/v2"
         converter = "\n".join(
             f"{side}.converter{suffix}"
@@ -932,9 +1041,9 @@ class Connect(Component):
             "config.storage.topic=_accord-connect-configs\n"
             "offset.storage.topic=_accord-connect-offsets\n"
             "status.storage.topic=_accord-connect-status\n"
-            "config.storage.replication.factor=1\n"
-            "offset.storage.replication.factor=1\n"
-            "status.storage.replication.factor=1\n"
+            f"config.storage.replication.factor={replication}\n"
+            f"offset.storage.replication.factor={replication}\n"
+            f"status.storage.replication.factor={replication}\n"
             f"offset.flush.interval.ms={self.stack.connect_offset_flush_interval_ms}\n"
             f"listeners=http://{self.stack.host}:{self.port}\n"
             f"rest.advertised.host.name={self.stack.host}\n"

@@ -12,7 +12,16 @@ from streams.errors import StackError
 from streams.settings import AccordSettings
 from streams.stack import install
 from streams.stack.components import COMPONENT_TYPES, Component, StackPaths, find_java
-from streams.stack.process import ProcessSpec, port_in_use, read_pid, spawn, stop, tail, wait_until
+from streams.stack.process import (
+    ProcessSpec,
+    port_in_use,
+    read_pid,
+    spawn,
+    stop,
+    stop_together,
+    tail,
+    wait_until,
+)
 
 Progress = Callable[[str], None]
 
@@ -39,7 +48,9 @@ class Stack:
         self.settings = settings
         self.paths = StackPaths(settings.stack.state_dir.resolve())
         self.components: dict[str, Component] = {
-            kind.name: kind(settings, self.paths) for kind in COMPONENT_TYPES
+            component.name: component
+            for kind in COMPONENT_TYPES
+            for component in kind.instances(settings, self.paths)
         }
         self.progress: Progress = progress or (lambda _message: None)
 
@@ -57,7 +68,8 @@ class Stack:
         def add(name: str) -> None:
             if name not in wanted:
                 wanted.add(name)
-                for dependency in self.components[name].depends_on:
+                component = self.components[name]
+                for dependency in (*component.depends_on, *component.peers):
                     add(dependency)
 
         for name in names:
@@ -73,6 +85,7 @@ class Stack:
         for component in components:
             if component.java_major:
                 find_java(component.name, component.java_major)
+            component.preflight()
         for wave in self._waves(components):
             started = [c for c in wave if self._start(c)]
             for component in wave:
@@ -160,10 +173,17 @@ class Stack:
     def down(self) -> list[str]:
         """Stop every component, dependants first. Returns the names that were running."""
         stopped: list[str] = []
+        done: set[str] = set()
         for component in reversed(list(self.components.values())):
-            if stop(component.process()):
-                self.progress(f"{component.name}: stopped")
-                stopped.append(component.name)
+            if component.name in done:
+                continue
+            # A cluster's nodes go together (`stop_together`).
+            group = [component, *(self.components[p] for p in component.peers)]
+            specs = {c.process().name: c for c in group}
+            for spec in stop_together([c.process() for c in group]):
+                self.progress(f"{spec.name}: stopped")
+                stopped.append(specs[spec.name].name)
+            done.update(c.name for c in group)
         return stopped
 
     def status(self, names: list[str] | None = None) -> list[ComponentStatus]:

@@ -77,18 +77,37 @@ def spawn(spec: ProcessSpec) -> int:
 
 def stop(spec: ProcessSpec, timeout_s: float = 60.0) -> bool:
     """Signal the process group, wait for it to go, then kill what is left. True if stopped."""
-    pid = read_pid(spec)
-    if pid is None:
+    return bool(stop_together([spec], timeout_s))
+
+
+def stop_together(specs: Sequence[ProcessSpec], timeout_s: float = 60.0) -> list[ProcessSpec]:
+    """`stop` for processes that must go at once; returns those that were running.
+
+    The nodes of a KRaft cluster: each waits for the controller quorum to finish shutting
+    down, so one stopped after the others have gone would hang until killed.
+    """
+    running = {}
+    for spec in specs:
+        pid = read_pid(spec)
+        if pid is None:
+            spec.pid_file.unlink(missing_ok=True)
+        else:
+            running[pid] = spec
+    for pid, spec in running.items():
+        _signal_group(pid, spec.stop_signal)
+
+    def gone() -> bool:
+        return not any(_group_alive(pid) for pid in running)
+
+    if not wait_until(gone, timeout_s):
+        for pid in running:
+            _signal_group(pid, signal.SIGKILL)
+        wait_until(gone, 10.0)
+    for pid, spec in running.items():
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)  # reap it when we are its parent (tests, `demo run`)
         spec.pid_file.unlink(missing_ok=True)
-        return False
-    _signal_group(pid, spec.stop_signal)
-    if not wait_until(lambda: not _group_alive(pid), timeout_s):
-        _signal_group(pid, signal.SIGKILL)
-        wait_until(lambda: not _group_alive(pid), 10.0)
-    with contextlib.suppress(ChildProcessError):
-        os.waitpid(pid, os.WNOHANG)  # reap it when we are its parent (tests, `demo run`)
-    spec.pid_file.unlink(missing_ok=True)
-    return True
+    return list(running.values())
 
 
 def _signal_group(pid: int, sig: int) -> None:
