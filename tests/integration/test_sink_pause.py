@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -103,10 +104,11 @@ class Target:
         return sum(end_offsets(self.settings, [self.settings.topics.dlq]).values())
 
 
-@pytest.fixture(params=["support", "billing"])
-def target(request: pytest.FixtureRequest, stack: AccordSettings) -> Iterator[Target]:
+@contextmanager
+def made_target(stack: AccordSettings, name: str) -> Iterator[Target]:
+    """A copy of `name`'s table, with this test's own topics and Redis keys; all removed
+    afterwards."""
     settings = isolated(stack)
-    name = request.param
     table = f"accord_pause_{uuid.uuid4().hex[:8]}"
     client = redis_client(settings)
     copy = (
@@ -132,6 +134,12 @@ def target(request: pytest.FixtureRequest, stack: AccordSettings) -> Iterator[Ta
         if keys:
             client.delete(*keys)
         client.close()
+
+
+@pytest.fixture(params=["support", "billing"])
+def target(request: pytest.FixtureRequest, stack: AccordSettings) -> Iterator[Target]:
+    with made_target(stack, request.param) as created:
+        yield created
 
 
 def paused_gauge(target: str) -> float | None:
@@ -226,6 +234,34 @@ def test_a_renamed_column_pauses_the_target_and_it_catches_up_once_renamed_back(
         stop.set()
         thread.join(30)
         runner.close()
+
+
+def test_while_one_target_is_paused_another_applies_its_events(stack: AccordSettings) -> None:
+    with made_target(stack, "billing") as broken, made_target(stack, "support") as working:
+        broken_keys = [broken.insert("+4400")]
+        working_keys = [working.insert("+4400") for _ in range(2)]
+        broken.rename("phone", "phone_renamed")
+        runners = [running(broken), running(working)]
+        try:
+            producer_for(broken.settings, broken.topic)(
+                [sink_event("billing", str(uuid.uuid4()), 1, target_key=broken_keys[0], phone="+1")]
+            )
+            assert wait_until(lambda: paused_gauge("billing") == 1, 60)
+            producer_for(working.settings, working.topic)(
+                [
+                    sink_event("support", str(uuid.uuid4()), 1, target_key=key, phone="+4401")
+                    for key in working_keys
+                ]
+            )
+            assert wait_until(lambda: working.phones(working_keys) == ["+4401"] * 2, 60)
+            assert paused_gauge("support") == 0 and paused_gauge("billing") == 1
+            assert broken.committed(runners[0][0].group_id) < 0  # nothing committed there
+            assert all(thread.is_alive() for _, _, thread in runners)
+        finally:
+            for runner, stop, thread in runners:
+                stop.set()
+                thread.join(30)
+                runner.close()
 
 
 def test_a_missing_column_is_target_wide_on_both_databases(stack: AccordSettings) -> None:
