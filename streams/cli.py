@@ -380,6 +380,7 @@ def monitor(
 
 def _render_monitor(snapshot: Any, app_id: str) -> Any:
     from rich.console import Group
+    from rich.markup import escape
 
     topics = Table("topic", "kind", "partitions", "messages", "msg/s", title="Topics")
     for t in snapshot.topics:
@@ -414,7 +415,13 @@ def _render_monitor(snapshot: Any, app_id: str) -> Any:
         slots.add_row(s.system, s.slot, "yes" if s.active else "no", held, status)
     growth = "-" if snapshot.dlq_growth_per_s is None else f"{snapshot.dlq_growth_per_s:+.1f}/s"
     dlq = f"[bold]DLQ[/bold]: {snapshot.dlq_size:,} entries ({growth})"
-    return Group(topics, groups, connectors, slots, dlq)
+    paused = [
+        f"[red bold]{p.target} paused[/red bold]"
+        + ("" if p.since is None else time.strftime(" since %H:%M:%S", time.localtime(p.since)))
+        + f": {escape(p.reason)}"
+        for p in snapshot.paused
+    ]
+    return Group(topics, groups, connectors, slots, dlq, *paused)
 
 
 @app.command("reconcile")

@@ -85,6 +85,15 @@ class SlotLag:
 
 
 @dataclass
+class PausedTarget:
+    """A target whose applier is paused on a target-wide error (`streams.sinks`)."""
+
+    target: str
+    reason: str  # redacted; "unknown: ..." when the signals could not be read
+    since: float | None  # epoch seconds
+
+
+@dataclass
 class Snapshot:
     taken_at: float
     topics: list[TopicStats]
@@ -93,6 +102,7 @@ class Snapshot:
     slots: list[SlotLag]
     dlq_size: int
     dlq_growth_per_s: float | None
+    paused: list[PausedTarget] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -165,6 +175,7 @@ class Monitor:
         self.watched = watched_topics(settings)
         self._changelogs = {w.name for w in self.watched if w.kind == "changelog"}
         self._previous: tuple[float, dict[str, int]] | None = None
+        self._redis: Any = None
 
     # -- Kafka ------------------------------------------------------------------------
 
@@ -258,6 +269,9 @@ class Monitor:
         if self._connect is not None:
             self._connect.http.close()
             self._connect = None
+        if self._redis is not None:
+            self._redis.close()
+            self._redis = None
 
     # -- the rest of the pipeline ------------------------------------------------------
 
@@ -301,6 +315,28 @@ class Monitor:
                 slots.append(SlotLag(system, expected, False, None, "missing"))
         return slots
 
+    def _paused(self) -> list[PausedTarget]:
+        """Targets whose appliers say they are paused, wherever they run (the worker, or
+        `accord sink`): each publishes its pause in Redis while it lasts."""
+        import redis
+
+        from streams.projection import load_sinks
+        from streams.sinks import read_pauses
+
+        targets = sorted(load_sinks(self.settings.connectors_dir))
+        if self._redis is None:
+            self._redis = redis.Redis.from_url(
+                self.settings.redis,
+                **self.settings.redis_credentials(),
+                socket_timeout=REQUEST_TIMEOUT_S,
+                socket_connect_timeout=REQUEST_TIMEOUT_S,
+            )
+        try:
+            pauses = read_pauses(self._redis, self.settings.worker.redis_prefix, targets)
+        except redis.RedisError as exc:  # shown, not crashed on: Redis may be down
+            return [PausedTarget("*", f"unknown: Redis: {type(exc).__name__}: {exc}", None)]
+        return [PausedTarget(p.target, p.reason, p.since) for p in pauses]
+
     # -- the snapshot -------------------------------------------------------------------
 
     def snapshot(self, connectors: bool = True, slots: bool = True) -> Snapshot:
@@ -342,4 +378,5 @@ class Monitor:
             slots=self._slots() if slots else [],
             dlq_size=dlq.messages,
             dlq_growth_per_s=dlq.rate_per_s,
+            paused=self._paused(),
         )

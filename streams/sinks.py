@@ -14,10 +14,22 @@ Every applier has one interface, `apply(event) -> Outcome`, and the same guarant
   echo never produces a CDC event of its own and cannot loop.
 - Keys of new rows are made before the insert and linked in the xref first, so the
   row's own CDC echo resolves to the same golden record, and a retry makes the same key.
-- Transient failures (connection lost, timeouts, deadlocks, HTTP 408/429/5xx) retry the
-  same event with exponential backoff and full jitter, reconnecting: indefinitely for SQL,
-  up to a deadline for webhooks. Permanent failures (constraint violations, bad data,
-  other HTTP 4xx) end as a failed `Outcome` that the runner dead-letters; it goes on.
+- A failure is one of three kinds, read from the database's error code (`ErrorKind`,
+  `pg_error_kind`, `mariadb_error_kind`):
+  * row-permanent (a constraint or value error on this event's row; other HTTP 4xx): a
+    failed `Outcome` that the runner dead-letters; it goes on with the next event;
+  * target-wide (a missing table or column, a permission or login refused; HTTP 401,
+    403, 404, 407, 410): the applier pauses on the event. It neither dead-letters nor
+    skips it, so nothing after it is applied or committed, and retries it with backoff
+    (up to `PAUSE_BACKOFF_CAP_S` apart) until the target is fixed, then catches up by
+    itself. `PauseReport` makes the pause visible: the `accord_sink_paused{target}`
+    gauge, one log line when it pauses and one when it resumes, and a Redis key that
+    `accord monitor` and `/status` read;
+  * transient (connection lost, timeouts, deadlocks; HTTP 408/429/5xx): the same event
+    is retried with exponential backoff and full jitter, reconnecting: indefinitely for
+    SQL, up to a deadline for webhooks.
+  Nothing one event raises ends the applier: the worker, its other stages and the other
+  targets go on.
 
 `SinkRunner` is the Kafka glue: one consumer group per target, events applied in order,
 offsets committed after each batch. Options and behaviour: connectors/README.md, "Sinks".
@@ -48,7 +60,7 @@ import psycopg
 import pymysql
 import redis
 from confluent_kafka import Consumer, KafkaException, Producer
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 from streams import redact
 from streams.codec import AvroCodec, DecodeError, RegistryUnavailable, SchemaCache, registry_fetcher
@@ -75,6 +87,12 @@ SKIPPED = Counter(
 )
 RETRIES = Counter("accord_sink_retries_total", "Transient sink failures retried", ["target"])
 FAILED = Counter("accord_sink_failed_total", "Sink events that failed for good (DLQ)", ["target"])
+PAUSED = Gauge(
+    "accord_sink_paused",
+    "1 while a target's applier is paused on a target-wide error (missing table or "
+    "column, permission, login); its reason is in `accord monitor` and /status",
+    ["target"],
+)
 LATENCY = Histogram(
     "accord_end_to_end_latency_seconds",
     "Source commit to target applied",
@@ -89,6 +107,13 @@ SINK_KEY_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "urn:accord:sink-key")
 BACKOFF_BASE_S = 0.2
 BACKOFF_CAP_S = 10.0
 WEBHOOK_DEADLINE_S = 300.0
+# A paused target is retried at most this far apart: catching up starts within it once
+# the target is fixed, without hammering a database that refuses every statement.
+PAUSE_BACKOFF_BASE_S = 1.0
+PAUSE_BACKOFF_CAP_S = 30.0
+# The Redis signal of a pause outlives a few retries, so it stays while the applier is
+# paused and vanishes on its own when the applier is gone (stopped, crashed, moved).
+PAUSE_SIGNAL_TTL_S = 3 * PAUSE_BACKOFF_CAP_S
 
 
 class Status(StrEnum):
@@ -140,6 +165,11 @@ class TransientSinkError(AccordError):
 
 class PermanentSinkError(AccordError):
     """The target refused the event and will refuse it again: dead-letter it."""
+
+
+class TargetSinkError(AccordError):
+    """The target as a whole refuses (a missing table or column, a permission or login
+    refused): every event would fail alike until an operator fixes it. Pause on it."""
 
 
 class Interrupted(AccordError):
@@ -231,6 +261,104 @@ class Backoff:
         self.attempt = 0
 
 
+# ------------------------------------------------------------------------- pauses
+
+
+@dataclass(frozen=True)
+class Pause:
+    """A target's applier paused on a target-wide error since `since` (epoch seconds)."""
+
+    target: str
+    reason: str
+    since: float
+
+
+def pause_key(prefix: str, target: str) -> str:
+    """The Redis key that says a target is paused: a hash of `reason` and `since`."""
+    return f"{prefix}sink-paused:{target}"
+
+
+class PauseReport:
+    """Makes one target's pause visible, wherever its applier runs.
+
+    `paused` on every failed try of a paused target, `refresh` while it waits, `resumed`
+    once the target answers again. The gauge `accord_sink_paused{target}` and one log
+    line each way come from this process; the Redis key (with `client`) is for readers
+    in other processes: `accord monitor` and the worker's status board, since an applier
+    may run as `accord sink` on its own. The key expires `PAUSE_SIGNAL_TTL_S` after the
+    last refresh, so an applier that dies paused leaves no stale signal behind. Redis
+    errors here are logged and ignored: reporting a pause must not stop the retries.
+    """
+
+    def __init__(self, target: str, client: redis.Redis | None = None, prefix: str = "") -> None:
+        self.target = target
+        self.key = pause_key(prefix, target)
+        self.current: Pause | None = None
+        self._client = client
+        PAUSED.labels(target).set(0)
+
+    def paused(self, reason: str) -> None:
+        reason = redact.redact(reason)[:500]
+        if self.current is None:
+            self.current = Pause(self.target, reason, time.time())
+            PAUSED.labels(self.target).set(1)
+            log.error(
+                "%s: paused: %s (the event is kept and retried until the target is fixed; "
+                "nothing later is applied meanwhile)",
+                self.target,
+                reason,
+            )
+        elif reason != self.current.reason:
+            self.current = Pause(self.target, reason, self.current.since)
+        self._publish()
+
+    def refresh(self) -> None:
+        if self.current is not None:
+            self._publish()
+
+    def resumed(self) -> None:
+        if self.current is None:
+            return
+        since, self.current = self.current.since, None
+        PAUSED.labels(self.target).set(0)
+        log.warning("%s: resumed after %.0fs paused", self.target, time.time() - since)
+        if self._client is not None:
+            try:
+                self._client.delete(self.key)
+            except redis.RedisError as exc:
+                log.warning("%s: cannot clear the pause signal in Redis: %s", self.target, exc)
+
+    def _publish(self) -> None:
+        if self._client is None or self.current is None:
+            return
+        try:
+            pipe = self._client.pipeline(transaction=True)
+            pipe.hset(
+                self.key, mapping={"reason": self.current.reason, "since": self.current.since}
+            )
+            pipe.expire(self.key, int(PAUSE_SIGNAL_TTL_S))
+            pipe.execute()
+        except redis.RedisError as exc:
+            log.warning("%s: cannot publish the pause signal in Redis: %s", self.target, exc)
+
+
+def read_pauses(client: redis.Redis, prefix: str, targets: Sequence[str]) -> list[Pause]:
+    """The targets whose appliers say they are paused, from their Redis signals."""
+    pipe = client.pipeline(transaction=False)
+    for target in targets:
+        pipe.hgetall(pause_key(prefix, target))
+    pauses = []
+    for target, fields in zip(targets, pipe.execute(), strict=True):
+        if fields:
+            text = {_text(k): _text(v) for k, v in fields.items()}
+            pauses.append(Pause(target, text.get("reason", ""), float(text.get("since") or 0)))
+    return pauses
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else value
+
+
 # ---------------------------------------------------------------------- applier base
 
 
@@ -239,17 +367,28 @@ class Applier:
 
     deadline_s: float | None = None  # None: retry transient failures indefinitely
 
-    def __init__(self, spec: SinkSpec, backoff: Callable[[], Backoff] = Backoff) -> None:
+    def __init__(
+        self,
+        spec: SinkSpec,
+        backoff: Callable[[], Backoff] = Backoff,
+        pause: PauseReport | None = None,
+        pause_backoff: Callable[[], Backoff] | None = None,
+    ) -> None:
         self.spec = spec
         self.target = spec.target
         self.retries = 0  # transient failures retried, for tests and logs
+        self.pause = pause or PauseReport(spec.target)
         self._backoff = backoff
+        self._pause_backoff = pause_backoff or (
+            lambda: Backoff(PAUSE_BACKOFF_BASE_S, PAUSE_BACKOFF_CAP_S)
+        )
 
     def apply(self, event: Mapping[str, Any], stop: threading.Event | None = None) -> Outcome:
         """Apply `event` (a decoded SinkEvent record) or say why not.
 
-        Blocks while the target is unavailable; raises `Interrupted` if `stop` is set
-        meanwhile (the event is then not applied: redeliver it).
+        Blocks while the target is unavailable or paused; raises `Interrupted` if `stop`
+        is set meanwhile (the event is then not applied: redeliver it). Raises nothing
+        else: an unexpected error pauses the target like a target-wide one.
         """
         try:
             parsed = SinkEvent.of(event)
@@ -260,45 +399,76 @@ class Applier:
         except PermanentSinkError as exc:
             return self._failed("sink_rejected", exc)
         backoff = self._backoff()
+        paused = self._pause_backoff()
         started = time.monotonic()
         while True:
             try:
                 outcome = self._attempt(parsed)
             except PermanentSinkError as exc:
+                self.pause.resumed()  # the target answered: it is working again
                 log.error("%s: event %s rejected: %s", self.target, parsed.event_id, exc)
                 return self._failed("sink_rejected", exc)
-            except TransientSinkError as exc:
-                self.reset()
-                delay = backoff.next_delay()
-                if exc.retry_after_s is not None:
-                    delay = max(delay, min(exc.retry_after_s, backoff.cap_s))
-                elapsed = time.monotonic() - started
-                if self.deadline_s is not None and elapsed + delay > self.deadline_s:
-                    log.error(
-                        "%s: event %s still failing after %.0fs, giving up: %s",
-                        self.target,
-                        parsed.event_id,
-                        elapsed,
-                        exc,
-                    )
-                    return self._failed("sink_unavailable", exc)
-                self.retries += 1
-                RETRIES.labels(self.target).inc()
-                log.warning(
-                    "%s: event %s failed (attempt %d), retrying in %.2fs: %s",
-                    self.target,
-                    parsed.event_id,
-                    backoff.attempt,
-                    delay,
-                    exc,
-                )
+            except Exception as exc:  # transient, target-wide, or unforeseen
+                if isinstance(exc, TransientSinkError):
+                    delay = self._transient(exc, backoff, parsed, started)
+                    if delay is None:
+                        return self._failed("sink_unavailable", exc)
+                else:
+                    delay = self._paused(exc, paused, f"event {parsed.event_id}")
                 if _wait(stop, delay):
                     raise Interrupted(
                         f"{self.target}: stopped while retrying event {parsed.event_id}"
                     ) from exc
                 continue
+            self.pause.resumed()
             self._count(parsed, outcome)
             return outcome
+
+    def _transient(
+        self, exc: TransientSinkError, backoff: Backoff, event: SinkEvent, started: float
+    ) -> float | None:
+        """After a transient failure: how long to wait, or None past the deadline."""
+        self.reset()
+        self.pause.refresh()  # a paused target stays paused until it answers
+        delay = backoff.next_delay()
+        if exc.retry_after_s is not None:
+            delay = max(delay, min(exc.retry_after_s, backoff.cap_s))
+        elapsed = time.monotonic() - started
+        if self.deadline_s is not None and elapsed + delay > self.deadline_s:
+            log.error(
+                "%s: event %s still failing after %.0fs, giving up: %s",
+                self.target,
+                event.event_id,
+                elapsed,
+                exc,
+            )
+            return None
+        self.retries += 1
+        RETRIES.labels(self.target).inc()
+        log.warning(
+            "%s: event %s failed (attempt %d), retrying in %.2fs: %s",
+            self.target,
+            event.event_id,
+            backoff.attempt,
+            delay,
+            exc,
+        )
+        return delay
+
+    def _paused(self, exc: Exception, backoff: Backoff, what: str) -> float:
+        """After a target-wide (or unexpected) failure: pause, and how long to wait."""
+        self.reset()
+        if isinstance(exc, TargetSinkError):
+            reason = str(exc)
+        else:  # a bug or a state nobody foresaw: keep the event, say so, retry
+            log.error("%s: unexpected error on %s", self.target, what, exc_info=exc)
+            reason = f"unexpected {type(exc).__name__}: {exc}"
+        self.pause.paused(reason)
+        self.retries += 1
+        RETRIES.labels(self.target).inc()
+        delay = backoff.next_delay()
+        log.debug("%s: paused on %s, retrying in %.2fs: %s", self.target, what, delay, reason)
+        return delay
 
     def _failed(self, reason: str, error: BaseException) -> Outcome:
         FAILED.labels(self.target).inc()
@@ -316,24 +486,29 @@ class Applier:
         """Get ready before the first event (connect, create the ledger), retrying while
         the target is unavailable; raises `Interrupted` if stopped meanwhile."""
         backoff = self._backoff()
+        paused = self._pause_backoff()
         while True:
             try:
                 self._open()
+                self.pause.resumed()
                 return
             except TransientSinkError as exc:
                 self.reset()
+                self.pause.refresh()
                 delay = backoff.next_delay()
                 self.retries += 1
                 RETRIES.labels(self.target).inc()
                 log.warning("%s: not ready, retrying in %.2fs: %s", self.target, delay, exc)
-                if _wait(stop, delay):
-                    raise Interrupted(f"{self.target}: stopped before it was ready") from exc
+            except Exception as exc:  # target-wide, or unforeseen: paused until it opens
+                delay = self._paused(exc, paused, "opening")
+            if _wait(stop, delay):
+                raise Interrupted(f"{self.target}: stopped before it was ready")
 
     def _open(self) -> None:
-        """One try at `open`; raises TransientSinkError."""
+        """One try at `open`; raises TransientSinkError or TargetSinkError."""
 
     def _attempt(self, event: SinkEvent) -> Outcome:
-        """One try: returns the outcome or raises Transient/PermanentSinkError."""
+        """One try: returns the outcome or raises Transient/Permanent/TargetSinkError."""
         raise NotImplementedError
 
     def reset(self) -> None:
@@ -353,6 +528,129 @@ def _wait(stop: threading.Event | None, seconds: float) -> bool:
 
 def _skipped(reason: str, key: str | None = None) -> Outcome:
     return Outcome(Status.SKIPPED, reason, key)
+
+
+# ------------------------------------------------------------------- error kinds
+
+
+class ErrorKind(StrEnum):
+    """What a database error says about the event and the target."""
+
+    ROW = "row"  # this event's values: dead-letter the event, go on with the next
+    TARGET = "target"  # the target as a whole (schema, permission, login): pause
+    TRANSIENT = "transient"  # may pass by itself (connection, timeout, deadlock): retry
+
+
+_ROW, _TARGET, _TRANSIENT = ErrorKind.ROW, ErrorKind.TARGET, ErrorKind.TRANSIENT
+
+# PostgreSQL SQLSTATEs (https://www.postgresql.org/docs/current/errcodes-appendix.html):
+# a code listed here decides; else its class, the first two characters.
+PG_CODES: dict[str, ErrorKind] = {
+    "42P01": _TARGET,  # undefined_table
+    "42703": _TARGET,  # undefined_column
+    "42501": _TARGET,  # insufficient_privilege
+    "40001": _TRANSIENT,  # serialization_failure
+    "40P01": _TRANSIENT,  # deadlock_detected
+    "55P03": _TRANSIENT,  # lock_not_available: lock_timeout
+    "57014": _TRANSIENT,  # query_canceled: statement_timeout
+}
+PG_CLASSES: dict[str, ErrorKind] = {
+    "22": _ROW,  # data exception: too long (22001), bad text (22P02), out of range (22003)
+    "23": _ROW,  # integrity constraint: unique, check, not-null, foreign key
+    "P0": _ROW,  # raised by a trigger (RAISE EXCEPTION): it refused this row
+    "28": _TARGET,  # invalid authorization: password (28P01) or role (28000) refused
+    "3D": _TARGET,  # invalid catalog name: no such database
+    "3F": _TARGET,  # invalid schema name
+    "42": _TARGET,  # syntax or access rule: the statement no longer fits the table
+    "0A": _TARGET,  # feature not supported
+    "08": _TRANSIENT,  # connection exception
+    "25": _TRANSIENT,  # invalid transaction state, e.g. read-only during a failover
+    "40": _TRANSIENT,  # transaction rollback
+    "53": _TRANSIENT,  # insufficient resources: disk full, too many connections
+    "55": _TRANSIENT,  # object not in prerequisite state: a lock held elsewhere
+    "57": _TRANSIENT,  # operator intervention: shutdown, cannot connect now
+    "58": _TRANSIENT,  # system error: I/O
+}
+
+# MariaDB error numbers (https://mariadb.com/kb/en/mariadb-error-code-reference/); the
+# 2000s are the client's own (no connection).
+MARIADB_CODES: dict[int, ErrorKind] = {
+    1048: _ROW,  # column cannot be null
+    1062: _ROW,  # duplicate entry
+    1216: _ROW,  # foreign key: no parent row
+    1217: _ROW,  # foreign key: a child row exists
+    1451: _ROW,  # foreign key: a child row exists
+    1452: _ROW,  # foreign key: no parent row
+    1264: _ROW,  # value out of range
+    1690: _ROW,  # value out of range
+    1265: _ROW,  # data truncated
+    1292: _ROW,  # incorrect value, truncated
+    1366: _ROW,  # incorrect value for the column
+    1367: _ROW,  # illegal value
+    1411: _ROW,  # incorrect value for a function
+    1364: _ROW,  # field has no default value
+    1406: _ROW,  # data too long
+    3819: _ROW,  # check constraint (MySQL's number)
+    4025: _ROW,  # check constraint
+    1054: _TARGET,  # unknown column
+    1146: _TARGET,  # table does not exist
+    1109: _TARGET,  # unknown table
+    1049: _TARGET,  # unknown database
+    1044: _TARGET,  # access denied to the database
+    1045: _TARGET,  # access denied for the user: login refused
+    1142: _TARGET,  # command denied on the table
+    1143: _TARGET,  # command denied on a column
+    1227: _TARGET,  # a privilege is missing
+    1370: _TARGET,  # execute denied
+    1064: _TARGET,  # syntax error: the statement no longer fits the table
+    1205: _TRANSIENT,  # lock wait timeout
+    1213: _TRANSIENT,  # deadlock
+    1040: _TRANSIENT,  # too many connections
+    1053: _TRANSIENT,  # server shutting down
+    1290: _TRANSIENT,  # read-only server, e.g. during a failover
+    1792: _TRANSIENT,  # read-only transaction
+    1317: _TRANSIENT,  # query interrupted
+    1927: _TRANSIENT,  # connection killed
+    1969: _TRANSIENT,  # max_statement_time exceeded
+    1158: _TRANSIENT,  # network read error
+    1159: _TRANSIENT,  # network read timeout
+    1160: _TRANSIENT,  # network write error
+    1161: _TRANSIENT,  # network write timeout
+    2002: _TRANSIENT,  # cannot connect (socket)
+    2003: _TRANSIENT,  # cannot connect
+    2006: _TRANSIENT,  # server has gone away
+    2013: _TRANSIENT,  # lost connection during a query
+    2055: _TRANSIENT,  # lost connection
+}
+
+
+def pg_error_kind(exc: BaseException) -> ErrorKind:
+    """The kind of a psycopg error, by SQLSTATE.
+
+    No SQLSTATE: the client failed to reach or keep the server (transient). A SQLSTATE
+    in neither table pauses the target: the retry goes on, and an operator sees why.
+    """
+    state = getattr(exc, "sqlstate", None)
+    if not state:
+        return _TRANSIENT
+    return PG_CODES.get(state) or PG_CLASSES.get(state[:2], _TARGET)
+
+
+def mariadb_error_kind(exc: BaseException) -> ErrorKind:
+    """The kind of a PyMySQL error, by MariaDB error number.
+
+    A number in no table is judged by PyMySQL's class: IntegrityError and DataError are
+    the row's; ProgrammingError, NotSupportedError and other server errors pause the
+    target; an error without a number (the connection) is transient.
+    """
+    code = exc.args[0] if exc.args and isinstance(exc.args[0], int) else None
+    if code in MARIADB_CODES:
+        return MARIADB_CODES[code]
+    if isinstance(exc, (pymysql.IntegrityError, pymysql.DataError)):
+        return _ROW
+    if not code or code >= 2000 or isinstance(exc, pymysql.InterfaceError):
+        return _TRANSIENT
+    return _TARGET
 
 
 # ------------------------------------------------------------------------------- SQL
@@ -390,7 +688,7 @@ class Dialect:
         """Column names of a table, or None when it does not exist."""
         raise NotImplementedError
 
-    def is_transient(self, exc: Exception) -> bool:
+    def error_kind(self, exc: BaseException) -> ErrorKind:
         raise NotImplementedError
 
     def is_duplicate(self, exc: Exception) -> bool:
@@ -460,16 +758,8 @@ class PostgresDialect(Dialect):
         names = {row[0] for row in cur.fetchall()}
         return names or None
 
-    def is_transient(self, exc: Exception) -> bool:
-        if isinstance(exc, psycopg.errors.InsufficientPrivilege):
-            return True  # an operator grants it; then the target catches up
-        permanent = (
-            psycopg.IntegrityError,
-            psycopg.DataError,
-            psycopg.ProgrammingError,
-            psycopg.NotSupportedError,
-        )
-        return not isinstance(exc, permanent)
+    def error_kind(self, exc: BaseException) -> ErrorKind:
+        return pg_error_kind(exc)
 
     def is_duplicate(self, exc: Exception) -> bool:
         return isinstance(exc, psycopg.errors.UniqueViolation)
@@ -479,7 +769,6 @@ class MariaDialect(Dialect):
     name = "mariadb"
     quote_char = "`"
     ledger_suffix = " ENGINE=InnoDB"
-    CHECK_CONSTRAINT_FAILED = 4025  # raised by pymysql as OperationalError
 
     def connect(self, settings: AccordSettings, target: str) -> Any:
         from streams.sources import mariadb
@@ -528,16 +817,8 @@ class MariaDialect(Dialect):
         names = {row[0] for row in cur.fetchall()}
         return names or None
 
-    def is_transient(self, exc: Exception) -> bool:
-        if isinstance(exc, pymysql.OperationalError):
-            return not (exc.args and exc.args[0] == self.CHECK_CONSTRAINT_FAILED)
-        permanent = (
-            pymysql.IntegrityError,
-            pymysql.DataError,
-            pymysql.ProgrammingError,
-            pymysql.NotSupportedError,
-        )
-        return not isinstance(exc, permanent)
+    def error_kind(self, exc: BaseException) -> ErrorKind:
+        return mariadb_error_kind(exc)
 
     def is_duplicate(self, exc: Exception) -> bool:
         return isinstance(exc, pymysql.IntegrityError) and bool(exc.args) and exc.args[0] == 1062
@@ -566,8 +847,10 @@ class SqlApplier(Applier):
         dialect: Dialect | None = None,
         connect: Callable[[], Any] | None = None,
         backoff: Callable[[], Backoff] = Backoff,
+        pause: PauseReport | None = None,
+        pause_backoff: Callable[[], Backoff] | None = None,
     ) -> None:
-        super().__init__(spec, backoff)
+        super().__init__(spec, backoff, pause, pause_backoff)
         if spec.kind is not SinkKind.SQL or not spec.table or not spec.key_column:
             raise ConfigError(f"sink {spec.target!r}: not a SQL target with a table and key")
         if dialect is None:
@@ -589,13 +872,18 @@ class SqlApplier(Applier):
     # -- connection ---------------------------------------------------------------------
 
     def connection(self) -> Any:
-        """The open connection, (re)connecting and creating the ledger table if missing."""
+        """The open connection, (re)connecting and creating the ledger table if missing.
+
+        Raises TargetSinkError when the table is missing or lacks a configured column, or
+        the login or a privilege is refused; TransientSinkError when the database cannot
+        be reached.
+        """
         if self._conn is not None:
             return self._conn
         try:
             conn = self._connect()
         except DB_ERRORS as exc:
-            raise TransientSinkError(f"cannot connect to {self.target}: {_db_error(exc)}") from exc
+            raise self._error(exc, f"cannot connect to {self.target}: ") from exc
         try:
             with conn.cursor() as cur:
                 for statement in self.dialect.session_setup():
@@ -604,17 +892,27 @@ class SqlApplier(Applier):
                 existing = self.dialect.columns(cur, self.spec.table)
         except DB_ERRORS as exc:
             _close(conn)
-            raise TransientSinkError(f"setting up {self.target}: {_db_error(exc)}") from exc
+            raise self._error(exc, f"setting up {self.target}: ") from exc
         wanted = {self.spec.key_column, *self._columns}
         if existing is None or not wanted <= existing:
             _close(conn)
             missing = sorted(wanted - (existing or set()))
-            raise ConfigError(
-                f"sink {self.target!r}: table {self.spec.table!r} "
+            raise TargetSinkError(
+                f"table {self.spec.table!r} "
                 + ("does not exist" if existing is None else f"has no column {', '.join(missing)}")
             )
         self._conn = conn
         return conn
+
+    def _error(self, exc: BaseException, context: str = "") -> AccordError:
+        """A database error as the sink error of its kind. With `context` (connecting,
+        setting up) no event's row is involved: what is not transient is the target's."""
+        kind = self.dialect.error_kind(exc)
+        if kind is ErrorKind.TRANSIENT:
+            return TransientSinkError(f"{context or self.target + ': '}{_db_error(exc)}")
+        if kind is ErrorKind.ROW and not context:
+            return PermanentSinkError(_db_error(exc))
+        return TargetSinkError(context + _db_error(exc))
 
     def _open(self) -> None:
         self.connection()
@@ -634,9 +932,7 @@ class SqlApplier(Applier):
         except _AlreadyApplied:
             return _skipped("stale_version", event.target_key)
         except DB_ERRORS as exc:
-            if self.dialect.is_transient(exc):
-                raise TransientSinkError(f"{self.target}: {_db_error(exc)}") from exc
-            raise PermanentSinkError(_db_error(exc)) from exc
+            raise self._error(exc) from exc
         except RedisUnavailable as exc:
             raise TransientSinkError(str(exc)) from exc
         except (KeyError, IndexError, ValueError, TypeError) as exc:
@@ -904,6 +1200,10 @@ return 1
 """
 
 
+# Refused for every event alike (login, permission, no such endpoint): pause.
+WEBHOOK_TARGET_WIDE = frozenset({401, 403, 404, 407, 410})
+
+
 class WebhookRejected(PermanentSinkError):
     def __init__(self, status: int, body: str) -> None:
         super().__init__(f"HTTP {status}: {body}")
@@ -926,8 +1226,9 @@ class WebhookApplier(Applier):
         deadline_s: float = WEBHOOK_DEADLINE_S,
         http: httpx.Client | None = None,
         backoff: Callable[[], Backoff] = Backoff,
+        pause_backoff: Callable[[], Backoff] | None = None,
     ) -> None:
-        super().__init__(spec, backoff)
+        super().__init__(spec, backoff, PauseReport(spec.target, client, prefix), pause_backoff)
         if spec.kind is not SinkKind.WEBHOOK or not spec.url:
             raise ConfigError(f"sink {spec.target!r}: not a webhook target with a url")
         self.deadline_s = deadline_s
@@ -990,6 +1291,8 @@ class WebhookApplier(Applier):
             raise TransientSinkError(
                 f"POST {self.url}: HTTP {status}", _retry_after(response.headers.get("Retry-After"))
             )
+        if status in WEBHOOK_TARGET_WIDE:
+            raise TargetSinkError(f"POST {self.url}: HTTP {status}: {response.text[:200]}")
         if not 200 <= status < 300:
             raise WebhookRejected(status, response.text[:1000])
         with _redis_transient(f"recording {event.event_id}"):
@@ -1072,7 +1375,8 @@ def make_applier(
     prefix = settings.worker.redis_prefix
     if spec.kind is SinkKind.WEBHOOK:
         return WebhookApplier(spec, client, prefix, deadline_s=webhook_deadline_s)
-    return SqlApplier(settings, spec, IdentityResolver(client, prefix, ()))
+    pause = PauseReport(spec.target, client, prefix)
+    return SqlApplier(settings, spec, IdentityResolver(client, prefix, ()), pause=pause)
 
 
 def sink_spec(settings: AccordSettings, target: str) -> SinkSpec:
@@ -1143,7 +1447,7 @@ class SinkRunner:
         messages = [m for m in self.consumer.consume(self.batch_size, timeout_s) if usable(m)]
         done: list[Any] = []
         superseded: dict[int, int] = {}
-        registry_down = False
+        back_off = False
         try:
             records = [self._decode(message, result) for message in messages]
             superseded = coalesce(records)
@@ -1155,10 +1459,13 @@ class SinkRunner:
                 elif record is not None:
                     self._handle(record, message, result, stop)
                 done.append(message)
-        except (Interrupted, RegistryUnavailable) as exc:
-            log.warning("%s: batch interrupted, the rest is redelivered: %s", self.target, exc)
+        except Exception as exc:  # nothing one batch raises ends the applier
+            if isinstance(exc, (Interrupted, RegistryUnavailable)):
+                log.warning("%s: batch interrupted, the rest is redelivered: %s", self.target, exc)
+            else:
+                log.exception("%s: batch failed, the rest is redelivered", self.target)
             result.retried = True
-            registry_down = isinstance(exc, RegistryUnavailable)
+            back_off = not isinstance(exc, Interrupted)  # before reading the batch again
             # A folded event is done only once the event it was folded into is applied.
             start = min([len(done), *(i for i, j in superseded.items() if j >= len(done))])
             done = done[:start]
@@ -1170,7 +1477,7 @@ class SinkRunner:
             self._commit_markers()
         result.consumed = len(done)
         self.totals.add(result)
-        if registry_down:
+        if back_off:
             _wait(stop, 1.0)
         return result
 
