@@ -427,7 +427,7 @@ def create_app(settings: AccordSettings, rules: Rules | None = None) -> faust.Ap
             RawDecoder(AvroCodec(SchemaCache(registry_fetcher(registry)))),
             Mapper(mappings),
             Deduplicator(redis_conn, worker.redis_prefix, worker.dedupe_ttl_s),
-            IdentityResolver(redis_conn, worker.redis_prefix, rules.match),
+            IdentityResolver(redis_conn, worker.redis_prefix, rules.match, rules.identity),
         ),
         settings.topics.changes,
         change_codec.dumps,

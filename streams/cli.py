@@ -594,27 +594,68 @@ def dlq_replay(
 
 @app.command("explain")
 def explain_record(
-    who: Annotated[str, typer.Argument(help="An email address or a golden id.")],
+    who: Annotated[
+        str, typer.Argument(help="An email address, a golden id, or a source row as system:key.")
+    ],
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Why a golden record holds what it holds: per field, its source, the rule that chose
-    it, the values that lost and why, and the field's history from accord.audit."""
-    from streams.explain import explain, read_audit, read_state
+    it, the values that lost and why, and the field's history from accord.audit. A source
+    row that identity holds instead of linking is reported with why it is held."""
+    from streams.app import redis_client
+    from streams.explain import (
+        describe_hold,
+        explain,
+        held_for,
+        hold_as_dict,
+        read_audit,
+        read_state,
+    )
+    from streams.identity import IdentityResolver
+    from streams.model import SYSTEMS
     from streams.reconcile import golden_records
     from streams.registry import registry_codec
     from streams.rules import load_rules
     from streams.topology import changelog_topic
 
     current = settings()
+    rules = load_rules(current.worker.rules_file)
+    identity = IdentityResolver(
+        redis_client(current), current.worker.redis_prefix, rules.match, rules.identity
+    )
+
+    def print_held(holds: tuple[Any, ...]) -> None:
+        if json_out:
+            print(json.dumps({"golden_id": None, "held": [hold_as_dict(h) for h in holds]}))
+            return
+        for hold in holds:
+            console.print(escape(describe_hold(hold)))
+
     golden_id = who
-    if "@" in who:
+    address = None
+    system, colon, key = who.partition(":")
+    if colon and system in SYSTEMS:
+        hold = identity.held(system, key)
+        if hold is not None:
+            print_held((hold,))
+            return
+        found = identity.lookup(system, key)
+        if found is None:
+            raise AccordError(f"{who} is neither linked to a golden record nor held")
+        golden_id = found
+    elif "@" in who:
+        address = who
         matches = [
             gid
             for gid, record in golden_records(current).items()
             if (record["fields"].get("email") or "").lower() == who.strip().lower()
         ]
         if not matches:
-            raise AccordError(f"no golden record has the email {who!r}")
+            held = held_for(identity.holds(), address=who)
+            if held:
+                print_held(held)
+                return
+            raise AccordError(f"no golden record has the email {who!r}, and no row is held for it")
         if len(matches) > 1:
             raise AccordError(f"{len(matches)} golden records have {who!r}: {', '.join(matches)}")
         golden_id = matches[0]
@@ -625,7 +666,8 @@ def explain_record(
     audit = read_audit(
         current.kafka_config(), current.topics.audit, golden_id, lambda raw: codec.decode(raw).value
     )
-    result = explain(state, load_rules(current.worker.rules_file), audit).as_dict()
+    held = held_for(identity.holds(), golden_id=golden_id, address=address)
+    result = explain(state, rules, audit, held).as_dict()
     if json_out:
         print(json.dumps(result, indent=2, default=str))
         return
@@ -633,6 +675,10 @@ def explain_record(
         f"[bold]{result['golden_id']}[/bold] version {result['version']}, "
         f"{'active' if result['active'] else 'inactive'}, linked to {', '.join(result['links'])}"
     )
+    for hold in held[:10]:
+        console.print(escape(describe_hold(hold)))
+    if len(held) > 10:
+        console.print(f"... and {len(held) - 10} more held rows (--json lists them all)")
     table = Table("field", "value", "from", "rule", "lost", "changes")
     for entry in result["fields"]:
         if entry["system"] is None and not entry["lost"]:

@@ -6,6 +6,10 @@ linked row's last value of every field) and audit entries. `read_state` and
 `read_audit` fetch them from Kafka: the golden table's changelog and `accord.audit`.
 Both scan their topic, which is fine for thousands of records; a keyed lookup (the
 table's own store) is the next step for millions.
+
+A source row identity holds (`streams.identity.Hold`) has no golden record: `held_for`
+picks the holds that concern a record or an address, and `hold_as_dict` says why each
+row is held, for `accord explain`.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from streams.identity import Hold
 from streams.merge import Cell, GoldenState, Resolved, loads, resolve_field
 from streams.model import FIELDS, Value
 from streams.rules import FieldRule, Rule, Rules
@@ -51,6 +56,7 @@ class Explanation:
     active: bool
     links: tuple[str, ...]
     fields: tuple[FieldExplanation, ...] = field(default_factory=tuple)
+    held: tuple[Hold, ...] = ()  # rows held back from this record, or with its address
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -58,6 +64,7 @@ class Explanation:
             "version": self.version,
             "active": self.active,
             "links": list(self.links),
+            "held": [hold_as_dict(hold) for hold in self.held],
             "fields": [
                 {
                     "name": f.name,
@@ -83,8 +90,13 @@ class Explanation:
         }
 
 
-def explain(state: GoldenState, rules: Rules, audit: list[dict[str, Any]]) -> Explanation:
-    """Why each field of `state` holds what it holds."""
+def explain(
+    state: GoldenState,
+    rules: Rules,
+    audit: list[dict[str, Any]],
+    held: tuple[Hold, ...] = (),
+) -> Explanation:
+    """Why each field of `state` holds what it holds; `held` rides along as given."""
     contributions = list(state.contributions.values())
     explained = []
     for name in FIELDS:
@@ -125,6 +137,45 @@ def explain(state: GoldenState, rules: Rules, audit: list[dict[str, Any]]) -> Ex
         state.active,
         tuple(sorted(state.contributions)),
         tuple(explained),
+        held,
+    )
+
+
+def held_for(
+    holds: list[Hold], golden_id: str | None = None, address: str | None = None
+) -> tuple[Hold, ...]:
+    """The holds that concern a golden record (held back from joining it) or an address
+    (the value a held row matched by, compared as emails are: case and blanks ignored)."""
+    wanted = address.strip().lower() if address else None
+    return tuple(
+        hold
+        for hold in holds
+        if (golden_id is not None and hold.golden_id == golden_id)
+        or (wanted is not None and hold.match is not None and hold.match[1].lower() == wanted)
+    )
+
+
+def hold_as_dict(hold: Hold) -> dict[str, Any]:
+    """A held row, and why, as `accord explain --json` prints it."""
+    return {
+        "row": f"{hold.system}:{hold.key}",
+        "reason": hold.reason.value,
+        "why": hold.describe(),
+        "golden_id": hold.golden_id,
+        "rows": hold.rows,
+        "max_rows_per_record": hold.cap,
+        "since": _time(hold.since_ms * 1000),
+        "last_seen": _time(hold.last_seen_ms * 1000),
+        "changes_since": hold.updates,
+    }
+
+
+def describe_hold(hold: Hold) -> str:
+    """One line for a person: which row, why it is held, since when."""
+    since = {0: "none", 1: "1 change"}.get(hold.updates, f"{hold.updates} changes")
+    return (
+        f"{hold.system}:{hold.key} is held, not linked: {hold.describe()}; "
+        f"held since {_time(hold.since_ms * 1000)}, {since} since"
     )
 
 

@@ -11,19 +11,30 @@ Key layout, under the configured prefix (`WorkerSettings.redis_prefix`):
     xref:{system}:{key}      -> golden id of that source row (string)
     match:{field}:{value}    -> golden id first indexed for that value (string)
     links:{golden_id}        -> every source row linked to it, as "system:key" (set)
+    held                     -> "system:key" -> JSON of why that row is held (hash)
+
+A row that would make a golden record link more than `IdentityPolicy.max_rows_per_record`
+rows, or whose only way to a record is a role address (`info@`, `billing@`, ...), is
+*held*: it gets no xref, no golden id and indexes nothing, so nothing downstream sees it;
+the hold records why until a review decides. A held row stays held through its later
+changes; its delete releases it. Role addresses are never indexed nor matched: many
+people share them, so they say nothing about who a row is.
 
 Resolution runs as one Lua script per batch, so it is atomic: two workers resolving
 rows of the same new customer from different systems at the same time end with one
-golden id, and a batch costs one round trip. The script computes key names from the
-prefix instead of declaring them, so it needs a single Redis node, not a cluster.
+golden id, two workers cannot both pass the cap, and a batch costs one round trip. The
+script computes key names from the prefix instead of declaring them, so it needs a single
+Redis node, not a cluster.
 """
 
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from enum import StrEnum
 
 import redis
 
@@ -36,43 +47,91 @@ GOLDEN_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "urn:accord:golden")
 REBUILD_BATCH = 500
 
 # ARGV[1]: key prefix. ARGV[2]: JSON list, one entry per change, in batch order:
-# [system, key, is_delete, new_golden_id, [[field, value], ...match candidates in rule order]].
-# Returns one golden id per change, "" for a delete of an unknown row.
+# [system, key, is_delete, new_golden_id, [[field, value], ...match candidates in rule
+# order, role addresses left out], role address carried ("" for none)].
+# ARGV[3]: max rows per record. ARGV[4]: now, ms since the epoch.
+# Returns JSON [[outcome per change], rows held]; an outcome is ["golden", id],
+# ["unknown"] (a delete of an unknown row), ["held", hold JSON] or ["released"].
 RESOLVE_SCRIPT = """
 local prefix = ARGV[1]
+local cap = tonumber(ARGV[3])
+local now = tonumber(ARGV[4])
+local held = prefix .. 'held'
 local out = {}
 for i, c in ipairs(cjson.decode(ARGV[2])) do
   local link = c[1] .. ':' .. c[2]
   local xref = prefix .. 'xref:' .. link
   local gid = redis.call('GET', xref)
+  local hold = nil
   if c[3] then
-    out[i] = gid or ''
+    if gid then
+      out[i] = {'golden', gid}
+    elseif redis.call('HDEL', held, link) == 1 then
+      out[i] = {'released'}
+    else
+      out[i] = {'unknown'}
+    end
   else
     if not gid then
-      for _, m in ipairs(c[5]) do
-        gid = redis.call('GET', prefix .. 'match:' .. m[1] .. ':' .. m[2])
-        if gid then break end
+      local known = redis.call('HGET', held, link)
+      if known then
+        hold = cjson.decode(known)
+        hold['updates'] = hold['updates'] + 1
+        hold['last_seen_ms'] = now
+      else
+        local via = nil
+        for _, m in ipairs(c[5]) do
+          gid = redis.call('GET', prefix .. 'match:' .. m[1] .. ':' .. m[2])
+          if gid then
+            via = m
+            break
+          end
+        end
+        if gid then
+          local rows = redis.call('SCARD', prefix .. 'links:' .. gid)
+          if rows >= cap then
+            hold = {reason = 'max_rows_per_record', golden_id = gid, rows = rows, cap = cap,
+                    match = via}
+          end
+        elseif c[6] ~= '' then
+          hold = {reason = 'role_address', match = {'email', c[6]}}
+        else
+          gid = c[4]
+        end
+        if hold then
+          hold['since_ms'] = now
+          hold['last_seen_ms'] = now
+          hold['updates'] = 0
+        else
+          redis.call('SET', xref, gid)
+        end
       end
-      gid = gid or c[4]
-      redis.call('SET', xref, gid)
     end
-    redis.call('SADD', prefix .. 'links:' .. gid, link)
-    for _, m in ipairs(c[5]) do
-      redis.call('SET', prefix .. 'match:' .. m[1] .. ':' .. m[2], gid, 'NX')
+    if hold then
+      local text = cjson.encode(hold)
+      redis.call('HSET', held, link, text)
+      out[i] = {'held', text}
+    else
+      redis.call('SADD', prefix .. 'links:' .. gid, link)
+      for _, m in ipairs(c[5]) do
+        redis.call('SET', prefix .. 'match:' .. m[1] .. ':' .. m[2], gid, 'NX')
+      end
+      out[i] = {'golden', gid}
     end
-    out[i] = gid
   end
 end
-return out
+return cjson.encode({out, redis.call('HLEN', held)})
 """
 
 # KEYS: xref key. ARGV: prefix, "system:key", golden id. Moves the row out of the link
-# set of the golden record it pointed to before, if any.
+# set of the golden record it pointed to before, if any. A hold on the row ends: an
+# applier wrote the record's values into it, so it is that record's row now.
 LINK_SCRIPT = """
 local old = redis.call('GET', KEYS[1])
 if old and old ~= ARGV[3] then
   redis.call('SREM', ARGV[1] .. 'links:' .. old, ARGV[2])
 end
+redis.call('HDEL', ARGV[1] .. 'held', ARGV[2])
 redis.call('SET', KEYS[1], ARGV[3])
 redis.call('SADD', ARGV[1] .. 'links:' .. ARGV[3], ARGV[2])
 return 1
@@ -104,6 +163,143 @@ class MatchRule:
 
     def applies_to(self, system: str) -> bool:
         return self.systems is None or system in self.systems
+
+
+class HoldReason(StrEnum):
+    """Why a row is held instead of linked."""
+
+    MAX_ROWS = "max_rows_per_record"  # its match found a record that links the most rows
+    ROLE_ADDRESS = "role_address"  # a role address was its only way to a record
+
+
+# Why 20: a customer has one row per system, and a few more where people sign up twice
+# or a household or small office shares an address; tens cover those. Each linked row
+# costs the golden record its last values and sent-value history (up to ~0.5 KB) and one
+# sink order per change, so 20 rows keep a record near 10 KB, far below Kafka's 1 MB.
+DEFAULT_MAX_ROWS_PER_RECORD = 20
+# Local parts of shared mailboxes: many people write from them, so they identify nobody.
+DEFAULT_ROLE_ADDRESSES = (
+    "info", "billing", "support", "noreply", "no-reply", "donotreply", "do-not-reply",
+    "sales", "admin", "contact", "office", "hello", "team", "help", "accounts",
+    "accounting", "finance", "invoices", "orders", "marketing", "hr", "mail",
+    "postmaster", "webmaster",
+)  # fmt: skip
+ROLE_ADDRESS_FIELD = "email"  # the canonical field role addresses are looked for in
+
+
+def role_local_part(address: str) -> str:
+    """The mailbox an address names, as role addresses are compared: lower-cased, blanks
+    trimmed, a `+tag` dropped (`Info+EU@x.com ` -> `info`); "" when it is no address."""
+    local, at, _domain = address.strip().lower().rpartition("@")
+    return local.partition("+")[0].strip() if at else ""
+
+
+@dataclass(frozen=True)
+class IdentityPolicy:
+    """When a row is held rather than linked (`identity:` in the survivorship rules)."""
+
+    max_rows_per_record: int = DEFAULT_MAX_ROWS_PER_RECORD
+    role_addresses: frozenset[str] = field(
+        default_factory=lambda: frozenset(DEFAULT_ROLE_ADDRESSES)
+    )
+
+    def __post_init__(self) -> None:
+        cap = self.max_rows_per_record
+        if isinstance(cap, bool) or not isinstance(cap, int) or cap < 1:
+            raise ConfigError(f"identity.max_rows_per_record must be at least 1, got {cap!r}")
+        names = frozenset(name.strip().lower().rstrip("@") for name in self.role_addresses)
+        if "" in names or any("@" in name or "+" in name for name in names):
+            raise ConfigError(
+                "identity.role_addresses: each entry is a mailbox name such as `info`, "
+                f"got {sorted(self.role_addresses)!r}"
+            )
+        object.__setattr__(self, "role_addresses", names)
+
+    def is_role_address(self, address: str) -> bool:
+        return role_local_part(address) in self.role_addresses
+
+    def admits(self, rows_linked: int) -> bool:
+        """Whether a record linking `rows_linked` rows may link one more.
+
+        The resolve script applies the same test inside Redis, where it is atomic."""
+        return rows_linked < self.max_rows_per_record
+
+    def split(self, candidates: Sequence[tuple[str, str]]) -> tuple[list[tuple[str, str]], str]:
+        """A row's match candidates without role addresses, and the role address it
+        carries ("" for none): the one is matched and indexed, the other never is."""
+        trusted: list[tuple[str, str]] = []
+        role = ""
+        for name, value in candidates:
+            if name == ROLE_ADDRESS_FIELD and self.is_role_address(value):
+                role = role or value
+            else:
+                trusted.append((name, value))
+        return trusted, role
+
+
+@dataclass(frozen=True)
+class Hold:
+    """A held row: what the resolve script recorded in the `held` hash."""
+
+    system: str
+    key: str
+    reason: HoldReason
+    golden_id: str | None = None  # the record it would have joined (max rows only)
+    rows: int | None = None  # how many rows that record linked when this one was held
+    cap: int | None = None  # identity.max_rows_per_record then
+    match: tuple[str, str] | None = None  # the (field, value) that led to the record
+    since_ms: int = 0
+    last_seen_ms: int = 0
+    updates: int = 0  # changes of the row held since the first
+
+    @classmethod
+    def parse(cls, link: str, text: str) -> Hold:
+        system, key = parse_link(link)
+        data = json.loads(text)
+        match = data.get("match")
+        return cls(
+            system,
+            key,
+            HoldReason(data["reason"]),
+            data.get("golden_id"),
+            data.get("rows"),
+            data.get("cap"),
+            (match[0], match[1]) if match else None,
+            int(data.get("since_ms", 0)),
+            int(data.get("last_seen_ms", 0)),
+            int(data.get("updates", 0)),
+        )
+
+    def describe(self) -> str:
+        """Why the row is held, in words with no personal data (a role address shows its
+        mailbox, not its domain): fit for logs."""
+        if self.reason is HoldReason.ROLE_ADDRESS:
+            mailbox = role_local_part(self.match[1]) if self.match else "?"
+            return (
+                f"its only match is the role address {mailbox}@…, "
+                "which many people share (identity.role_addresses)"
+            )
+        by = f" by {self.match[0]}" if self.match else ""
+        return (
+            f"matched{by} golden record {self.golden_id}, which already links {self.rows} "
+            f"rows (identity.max_rows_per_record: {self.cap})"
+        )
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """What identity made of one change: a golden id, a hold, or neither (a delete of a
+    row never seen: `released` when it was a held row's, whose hold it ended)."""
+
+    golden_id: str | None = None
+    hold: Hold | None = None
+    released: bool = False
+
+
+@dataclass(frozen=True)
+class BatchResolution:
+    results: list[Resolution]
+    held_rows: int  # rows held now, across every worker sharing the prefix
 
 
 def golden_id_for(system: str, key: str) -> str:
@@ -160,10 +356,17 @@ def parse_link(member: str) -> tuple[str, str]:
 class IdentityResolver:
     """Finds or creates the golden id of source rows, atomically, one round trip a batch."""
 
-    def __init__(self, client: redis.Redis, prefix: str, rules: Sequence[MatchRule]) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        prefix: str,
+        rules: Sequence[MatchRule],
+        policy: IdentityPolicy | None = None,
+    ) -> None:
         self._client = client
         self._prefix = prefix
         self._rules = tuple(rules)
+        self._policy = policy or IdentityPolicy()
         self._resolve = client.register_script(RESOLVE_SCRIPT)
         self._link = client.register_script(LINK_SCRIPT)
 
@@ -176,31 +379,60 @@ class IdentityResolver:
     def match_key(self, field: str, value: str) -> str:
         return f"{self._prefix}match:{field}:{value}"
 
-    def resolve(self, changes: Sequence[Change]) -> list[str | None]:
-        """The golden id of each change, in order; None for a delete of an unknown row.
+    @property
+    def held_key(self) -> str:
+        return f"{self._prefix}held"
 
-        For an upsert: its xref if the row is known; else the golden id indexed for the
-        first match rule (in rule order) whose value it carries and that is indexed;
-        else a new id. The xref and link are recorded, and every match value the row
-        carries is indexed to its golden id unless already indexed (first writer wins).
-        A delete only reads the xref: it never creates or matches anything.
+    def resolve(self, changes: Sequence[Change]) -> list[str | None]:
+        """The golden id of each change, in order; None for a delete of an unknown row
+        and for a held row (`resolve_batch` tells which)."""
+        return [result.golden_id for result in self.resolve_batch(changes).results]
+
+    def resolve_batch(self, changes: Sequence[Change]) -> BatchResolution:
+        """What identity makes of each change, in order.
+
+        For an upsert: its xref if the row is known; else, if the row is held, held
+        again; else the golden id indexed for the first match rule (in rule order) whose
+        value it carries and that is indexed, unless that record links
+        `max_rows_per_record` rows already (held); else, if it carries a role address,
+        held; else a new id. Role addresses are skipped in matching and indexing. A
+        linked row's xref and link are recorded, and every other match value it carries
+        is indexed to its golden id unless already indexed (first writer wins).
+        A delete only reads the xref, and ends the hold of a held row.
         """
         if not changes:
-            return []
-        batch = [
-            [
-                change.system,
-                change.source_key,
-                change.op is Op.DELETE,
-                golden_id_for(change.system, change.source_key),
-                match_candidates(change.system, change.values, self._rules),
-            ]
-            for change in changes
-        ]
+            return BatchResolution([], 0)
+        batch = []
+        for change in changes:
+            trusted, role = self._policy.split(
+                match_candidates(change.system, change.values, self._rules)
+            )
+            batch.append(
+                [
+                    change.system,
+                    change.source_key,
+                    change.op is Op.DELETE,
+                    golden_id_for(change.system, change.source_key),
+                    trusted,
+                    role,
+                ]
+            )
         payload = json.dumps(batch, ensure_ascii=False, separators=(",", ":"))
+        now_ms = int(time.time() * 1000)
+        cap = self._policy.max_rows_per_record
         with redis_errors(f"resolving identities of {len(changes)} changes"):
-            result = self._resolve(args=[self._prefix, payload])
-        return [_decoded(golden_id) or None for golden_id in result]
+            reply = self._resolve(args=[self._prefix, payload, cap, now_ms])
+        outcomes, held_rows = json.loads(_decoded(reply) or "[[], 0]")
+        results = []
+        for change, outcome in zip(changes, outcomes, strict=True):
+            kind = outcome[0]
+            if kind == "golden":
+                results.append(Resolution(golden_id=outcome[1]))
+            elif kind == "held":
+                results.append(Resolution(hold=Hold.parse(change.link, outcome[1])))
+            else:
+                results.append(Resolution(released=kind == "released"))
+        return BatchResolution(results, int(held_rows))
 
     def link(self, system: str, key: str, golden_id: str) -> None:
         """Record that a row an applier created in `system` belongs to `golden_id`.
@@ -216,6 +448,20 @@ class IdentityResolver:
     def lookup(self, system: str, key: str) -> str | None:
         with redis_errors(f"looking up {system}:{key}"):
             return _decoded(self._client.get(self.xref_key(system, key)))
+
+    def held(self, system: str, key: str) -> Hold | None:
+        """The hold on one row, if it is held."""
+        link = f"{system}:{key}"
+        with redis_errors(f"looking up the hold of {link}"):
+            text = _decoded(self._client.hget(self.held_key, link))
+        return Hold.parse(link, text) if text else None
+
+    def holds(self) -> list[Hold]:
+        """Every held row, sorted by system and key (a scan: fine for thousands)."""
+        with redis_errors("reading the held rows"):
+            entries = list(self._client.hscan_iter(self.held_key, count=1000))
+        holds = [Hold.parse(_decoded(link) or "", _decoded(text) or "") for link, text in entries]
+        return sorted(holds, key=lambda hold: (hold.system, hold.key))
 
     def links(self, golden_id: str) -> list[tuple[str, str]]:
         """Every `(system, key)` linked to a golden record, sorted."""
@@ -243,8 +489,9 @@ class IdentityResolver:
             for system, key in links:
                 pipe.set(self.xref_key(system, key), golden_id)
                 pipe.sadd(self.links_key(golden_id), f"{system}:{key}")
-            for field, text in rebuild_candidates(links, values, self._rules):
-                pipe.set(self.match_key(field, text), golden_id, nx=True)
+            trusted, _role = self._policy.split(rebuild_candidates(links, values, self._rules))
+            for name, text in trusted:
+                pipe.set(self.match_key(name, text), golden_id, nx=True)
             pending += 1
             if pending == batch_size:
                 restored += self._flush(pipe, pending)

@@ -2,7 +2,9 @@
 
 Every message ends up in exactly one place: a change handed on, a tombstone skipped
 (the delete before it carries the change), a duplicate or a delete of a row never seen
-(both counted), or a dead letter with its reason. A registry or Redis outage is not the
+(both counted), a change of a row identity holds (counted and recorded in the hold, see
+`streams.identity`: not a dead letter, as nothing is wrong with it), or a dead letter
+with its reason. A registry or Redis outage is not the
 message's fault: the batch is retried, never dead-lettered.
 
 `RawDecoder` and `IngestPipeline` are plain logic over messages with confluent-kafka's
@@ -21,13 +23,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from confluent_kafka import Consumer, Producer
-from prometheus_client import Counter
+from prometheus_client import Counter, Gauge
 
 from streams.codec import AvroCodec, DecodeError, RegistryUnavailable, SchemaCache, registry_fetcher
 from streams.debezium import EnvelopeError, EnvelopeReader, SourceChange
 from streams.dedupe import Deduplicator, RedisUnavailable, origin_of
 from streams.dlq import DeadLetter, DeadLetterWriter
-from streams.identity import IdentityResolver
+from streams.identity import Hold, IdentityResolver
 from streams.mapping import Mapper, Rejected
 from streams.model import Change
 from streams.registry import registry_client
@@ -40,7 +42,16 @@ DECODED = Counter("accord_ingest_decoded_total", "Raw changes decoded", ["topic"
 INGESTED = Counter(
     "accord_ingest_events_total",
     "Raw messages by what ingest did with them",
-    ["outcome"],  # change, tombstone, duplicate, unknown_delete, dead_letter
+    ["outcome"],  # change, tombstone, duplicate, unknown_delete, held, released, dead_letter
+)
+HELD = Counter(
+    "accord_identity_held_total",
+    "Changes of source rows held by identity instead of linked, by why",
+    ["system", "reason"],  # reason: max_rows_per_record, role_address
+)
+HELD_ROWS = Gauge(
+    "accord_identity_held_rows",
+    "Source rows held by identity now, awaiting review (shared by every worker)",
 )
 NOT_AN_ENVELOPE = "not_a_debezium_envelope"
 VALIDATION_FAILED = "validation_failed"
@@ -86,6 +97,8 @@ class IngestBatch:
     tombstones: int = 0
     duplicates: int = 0
     unknown_deletes: int = 0
+    held: int = 0  # changes of held rows: recorded in the hold, handed on nowhere
+    released: int = 0  # deletes of held rows: the hold ends
     dropped_fields: int = 0  # soft rule failures: the field was left out
 
 
@@ -131,22 +144,43 @@ class IngestPipeline:
         )
         fresh = [change for (_, change), dup in zip(mapped, duplicates, strict=True) if not dup]
         batch.duplicates = len(mapped) - len(fresh)
-        for change, golden_id in zip(fresh, self.identity.resolve(fresh), strict=True):
-            if golden_id is None:
-                batch.unknown_deletes += 1
+        resolved = self.identity.resolve_batch(fresh)
+        for change, result in zip(fresh, resolved.results, strict=True):
+            if result.golden_id is not None:
+                batch.changes.append(change.with_golden_id(result.golden_id))
+            elif result.hold is not None:
+                batch.held += 1
+                _report_hold(result.hold)
+            elif result.released:
+                batch.released += 1
+                log.info("identity: %s was deleted while held; its hold ends", change.link)
             else:
-                batch.changes.append(change.with_golden_id(golden_id))
+                batch.unknown_deletes += 1
+        if fresh:
+            HELD_ROWS.set(resolved.held_rows)
 
         for outcome, count in (
             ("change", len(batch.changes)),
             ("tombstone", batch.tombstones),
             ("duplicate", batch.duplicates),
             ("unknown_delete", batch.unknown_deletes),
+            ("held", batch.held),
+            ("released", batch.released),
             ("dead_letter", len(batch.dead)),
         ):
             if count:
                 INGESTED.labels(outcome).inc(count)
         return batch
+
+
+def _report_hold(hold: Hold) -> None:
+    """Counts a held change; a row held for the first time gets a warning (no PII)."""
+    HELD.labels(hold.system, hold.reason.value).inc()
+    if hold.updates == 0:
+        log.warning("identity: %s:%s held, not linked: %s", hold.system, hold.key, hold.describe())
+    else:
+        log.debug("identity: %s:%s still held (%d changes since)", hold.system, hold.key,
+                  hold.updates)  # fmt: skip
 
 
 @dataclass

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from streams import yamlconf
-from streams.identity import MatchRule
+from streams.errors import ConfigError
+from streams.identity import DEFAULT_ROLE_ADDRESSES, IdentityPolicy, MatchRule
 from streams.model import FIELDS, SYSTEMS
 from streams.yamlconf import Map, Seq
 
@@ -43,6 +44,7 @@ class Rules:
     priority: tuple[str, ...] = SYSTEMS
     delete_policy: DeletePolicy = DeletePolicy.DEACTIVATE
     match: tuple[MatchRule, ...] = ()
+    identity: IdentityPolicy = field(default_factory=IdentityPolicy)
     _rank: dict[str, int] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -58,8 +60,9 @@ def default_rules() -> Rules:
     return load_rules(Path(__file__).resolve().parents[1] / "connectors" / "survivorship.yaml")
 
 
-TOP_LEVEL_KEYS = ("priority", "delete_policy", "match", "fields")
+TOP_LEVEL_KEYS = ("priority", "delete_policy", "match", "identity", "fields")
 MATCH_KEYS = ("field", "systems")
+IDENTITY_KEYS = ("max_rows_per_record", "role_addresses")
 FIELD_OPTIONS = {
     Rule.LWW: ("rule",),
     Rule.PRIORITY: ("rule", "order"),
@@ -88,9 +91,10 @@ def load_rules(path: Path) -> Rules:
         priority = _systems(document, "priority", "priority", problems)
     policy = _delete_policy(document, problems)
     match = _match_rules(document, problems)
+    identity = _identity_policy(document, problems)
     fields = _field_rules(document, problems)
     problems.raise_any()
-    return Rules(fields, priority, policy, match)
+    return Rules(fields, priority, policy, match, identity)
 
 
 def _delete_policy(document: Map, problems: yamlconf.Problems) -> DeletePolicy:
@@ -137,6 +141,43 @@ def _match_rules(document: Map, problems: yamlconf.Problems) -> tuple[MatchRule,
         if len(problems.found) == before:
             rules.append(MatchRule(name, systems))
     return tuple(rules)
+
+
+def _identity_policy(document: Map, problems: yamlconf.Problems) -> IdentityPolicy:
+    """When a row is held rather than linked; defaults for what the file leaves out."""
+    spec = document.get("identity")
+    if spec is None:
+        return IdentityPolicy()
+    if not isinstance(spec, Map):
+        problems.add(
+            document.line_of("identity"),
+            f"identity must be a mapping of {', '.join(IDENTITY_KEYS)}",
+        )
+        return IdentityPolicy()
+    before = len(problems.found)
+    for key in spec:
+        if key not in IDENTITY_KEYS:
+            problems.add(
+                spec.line_of(key),
+                f"identity: unknown option {key!r}{yamlconf.did_you_mean(key, IDENTITY_KEYS)} "
+                f"(expected {', '.join(IDENTITY_KEYS)})",
+            )
+    cap = spec.get("max_rows_per_record", IdentityPolicy().max_rows_per_record)
+    names = spec.get("role_addresses", list(DEFAULT_ROLE_ADDRESSES))
+    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+        problems.add(
+            spec.line_of("role_addresses"),
+            "identity: role_addresses must be a list of mailbox names such as `info`",
+        )
+        return IdentityPolicy()
+    if len(problems.found) > before:
+        return IdentityPolicy()
+    try:
+        return IdentityPolicy(cap, frozenset(names))
+    except ConfigError as exc:
+        line = spec.line_of("max_rows_per_record" if "max_rows" in str(exc) else "role_addresses")
+        problems.add(line, str(exc))
+        return IdentityPolicy()
 
 
 def _field_rules(document: Map, problems: yamlconf.Problems) -> dict[str, FieldRule]:

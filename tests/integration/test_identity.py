@@ -9,12 +9,14 @@ from collections.abc import Callable, Iterator
 
 import pytest
 import redis
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from streams.dedupe import RedisUnavailable
-from streams.identity import IdentityResolver, MatchRule, golden_id_for
-from streams.model import Change, Op, Value
+from streams.identity import HoldReason, IdentityPolicy, IdentityResolver, MatchRule, golden_id_for
+from streams.model import SYSTEMS, Change, Op, Value
 from streams.settings import AccordSettings
 
 pytestmark = pytest.mark.integration
@@ -297,3 +299,197 @@ def test_redis_down_is_a_clear_error(
         RedisUnavailable, match=f"Redis unavailable while {action}.*ConnectionError"
     ):
         call(resolver)
+
+
+# -- holds: the cap on rows per record, and role addresses ----------------------------------
+
+
+def capped(client: redis.Redis, prefix: str, cap: int = 20) -> IdentityResolver:
+    return IdentityResolver(client, prefix, RULES, IdentityPolicy(max_rows_per_record=cap))
+
+
+def link_sets(client: redis.Redis, prefix: str) -> list[bytes]:
+    return list(client.scan_iter(match=f"{prefix}links:*", count=1000))
+
+
+def test_sixty_rows_sharing_an_email_link_twenty_and_hold_forty(
+    client: redis.Redis, prefix: str
+) -> None:
+    resolver = capped(client, prefix, cap=20)
+    systems = ("crm", "support", "billing")
+    rows = [change(systems[i % 3], f"r{i}", email="ada@example.com") for i in range(60)]
+    results = []
+    for start in range(0, 60, 7):  # batches that straddle the cap
+        batch = resolver.resolve_batch(rows[start : start + 7])
+        results += batch.results
+    golden = golden_id_for("crm", "r0")
+    assert [r.golden_id for r in results[:20]] == [golden] * 20
+    assert all(r.golden_id is None and r.hold is not None for r in results[20:])
+    assert len(resolver.links(golden)) == 20
+    assert batch.held_rows == 40
+    holds = resolver.holds()
+    assert len(holds) == 40
+    assert {(h.reason, h.golden_id, h.rows, h.cap) for h in holds} == {
+        (HoldReason.MAX_ROWS, golden, 20, 20)
+    }
+    assert {h.match for h in holds} == {("email", "ada@example.com")}
+    held = rows[45]
+    assert resolver.lookup(held.system, held.source_key) is None  # no xref: no golden id
+    assert resolver.held(held.system, held.source_key) is not None
+    assert resolver.held("crm", "r0") is None
+
+
+def test_two_hundred_rows_sharing_a_role_address_are_all_held(
+    client: redis.Redis, prefix: str
+) -> None:
+    resolver = capped(client, prefix)
+    spellings = ("info@acme.example", "INFO@acme.example", " info+eu@acme.example ")
+    rows = [change("support", f"u-{i}", email=spellings[i % 3]) for i in range(200)]
+    batch = resolver.resolve_batch(rows)
+    assert [r.golden_id for r in batch.results] == [None] * 200
+    assert {r.hold.reason for r in batch.results if r.hold} == {HoldReason.ROLE_ADDRESS}
+    assert batch.held_rows == 200
+    assert link_sets(client, prefix) == []  # not one golden record, so nothing to send
+    assert list(client.scan_iter(match=f"{prefix}xref:*")) == []
+    assert list(client.scan_iter(match=f"{prefix}match:*")) == []  # never indexed
+    # A later row with the same address is held too: nothing was indexed for it.
+    [later] = resolver.resolve_batch([change("crm", "9", email="info@acme.example")]).results
+    assert later.hold is not None and later.hold.reason is HoldReason.ROLE_ADDRESS
+
+
+def test_a_role_address_row_whose_tax_id_matches_links_normally(
+    client: redis.Redis, prefix: str
+) -> None:
+    resolver = capped(client, prefix)
+    [acme] = resolver.resolve([change("billing", "A-1", email="ada@acme.example", tax_id="DE1")])
+    role = {"email": "billing@acme.example"}
+    by_tax_id, unknown_tax_id, crm = resolver.resolve_batch(
+        [
+            change("billing", "A-2", tax_id="DE1", **role),
+            change("billing", "A-3", tax_id="DE9", **role),  # a new tax id: only the role
+            change("crm", "7", **role),
+        ]
+    ).results
+    assert by_tax_id.golden_id == acme
+    assert unknown_tax_id.hold is not None and unknown_tax_id.hold.golden_id is None
+    assert unknown_tax_id.hold.reason is HoldReason.ROLE_ADDRESS
+    assert crm.hold is not None
+    assert resolver.links(acme) == [("billing", "A-1"), ("billing", "A-2")]
+    # A linked row that takes a role address stays linked, and does not index it.
+    assert resolver.resolve([change("billing", "A-1", email="info@acme.example")]) == [acme]
+    assert client.get(resolver.match_key("email", "info@acme.example")) is None
+    assert client.get(resolver.match_key("tax_id", "DE9")) is None  # held rows index nothing
+
+
+def test_a_held_row_stays_held_until_its_delete_releases_it(
+    client: redis.Redis, prefix: str
+) -> None:
+    resolver = capped(client, prefix)
+    [ada] = resolver.resolve([change("crm", "1", email="ada@example.com")])
+    [first] = resolver.resolve_batch([change("support", "u-1", email="info@example.com")]).results
+    assert first.hold is not None and first.hold.updates == 0
+    # Its user puts in a personal address that matches Ada: still held, not linked.
+    [again] = resolver.resolve_batch([change("support", "u-1", email="ada@example.com")]).results
+    assert again.hold is not None and again.hold.updates == 1
+    assert again.hold.since_ms == first.hold.since_ms
+    assert again.hold.reason is HoldReason.ROLE_ADDRESS
+    assert resolver.links(ada) == [("crm", "1")]
+
+    released, unknown = resolver.resolve_batch(
+        [change("support", "u-1", Op.DELETE), change("support", "u-2", Op.DELETE)]
+    ).results
+    assert released.released and released.golden_id is None and released.hold is None
+    assert not unknown.released and unknown.golden_id is None
+    assert resolver.held("support", "u-1") is None
+    assert resolver.resolve_batch([]).held_rows == 0
+    # Written again after its delete, it is a new row: it matches as any other.
+    assert resolver.resolve([change("support", "u-1", email="ada@example.com")]) == [ada]
+
+
+def test_a_held_row_an_applier_links_is_no_longer_held(client: redis.Redis, prefix: str) -> None:
+    resolver = capped(client, prefix)
+    [ada] = resolver.resolve([change("crm", "1", email="ada@example.com")])
+    resolver.resolve([change("support", "u-1", email="support@example.com")])
+    resolver.link("support", "u-1", ada)  # the applier adopted the row for Ada
+    assert resolver.held("support", "u-1") is None
+    assert resolver.resolve([change("support", "u-1", email="support@example.com")]) == [ada]
+
+
+def test_racing_workers_never_pass_the_cap(stack: AccordSettings, prefix: str) -> None:
+    """Two workers each link rows sharing one email at the same moments: 20 in all."""
+    start = threading.Barrier(2, timeout=30)
+    errors: list[BaseException] = []
+
+    def worker(system: str) -> None:
+        client = redis.Redis.from_url(stack.redis)
+        resolver = capped(client, prefix, cap=20)
+        try:
+            for i in range(0, 60, 3):
+                start.wait()
+                resolver.resolve(
+                    [
+                        change(system, f"{system}-{j}", email="ada@example.com")
+                        for j in range(i, i + 3)
+                    ]
+                )
+        except BaseException as exc:
+            errors.append(exc)
+            start.abort()
+        finally:
+            client.close()
+
+    threads = [threading.Thread(target=worker, args=(s,)) for s in ("crm", "support")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert not errors, errors
+    client = redis.Redis.from_url(stack.redis)
+    try:
+        resolver = capped(client, prefix)
+        [golden] = {resolver.lookup("crm", "crm-0"), resolver.lookup("support", "support-0")}
+        assert golden is not None
+        assert len(resolver.links(golden)) == 20
+        assert len(resolver.holds()) == 100
+    finally:
+        client.close()
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    cap=st.integers(1, 12),
+    arrivals=st.lists(
+        st.tuples(st.sampled_from(SYSTEMS), st.integers(0, 30)), min_size=1, max_size=40
+    ),
+    batch_size=st.integers(1, 8),
+)
+def test_the_cap_holds_for_any_arrival_order(
+    stack: AccordSettings,
+    cap: int,
+    arrivals: list[tuple[str, int]],
+    batch_size: int,
+) -> None:
+    """Rows sharing one email, in any order and batching, rows arriving again included:
+    the record links min(rows, cap) distinct rows; every other row is held, none lost."""
+    client = redis.Redis.from_url(stack.redis)
+    prefix = f"test-{uuid.uuid4().hex[:8]}:"
+    try:
+        resolver = capped(client, prefix, cap=cap)
+        changes = [
+            change(system, str(key), email="Ada@Example.com" if key % 2 else "ada@example.com")
+            for system, key in arrivals
+        ]
+        for start in range(0, len(changes), batch_size):
+            resolver.resolve(changes[start : start + batch_size])
+        rows = {(c.system, c.source_key, c.values["email"]) for c in changes}
+        for address in {"ada@example.com", "Ada@Example.com"}:  # matched exactly: two records
+            sharing = {(s, k) for s, k, e in rows if e == address}
+            golden = next((g for s, k in sharing if (g := resolver.lookup(s, k)) is not None), None)
+            linked = set(resolver.links(golden)) if golden else set()
+            held = {(h.system, h.key) for h in resolver.holds() if h.match == ("email", address)}
+            assert linked | held == sharing
+            assert not linked & held
+            assert len(linked) == min(len(sharing), cap)
+    finally:
+        delete_prefix(client, prefix)
+        client.close()

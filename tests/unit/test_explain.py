@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from streams.explain import explain
+from streams.explain import describe_hold, explain, held_for
+from streams.identity import Hold, HoldReason
 from streams.merge import fold
 from streams.rules import default_rules
 from tests.unit.test_merge import change
@@ -77,3 +78,42 @@ def test_as_dict_is_json_ready() -> None:
     email = next(f for f in record["fields"] if f["name"] == "email")
     assert email["source_time"] == "1970-01-01T00:00:01+00:00"
     assert record["links"] == ["crm:7"]
+
+
+CAPPED = Hold(
+    "support", "u-9", HoldReason.MAX_ROWS, "g-1", 20, 20, ("email", "c@x.io"), 1_000, 2_000, 2
+)
+ROLE = Hold("crm", "8", HoldReason.ROLE_ADDRESS, match=("email", "Info@Acme.example"))
+
+
+def test_held_for_picks_the_holds_of_a_record_or_an_address() -> None:
+    holds = [CAPPED, ROLE]
+    assert held_for(holds, golden_id="g-1") == (CAPPED,)
+    assert held_for(holds, golden_id="g-2") == ()
+    assert held_for(holds, address=" info@acme.EXAMPLE ") == (ROLE,)
+    assert held_for(holds, golden_id="g-1", address="info@acme.example") == (CAPPED, ROLE)
+    assert held_for(holds) == ()
+
+
+def test_an_explanation_lists_the_rows_held_back_from_its_record() -> None:
+    state = fold("g-1", [change("crm", key="7", ts=1_000_000, email="c@x.io")], RULES)
+    record = explain(state, RULES, [], held_for([CAPPED, ROLE], golden_id="g-1")).as_dict()
+    [held] = record["held"]
+    assert held["row"] == "support:u-9"
+    assert held["reason"] == "max_rows_per_record"
+    assert (held["golden_id"], held["rows"], held["max_rows_per_record"]) == ("g-1", 20, 20)
+    assert "already links 20 rows (identity.max_rows_per_record: 20)" in held["why"]
+    assert (held["since"], held["last_seen"]) == (
+        "1970-01-01T00:00:01+00:00",
+        "1970-01-01T00:00:02+00:00",
+    )
+    assert held["changes_since"] == 2
+    assert explain(state, RULES, []).as_dict()["held"] == []
+
+
+def test_a_held_row_is_described_in_one_line_without_its_address() -> None:
+    line = describe_hold(ROLE)
+    assert line.startswith("crm:8 is held, not linked: its only match is the role address info@")
+    assert "acme" not in line.lower()
+    assert line.endswith("none since")
+    assert describe_hold(CAPPED).endswith("2 changes since")

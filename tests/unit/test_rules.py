@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from streams.errors import ConfigError
-from streams.identity import MatchRule
+from streams.identity import DEFAULT_ROLE_ADDRESSES, IdentityPolicy, MatchRule
 from streams.model import FIELDS, SYSTEMS
 from streams.rules import DeletePolicy, FieldRule, Rule, default_rules, load_rules
 
@@ -113,6 +113,66 @@ def test_priority_delete_policy_and_match_are_optional(tmp_path: Path) -> None:
     assert rules.match == ()
     text = fields + "delete_policy: propagate\n"
     assert load_rules(_write(tmp_path, text)).delete_policy is DeletePolicy.PROPAGATE
+
+
+def test_the_shipped_identity_policy_is_the_default() -> None:
+    identity = default_rules().identity
+    assert identity == IdentityPolicy()
+    assert identity.max_rows_per_record == 20
+    assert identity.role_addresses == frozenset(DEFAULT_ROLE_ADDRESSES)
+
+
+def test_identity_is_optional_and_each_option_overrides_its_default(tmp_path: Path) -> None:
+    assert load_rules(_write(tmp_path, VALID)).identity == IdentityPolicy()
+    text = VALID.replace("fields:", "identity:\n  max_rows_per_record: 5\nfields:", 1)
+    assert load_rules(_write(tmp_path, text)).identity == IdentityPolicy(5)
+    text = VALID.replace("fields:", "identity:\n  role_addresses: [Desk, info@]\nfields:", 1)
+    identity = load_rules(_write(tmp_path, text)).identity
+    assert identity.role_addresses == {"desk", "info"}
+    assert identity.max_rows_per_record == IdentityPolicy().max_rows_per_record
+    text = VALID.replace("fields:", "identity:\n  role_addresses: []\nfields:", 1)
+    assert load_rules(_write(tmp_path, text)).identity.role_addresses == frozenset()
+
+
+@pytest.mark.parametrize(
+    ("identity", "expected"),
+    [
+        ("identity: 20\n", [(7, r"identity must be a mapping of max_rows_per_record")]),
+        (
+            "identity:\n  max_rows_per_recrd: 20\n",
+            [
+                (
+                    8,
+                    r"unknown option 'max_rows_per_recrd' \(did you mean 'max_rows_per_record'",
+                )
+            ],
+        ),
+        (
+            "identity:\n  max_rows_per_record: 0\n",
+            [(8, r"identity.max_rows_per_record must be at least 1, got 0")],
+        ),
+        (
+            "identity:\n  max_rows_per_record: lots\n",
+            [(8, r"identity.max_rows_per_record must be at least 1, got 'lots'")],
+        ),
+        (
+            "identity:\n  role_addresses: info\n",
+            [(8, r"identity: role_addresses must be a list of mailbox names")],
+        ),
+        (
+            "identity:\n  role_addresses: [info@acme.example]\n",
+            [(8, r"identity.role_addresses: each entry is a mailbox name")],
+        ),
+    ],
+)
+def test_identity_mistakes_name_their_line(
+    tmp_path: Path, identity: str, expected: list[tuple[int, str]]
+) -> None:
+    text = VALID.replace("fields:", identity + "fields:", 1)
+    found = _errors(tmp_path, text)
+    assert [line for line, _ in found] == [line for line, _ in expected], found
+    for (_, message), (_, pattern) in zip(found, expected, strict=True):
+        assert re.search(pattern, message), message
 
 
 @pytest.mark.parametrize(
@@ -255,10 +315,10 @@ def test_every_duplicate_key_is_named(tmp_path: Path) -> None:
 
 def test_a_file_that_is_not_a_mapping(tmp_path: Path) -> None:
     assert _errors(tmp_path, "- lww\n- owner\n") == [
-        (1, "expected a mapping of priority, delete_policy, match, fields")
+        (1, "expected a mapping of priority, delete_policy, match, identity, fields")
     ]
     assert _errors(tmp_path, "") == [
-        (1, "expected a mapping of priority, delete_policy, match, fields")
+        (1, "expected a mapping of priority, delete_policy, match, identity, fields")
     ]
     [(line, message)] = _errors(tmp_path, "priority: [crm]\n")
     assert line == 1 and message.startswith("missing fields")
