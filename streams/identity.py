@@ -11,6 +11,13 @@ Key layout, under the configured prefix (`WorkerSettings.redis_prefix`):
     xref:{system}:{key}      -> golden id of that source row (string)
     match:{field}:{value}    -> golden id first indexed for that value (string)
     links:{golden_id}        -> every source row linked to it, as "system:key" (set)
+    identity-epoch           -> when these keys were first made or last rebuilt (string)
+
+The epoch key is the sentinel of the rest: a Redis that lost its data (FLUSHALL, a restart
+without persistence) has lost it too. A guarded resolver (what workers and appliers run)
+refuses to create or link anything while it is missing, inside the same script, so no
+batch can slip in between a check and a resolve; `streams.relink` rebuilds the keys from
+the golden records and writes it again.
 
 Resolution runs as one Lua script per batch, so it is atomic: two workers resolving
 rows of the same new customer from different systems at the same time end with one
@@ -22,12 +29,13 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import redis
 
-from streams.dedupe import redis_errors
+from streams.dedupe import RedisUnavailable, redis_errors
 from streams.errors import ConfigError
 from streams.model import FIELDS, SYSTEMS, Change, Op
 
@@ -35,10 +43,17 @@ from streams.model import FIELDS, SYSTEMS, Change, Op
 GOLDEN_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "urn:accord:golden")
 REBUILD_BATCH = 500
 
+EPOCH_KEY = "identity-epoch"
+LOST_MARKER = "ACCORD_IDENTITY_LOST"
+
+# KEYS[1] (guarded resolvers only): the epoch key; the guard below refuses a batch without it.
 # ARGV[1]: key prefix. ARGV[2]: JSON list, one entry per change, in batch order:
 # [system, key, is_delete, new_golden_id, [[field, value], ...match candidates in rule order]].
 # Returns one golden id per change, "" for a delete of an unknown row.
 RESOLVE_SCRIPT = """
+if KEYS[1] and redis.call('EXISTS', KEYS[1]) == 0 then
+  return redis.error_reply('ACCORD_IDENTITY_LOST ' .. KEYS[1] .. ' is missing')
+end
 local prefix = ARGV[1]
 local out = {}
 for i, c in ipairs(cjson.decode(ARGV[2])) do
@@ -66,9 +81,12 @@ end
 return out
 """
 
-# KEYS: xref key. ARGV: prefix, "system:key", golden id. Moves the row out of the link
-# set of the golden record it pointed to before, if any.
+# KEYS: xref key (and the epoch key, guarded). ARGV: prefix, "system:key", golden id.
+# Moves the row out of the link set of the golden record it pointed to before, if any.
 LINK_SCRIPT = """
+if KEYS[2] and redis.call('EXISTS', KEYS[2]) == 0 then
+  return redis.error_reply('ACCORD_IDENTITY_LOST ' .. KEYS[2] .. ' is missing')
+end
 local old = redis.call('GET', KEYS[1])
 if old and old ~= ARGV[3] then
   redis.call('SREM', ARGV[1] .. 'links:' .. old, ARGV[2])
@@ -77,6 +95,26 @@ redis.call('SET', KEYS[1], ARGV[3])
 redis.call('SADD', ARGV[1] .. 'links:' .. ARGV[3], ARGV[2])
 return 1
 """
+
+
+class IdentityLost(RedisUnavailable):
+    """Redis no longer holds Accord's identity keys (its epoch key is gone).
+
+    A `RedisUnavailable`: whoever gets it retries later, having created nothing (ingest
+    reads its batch again, an applier retries its event), once `streams.relink` has
+    rebuilt the keys.
+    """
+
+
+@contextmanager
+def _lost_identities() -> Iterator[None]:
+    """The guard's error reply as `IdentityLost`; other Redis errors pass untouched."""
+    try:
+        yield
+    except redis.ResponseError as exc:
+        if str(exc).startswith(LOST_MARKER):
+            raise IdentityLost(f"Redis lost Accord's identity keys: {exc}") from exc
+        raise
 
 
 @dataclass(frozen=True)
@@ -158,14 +196,38 @@ def parse_link(member: str) -> tuple[str, str]:
 
 
 class IdentityResolver:
-    """Finds or creates the golden id of source rows, atomically, one round trip a batch."""
+    """Finds or creates the golden id of source rows, atomically, one round trip a batch.
 
-    def __init__(self, client: redis.Redis, prefix: str, rules: Sequence[MatchRule]) -> None:
+    `guarded`: `resolve` and `link` raise `IdentityLost` instead of creating anything
+    while the epoch key is missing (workers and appliers run guarded; a tool or test on
+    a private prefix of its own may not).
+    """
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        prefix: str,
+        rules: Sequence[MatchRule],
+        guarded: bool = False,
+    ) -> None:
         self._client = client
         self._prefix = prefix
         self._rules = tuple(rules)
+        self._guard = [self.epoch_key] if guarded else []
         self._resolve = client.register_script(RESOLVE_SCRIPT)
         self._link = client.register_script(LINK_SCRIPT)
+
+    @property
+    def rules(self) -> tuple[MatchRule, ...]:
+        return self._rules
+
+    def key(self, name: str) -> str:
+        """A key of this resolver's prefix."""
+        return f"{self._prefix}{name}"
+
+    @property
+    def epoch_key(self) -> str:
+        return self.key(EPOCH_KEY)
 
     def xref_key(self, system: str, key: str) -> str:
         return f"{self._prefix}xref:{system}:{key}"
@@ -183,7 +245,8 @@ class IdentityResolver:
         first match rule (in rule order) whose value it carries and that is indexed;
         else a new id. The xref and link are recorded, and every match value the row
         carries is indexed to its golden id unless already indexed (first writer wins).
-        A delete only reads the xref: it never creates or matches anything.
+        A delete only reads the xref: it never creates or matches anything. Guarded,
+        raises `IdentityLost` (nothing done) while the epoch key is missing.
         """
         if not changes:
             return []
@@ -198,8 +261,8 @@ class IdentityResolver:
             for change in changes
         ]
         payload = json.dumps(batch, ensure_ascii=False, separators=(",", ":"))
-        with redis_errors(f"resolving identities of {len(changes)} changes"):
-            result = self._resolve(args=[self._prefix, payload])
+        with redis_errors(f"resolving identities of {len(changes)} changes"), _lost_identities():
+            result = self._resolve(keys=self._guard, args=[self._prefix, payload])
         return [_decoded(golden_id) or None for golden_id in result]
 
     def link(self, system: str, key: str, golden_id: str) -> None:
@@ -207,9 +270,9 @@ class IdentityResolver:
 
         So the change Debezium captures from that write resolves to the same record.
         """
-        with redis_errors(f"linking {system}:{key}"):
+        with redis_errors(f"linking {system}:{key}"), _lost_identities():
             self._link(
-                keys=[self.xref_key(system, key)],
+                keys=[self.xref_key(system, key), *self._guard],
                 args=[self._prefix, f"{system}:{key}", golden_id],
             )
 

@@ -1072,7 +1072,7 @@ def make_applier(
     prefix = settings.worker.redis_prefix
     if spec.kind is SinkKind.WEBHOOK:
         return WebhookApplier(spec, client, prefix, deadline_s=webhook_deadline_s)
-    return SqlApplier(settings, spec, IdentityResolver(client, prefix, ()))
+    return SqlApplier(settings, spec, IdentityResolver(client, prefix, (), guarded=True))
 
 
 def sink_spec(settings: AccordSettings, target: str) -> SinkSpec:
