@@ -199,3 +199,54 @@ def _poll(condition: Callable[[], bool], timeout_s: float) -> bool:
             return True
         time.sleep(0.05)  # a poll interval, not a synchronisation
     return condition()
+
+
+def test_accord_identity_rebuild_restores_links_from_the_changelog_and_ledgers(
+    stack: AccordSettings, client: redis.Redis
+) -> None:
+    from confluent_kafka import Producer
+
+    from streams.sources import postgres
+    from streams.topology import changelog_topic, ensure_topics
+    from tests.support import accord, isolated
+
+    settings = isolated(stack)
+    prefix = settings.worker.redis_prefix
+    ensure_topics(settings)
+    rules = default_rules()
+    states = [
+        fold(f"g-{n}-{prefix}", [change("crm", f"{prefix}{n}", email=f"{n}@{prefix}x")], rules)
+        for n in range(3)
+    ]
+    producer = Producer(settings.kafka_config({"partitioner": "murmur2_random"}))
+    for state in states:
+        producer.produce(
+            changelog_topic(settings), key=state.golden_id.encode(), value=dumps(state)
+        )
+    assert producer.flush(30) == 0
+    # A support row an applier created for the first record, its echo not merged yet.
+    created = str(uuid.uuid4())
+    ledger = (
+        "INSERT INTO accord_applied (app, golden_id, golden_version, event_id, op, "
+        "target_key, source_ts_us, applied_at_us) VALUES (%s, %s, 1, %s, 'INSERT', %s, 0, 0)"
+    )
+    with postgres(settings, "support") as conn:
+        conn.execute(ledger, (settings.worker.app_id, states[0].golden_id, created, created))
+    resolver = IdentityResolver(client, prefix, RULES, guarded=True)
+    try:
+        result = accord(settings, "identity", "rebuild", "--yes")
+        assert result.returncode == 0, result.stderr
+        assert "rebuilt the identity keys of 3 golden records (1 rows linked" in result.stdout
+        assert "workers hold ingest until the rebuild is done" in result.stderr
+        assert client.exists(resolver.epoch_key)
+        for state in states:
+            (link,) = state.contributions.values()
+            assert resolver.lookup(link.system, link.key) == state.golden_id
+        assert resolver.lookup("support", created) == states[0].golden_id
+        # The keys are whole again: a known customer keeps its golden id.
+        again = change("support", f"{prefix}new", email=f"1@{prefix}x")
+        assert resolver.resolve([again]) == [states[1].golden_id]
+    finally:
+        with postgres(settings, "support") as conn:
+            conn.execute("DELETE FROM accord_applied WHERE app = %s", (settings.worker.app_id,))
+        flush(client, prefix)
