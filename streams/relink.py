@@ -47,6 +47,7 @@ from streams.errors import AccordError
 from streams.identity import EPOCH_KEY, IdentityResolver
 from streams.merge import GoldenState, loads
 from streams.model import Value
+from streams.settings import AccordSettings
 
 __all__ = [
     "EPOCH_KEY",
@@ -169,7 +170,7 @@ class RelinkSources:
     merged: Callable[[], bool] = lambda: True  # has the merge taken in every change?
 
 
-def sources_of(settings: Any) -> RelinkSources:
+def sources_of(settings: AccordSettings) -> RelinkSources:
     """The real sources of an app: its topics and its SQL targets' ledgers."""
     from streams.topology import changelog_topic
 
@@ -224,7 +225,7 @@ def _scan_records(kafka: dict[str, Any], topic: str) -> Iterator[tuple[bytes | N
         yield message.key(), message.value()
 
 
-def _ledger_links(settings: Any) -> Iterator[tuple[str, str, str]]:
+def _ledger_links(settings: AccordSettings) -> Iterator[tuple[str, str, str]]:
     """`(golden id, target, key)` of every row an applier of this app created or adopted."""
     from streams.projection import SinkKind, load_sinks
     from streams.sinks import DB_ERRORS, DIALECTS, LEDGER_TABLE, Action
@@ -453,7 +454,7 @@ class Relinker:
 
 
 def rebuild_now(
-    settings: Any, progress: Callable[[str], None], owner: str | None = None
+    settings: AccordSettings, progress: Callable[[str], None], owner: str | None = None
 ) -> RelinkReport:
     """What `accord identity rebuild` does, whether or not the keys look intact.
 
@@ -490,7 +491,9 @@ def rebuild_now(
         lock.release()
 
 
-def worker_relinker(settings: Any, client: redis.Redis, resolver: IdentityResolver) -> Relinker:
+def worker_relinker(
+    settings: AccordSettings, client: redis.Redis, resolver: IdentityResolver
+) -> Relinker:
     """The relinker of a worker: its app's sources, its match rules' fields."""
     worker = settings.worker
     return Relinker(
