@@ -48,6 +48,7 @@ from streams.model import Change
 from streams.offsets import guarded_consumer
 from streams.projection import SinkKind, load_sinks
 from streams.registry import registry_client
+from streams.relink import worker_relinker
 from streams.restore import ChangelogRestore
 from streams.rules import Rules, load_rules
 from streams.settings import AccordSettings
@@ -418,6 +419,10 @@ def create_app(settings: AccordSettings, rules: Rules | None = None) -> faust.Ap
             else:
                 await inputs.ack(event)
 
+    identity = IdentityResolver(
+        redis_conn, worker.redis_prefix, rules.match, rules.identity, guarded=True
+    )
+    relinker = worker_relinker(settings, redis_conn, identity)
     ingest = partial(
         IngestLoop,
         settings.kafka_config(),
@@ -427,7 +432,7 @@ def create_app(settings: AccordSettings, rules: Rules | None = None) -> faust.Ap
             RawDecoder(AvroCodec(SchemaCache(registry_fetcher(registry)))),
             Mapper(mappings),
             Deduplicator(redis_conn, worker.redis_prefix, worker.dedupe_ttl_s),
-            IdentityResolver(redis_conn, worker.redis_prefix, rules.match, rules.identity),
+            identity,
         ),
         settings.topics.changes,
         change_codec.dumps,
@@ -437,8 +442,11 @@ def create_app(settings: AccordSettings, rules: Rules | None = None) -> faust.Ap
         compression=worker.compression,
         session_timeout_s=worker.session_timeout_s,
         client_id=f"{ingest_group(settings)}-{worker.instance}",
+        on_identity_lost=relinker.lost,
     )
     services = [ThreadStatus("ingest"), ThreadStatus("emitter")]
+    services.append(ThreadStatus("identity-keeper"))
+    app.service(_thread_service(services[-1], lambda: relinker))
     app.service(_thread_service(services[0], ingest))
     app.service(_thread_service(services[1], _make_emitter(settings, registry)))
     if golden.writer is not None:
@@ -463,6 +471,8 @@ def create_app(settings: AccordSettings, rules: Rules | None = None) -> faust.Ap
         if app.rebalancing or not app.consumer.assignment():
             problems.append("waiting for partitions (rebalancing)")
         problems += [f"{s.name} not running" for s in services if not s.ready]
+        if relinker.problem:
+            problems.append(relinker.problem)
         body = {"ready": not problems, "problems": problems}
         return web.json(body, status=200 if not problems else 503)
 

@@ -44,6 +44,8 @@ app.add_typer(connectors_app, name="connectors")
 app.add_typer(schemas_app, name="schemas")
 app.add_typer(demo_app, name="demo")
 app.add_typer(dlq_app, name="dlq")
+identity_app = typer.Typer(help="Identity links in Redis.", no_args_is_help=True)
+app.add_typer(identity_app, name="identity")
 
 console = Console()
 err = Console(stderr=True)
@@ -476,6 +478,33 @@ def reconcile_systems(
     unrepaired = [c.drifted - (c.repairs_requested if repair else 0) for c in cards]
     if any(c.missing for c in cards) or any(n > 0 for n in unrepaired):
         raise typer.Exit(1)
+
+
+@identity_app.command("rebuild")
+def identity_rebuild(
+    yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
+) -> None:
+    """Rebuild the identity keys in Redis (xrefs, links, match keys) from the golden
+    changelog and the appliers' ledgers. Workers do this by themselves when Redis lost
+    them; ingest pauses while it runs."""
+    from streams.app import redis_client
+    from streams.relink import EPOCH_KEY, read_epoch, rebuild_now
+
+    current = settings()
+    epoch = read_epoch(redis_client(current), current.worker.redis_prefix + EPOCH_KEY)
+    if not yes:
+        state = (
+            f"intact since {epoch.get('at')} ({epoch.get('how')})"
+            if epoch
+            else "missing (Redis lost them)"
+        )
+        typer.confirm(
+            f"Identity keys of app {current.worker.app_id!r} are {state}. Rebuild them now? "
+            "Ingest pauses until it is done.",
+            abort=True,
+        )
+    report = rebuild_now(current, _progress)
+    console.print(report.describe())
 
 
 def _quiet(_message: str) -> None:

@@ -12,6 +12,7 @@ Key layout, under the configured prefix (`WorkerSettings.redis_prefix`):
     match:{field}:{value}    -> golden id first indexed for that value (string)
     links:{golden_id}        -> every source row linked to it, as "system:key" (set)
     held                     -> "system:key" -> JSON of why that row is held (hash)
+    identity-epoch           -> when these keys were first made or last rebuilt (string)
 
 A row that would make a golden record link more than `IdentityPolicy.max_rows_per_record`
 rows, or whose only way to a record is a role address (`info@`, `billing@`, ...), is
@@ -19,6 +20,12 @@ rows, or whose only way to a record is a role address (`info@`, `billing@`, ...)
 the hold records why until a review decides. A held row stays held through its later
 changes; its delete releases it. Role addresses are never indexed nor matched: many
 people share them, so they say nothing about who a row is.
+
+The epoch key is the sentinel of the rest: a Redis that lost its data (FLUSHALL, a restart
+without persistence) has lost it too. A guarded resolver (what workers and appliers run)
+refuses to create or link anything while it is missing, inside the same script, so no
+batch can slip in between a check and a resolve; `streams.relink` rebuilds the keys from
+the golden records and writes it again.
 
 Resolution runs as one Lua script per batch, so it is atomic: two workers resolving
 rows of the same new customer from different systems at the same time end with one
@@ -32,13 +39,14 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import StrEnum
 
 import redis
 
-from streams.dedupe import redis_errors
+from streams.dedupe import RedisUnavailable, redis_errors
 from streams.errors import ConfigError
 from streams.model import FIELDS, SYSTEMS, Change, Op
 
@@ -46,6 +54,10 @@ from streams.model import FIELDS, SYSTEMS, Change, Op
 GOLDEN_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "urn:accord:golden")
 REBUILD_BATCH = 500
 
+EPOCH_KEY = "identity-epoch"
+LOST_MARKER = "ACCORD_IDENTITY_LOST"
+
+# KEYS[1] (guarded resolvers only): the epoch key; the guard below refuses a batch without it.
 # ARGV[1]: key prefix. ARGV[2]: JSON list, one entry per change, in batch order:
 # [system, key, is_delete, new_golden_id, [[field, value], ...match candidates in rule
 # order, role addresses left out], role address carried ("" for none)].
@@ -53,6 +65,9 @@ REBUILD_BATCH = 500
 # Returns JSON [[outcome per change], rows held]; an outcome is ["golden", id],
 # ["unknown"] (a delete of an unknown row), ["held", hold JSON] or ["released"].
 RESOLVE_SCRIPT = """
+if KEYS[1] and redis.call('EXISTS', KEYS[1]) == 0 then
+  return redis.error_reply('ACCORD_IDENTITY_LOST ' .. KEYS[1] .. ' is missing')
+end
 local prefix = ARGV[1]
 local cap = tonumber(ARGV[3])
 local now = tonumber(ARGV[4])
@@ -123,10 +138,14 @@ end
 return cjson.encode({out, redis.call('HLEN', held)})
 """
 
-# KEYS: xref key. ARGV: prefix, "system:key", golden id. Moves the row out of the link
+# KEYS: xref key (and the epoch key, guarded). ARGV: prefix, "system:key", golden id.
+# Moves the row out of the link
 # set of the golden record it pointed to before, if any. A hold on the row ends: an
 # applier wrote the record's values into it, so it is that record's row now.
 LINK_SCRIPT = """
+if KEYS[2] and redis.call('EXISTS', KEYS[2]) == 0 then
+  return redis.error_reply('ACCORD_IDENTITY_LOST ' .. KEYS[2] .. ' is missing')
+end
 local old = redis.call('GET', KEYS[1])
 if old and old ~= ARGV[3] then
   redis.call('SREM', ARGV[1] .. 'links:' .. old, ARGV[2])
@@ -136,6 +155,26 @@ redis.call('SET', KEYS[1], ARGV[3])
 redis.call('SADD', ARGV[1] .. 'links:' .. ARGV[3], ARGV[2])
 return 1
 """
+
+
+class IdentityLost(RedisUnavailable):
+    """Redis no longer holds Accord's identity keys (its epoch key is gone).
+
+    A `RedisUnavailable`: whoever gets it retries later, having created nothing (ingest
+    reads its batch again, an applier retries its event), once `streams.relink` has
+    rebuilt the keys.
+    """
+
+
+@contextmanager
+def _lost_identities() -> Iterator[None]:
+    """The guard's error reply as `IdentityLost`; other Redis errors pass untouched."""
+    try:
+        yield
+    except redis.ResponseError as exc:
+        if str(exc).startswith(LOST_MARKER):
+            raise IdentityLost(f"Redis lost Accord's identity keys: {exc}") from exc
+        raise
 
 
 @dataclass(frozen=True)
@@ -354,7 +393,12 @@ def parse_link(member: str) -> tuple[str, str]:
 
 
 class IdentityResolver:
-    """Finds or creates the golden id of source rows, atomically, one round trip a batch."""
+    """Finds or creates the golden id of source rows, atomically, one round trip a batch.
+
+    `guarded`: `resolve` and `link` raise `IdentityLost` instead of creating anything
+    while the epoch key is missing (workers and appliers run guarded; a tool or test on
+    a private prefix of its own may not).
+    """
 
     def __init__(
         self,
@@ -362,13 +406,27 @@ class IdentityResolver:
         prefix: str,
         rules: Sequence[MatchRule],
         policy: IdentityPolicy | None = None,
+        guarded: bool = False,
     ) -> None:
         self._client = client
         self._prefix = prefix
         self._rules = tuple(rules)
         self._policy = policy or IdentityPolicy()
+        self._guard = [self.epoch_key] if guarded else []
         self._resolve = client.register_script(RESOLVE_SCRIPT)
         self._link = client.register_script(LINK_SCRIPT)
+
+    @property
+    def rules(self) -> tuple[MatchRule, ...]:
+        return self._rules
+
+    def key(self, name: str) -> str:
+        """A key of this resolver's prefix."""
+        return f"{self._prefix}{name}"
+
+    @property
+    def epoch_key(self) -> str:
+        return self.key(EPOCH_KEY)
 
     def xref_key(self, system: str, key: str) -> str:
         return f"{self._prefix}xref:{system}:{key}"
@@ -399,6 +457,7 @@ class IdentityResolver:
         linked row's xref and link are recorded, and every other match value it carries
         is indexed to its golden id unless already indexed (first writer wins).
         A delete only reads the xref, and ends the hold of a held row.
+        Guarded, raises `IdentityLost` (nothing done) while the epoch key is missing.
         """
         if not changes:
             return BatchResolution([], 0)
@@ -420,8 +479,8 @@ class IdentityResolver:
         payload = json.dumps(batch, ensure_ascii=False, separators=(",", ":"))
         now_ms = int(time.time() * 1000)
         cap = self._policy.max_rows_per_record
-        with redis_errors(f"resolving identities of {len(changes)} changes"):
-            reply = self._resolve(args=[self._prefix, payload, cap, now_ms])
+        with redis_errors(f"resolving identities of {len(changes)} changes"), _lost_identities():
+            reply = self._resolve(keys=self._guard, args=[self._prefix, payload, cap, now_ms])
         outcomes, held_rows = json.loads(_decoded(reply) or "[[], 0]")
         results = []
         for change, outcome in zip(changes, outcomes, strict=True):
@@ -439,9 +498,9 @@ class IdentityResolver:
 
         So the change Debezium captures from that write resolves to the same record.
         """
-        with redis_errors(f"linking {system}:{key}"):
+        with redis_errors(f"linking {system}:{key}"), _lost_identities():
             self._link(
-                keys=[self.xref_key(system, key)],
+                keys=[self.xref_key(system, key), *self._guard],
                 args=[self._prefix, f"{system}:{key}", golden_id],
             )
 

@@ -29,7 +29,7 @@ from streams.codec import AvroCodec, DecodeError, RegistryUnavailable, SchemaCac
 from streams.debezium import EnvelopeError, EnvelopeReader, SourceChange
 from streams.dedupe import Deduplicator, RedisUnavailable, origin_of
 from streams.dlq import DeadLetter, DeadLetterWriter
-from streams.identity import Hold, IdentityResolver
+from streams.identity import Hold, IdentityLost, IdentityResolver
 from streams.mapping import Mapper, Rejected
 from streams.model import Change
 from streams.registry import registry_client
@@ -221,8 +221,10 @@ class IngestLoop:
         compression: str = "none",
         session_timeout_s: float = 45.0,
         client_id: str | None = None,
+        on_identity_lost: Callable[[], None] = lambda: None,  # wakes `streams.relink`
     ) -> None:
         self.pipeline = pipeline
+        self.on_identity_lost = on_identity_lost
         self.changes_topic = changes_topic
         self.encode_change = encode_change
         self.batch_size = batch_size
@@ -262,6 +264,13 @@ class IngestLoop:
             return 0
         try:
             batch = self.pipeline.process(messages)
+        except IdentityLost as exc:  # nothing resolved: read again once they are rebuilt
+            self.on_identity_lost()
+            self.backoff_s = min(max(self.backoff_s * 2, 0.25), 2.0)
+            log.warning("ingest paused until the identity keys are rebuilt: %s", exc)
+            self._rewind(messages)
+            stop.wait(self.backoff_s)
+            return 0
         except (RedisUnavailable, RegistryUnavailable) as exc:
             self.backoff_s = min(max(self.backoff_s * 2, 0.25), 5.0)
             log.warning("ingest paused, retrying in %.1fs: %s", self.backoff_s, exc)

@@ -286,6 +286,12 @@ class WorkerSettings(BaseModel):
     dedupe_ttl_s: int = Field(
         7 * 24 * 3600, gt=0, description="How long a change identity is remembered."
     )
+    identity_check_s: float = Field(
+        5.0,
+        gt=0,
+        description="How often the worker checks that Redis still holds its identity keys "
+        "(their epoch key); lost ones are rebuilt from the golden changelog.",
+    )
     sinks: list[str] | None = Field(
         None,
         description="Targets whose appliers run inside the worker: None runs every SQL target's, "

@@ -1376,7 +1376,8 @@ def make_applier(
     if spec.kind is SinkKind.WEBHOOK:
         return WebhookApplier(spec, client, prefix, deadline_s=webhook_deadline_s)
     pause = PauseReport(spec.target, client, prefix)
-    return SqlApplier(settings, spec, IdentityResolver(client, prefix, ()), pause=pause)
+    identity = IdentityResolver(client, prefix, (), guarded=True)
+    return SqlApplier(settings, spec, identity, pause=pause)
 
 
 def sink_spec(settings: AccordSettings, target: str) -> SinkSpec:
