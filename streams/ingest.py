@@ -17,16 +17,24 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from confluent_kafka import Consumer, Producer
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
 from prometheus_client import Counter
 
-from streams.codec import AvroCodec, DecodeError, RegistryUnavailable, SchemaCache, registry_fetcher
+from streams.codec import (
+    AvroCodec,
+    DecodeError,
+    RegistryUnavailable,
+    SchemaCache,
+    registry_fetcher,
+    schema_id_of,
+)
 from streams.debezium import EnvelopeError, EnvelopeReader, SourceChange
 from streams.dedupe import Deduplicator, RedisUnavailable, origin_of
 from streams.dlq import DeadLetter, DeadLetterWriter
+from streams.errors import AccordError
 from streams.identity import IdentityResolver
 from streams.mapping import Mapper, Rejected
 from streams.model import Change
@@ -44,6 +52,35 @@ INGESTED = Counter(
 )
 NOT_AN_ENVELOPE = "not_a_debezium_envelope"
 VALIDATION_FAILED = "validation_failed"
+PRODUCE_REFUSED = "produce_refused"
+
+# Errors with which a broker (or librdkafka, before sending) refuses one record for good:
+# sending it again gets the same answer. Any other error concerns the connection, the
+# topic or the producer, and the batch is tried again.
+RECORD_REFUSALS = frozenset(
+    {
+        KafkaError.MSG_SIZE_TOO_LARGE,
+        KafkaError.RECORD_LIST_TOO_LARGE,
+        KafkaError.INVALID_RECORD,
+        KafkaError.INVALID_TIMESTAMP,
+    }
+)
+
+
+def refuses_record(error: KafkaError) -> bool:
+    """True when `error` refuses this one record whatever is retried: dead-letter it.
+    A fatal producer error never is (the producer, not the record, is broken)."""
+    return not error.fatal() and error.code() in RECORD_REFUSALS
+
+
+class ProduceRefused(AccordError):
+    """The broker refused to take a change made from a raw record; the detail is the
+    broker's (or librdkafka's) error."""
+
+    def __init__(self, topic: str, error: KafkaError) -> None:
+        super().__init__(f"{topic} refused the change: {error.name()}: {error.str()}")
+        self.topic = topic
+        self.error = error
 
 
 class RawDecoder:
@@ -53,6 +90,13 @@ class RawDecoder:
         self.codec = codec
         self.envelopes = EnvelopeReader()
         self.readers = readers or {}  # topic -> reader schema for values
+
+    def prefetch(self, messages: list[Any]) -> None:
+        """Fetch the writer schemas of a batch's keys and values together, so that the
+        retries of the ids the registry will not give wait once for the whole batch.
+        Raises RegistryUnavailable."""
+        ids = (schema_id_of(p) for m in messages for p in (m.key(), m.value()))
+        self.codec.schemas.prefetch(i for i in ids if i is not None)
 
     def decode(self, message: Any) -> SourceChange | DeadLetter | None:
         """None for a tombstone. Raises RegistryUnavailable: retry, do not dead-letter."""
@@ -83,6 +127,7 @@ class ValidationFailed(ValueError):
 class IngestBatch:
     changes: list[Change]  # golden ids resolved, in input order
     dead: list[DeadLetter]
+    origins: list[Any] = field(default_factory=list)  # the raw message of each change
     tombstones: int = 0
     duplicates: int = 0
     unknown_deletes: int = 0
@@ -111,6 +156,7 @@ class IngestPipeline:
     def process(self, messages: list[Any]) -> IngestBatch:
         batch = IngestBatch([], [])
         mapped: list[tuple[Any, Change]] = []
+        self.decoder.prefetch(messages)
         for message in messages:
             decoded = self.decoder.decode(message)
             if decoded is None:
@@ -129,13 +175,15 @@ class IngestPipeline:
         duplicates = self.dedupe.duplicates(
             [(c.change_id, origin_of(m.topic(), m.partition(), m.offset())) for m, c in mapped]
         )
-        fresh = [change for (_, change), dup in zip(mapped, duplicates, strict=True) if not dup]
+        fresh = [pair for pair, dup in zip(mapped, duplicates, strict=True) if not dup]
         batch.duplicates = len(mapped) - len(fresh)
-        for change, golden_id in zip(fresh, self.identity.resolve(fresh), strict=True):
+        resolved = self.identity.resolve([change for _, change in fresh])
+        for (message, change), golden_id in zip(fresh, resolved, strict=True):
             if golden_id is None:
                 batch.unknown_deletes += 1
             else:
                 batch.changes.append(change.with_golden_id(golden_id))
+                batch.origins.append(message)
 
         for outcome, count in (
             ("change", len(batch.changes)),
@@ -170,7 +218,10 @@ class IngestLoop:
     once its changes and dead letters are on the broker. A batch read again after a crash
     is harmless: the dedupe lets a message's own origin through again and the merge is
     idempotent. While Redis or the registry is down, the batch is read again after a
-    backoff and nothing is committed past it.
+    backoff and nothing is committed past it. A change the broker refuses for good (too
+    large, an invalid record: `refuses_record`) dead-letters its raw message with reason
+    `produce_refused` and the batch is committed; any other delivery failure reads the
+    batch again.
     """
 
     def __init__(
@@ -217,6 +268,7 @@ class IngestLoop:
         )
         self.dead_letters = make_dead_letters(self.producer)
         self._undelivered: list[str] = []
+        self._refused: list[DeadLetter] = []
         self.backoff_s = 0.0  # the pause after a refused batch; 0 while services answer
 
     def step(self, stop: threading.Event) -> int:
@@ -237,24 +289,58 @@ class IngestLoop:
         self.backoff_s = 0.0
         for letter in batch.dead:
             self.dead_letters.write(letter)
-        for change in batch.changes:
-            self.producer.produce(
-                self.changes_topic,
-                key=change.golden_id.encode(),
-                value=self.encode_change(change.to_record()),
-                on_delivery=self._delivered,
-            )
+        self._refused = []
+        for change, origin in zip(batch.changes, batch.origins, strict=True):
+            self._produce(change, origin)
         if not self._delivered_all(stop):
+            self._refused = []  # refused again, and dead-lettered, when the batch is reread
             self._rewind(messages)
             return 0
-        if batch.dead:
+        for letter in self._refused:
+            self.dead_letters.write(letter)
+        if batch.dead or self._refused:
             self.dead_letters.flush()  # a dead letter that failed for good stops the worker
         self.consumer.commit(offsets=next_offsets(messages), asynchronous=True)
         return len(messages)
 
-    def _delivered(self, error: Any, _message: Any) -> None:
-        if error is not None:
-            self._undelivered.append(str(error))
+    def _produce(self, change: Change, origin: Any) -> None:
+        """Hands one change to the producer; a refusal of this record (now or on
+        delivery) becomes a dead letter of its raw message."""
+
+        def delivered(error: Any, _message: Any) -> None:
+            if error is None:
+                return
+            if refuses_record(error):
+                self._refuse(origin, error)
+            else:
+                self._undelivered.append(str(error))
+
+        value = self.encode_change(change.to_record())
+        while True:
+            try:
+                self.producer.produce(
+                    self.changes_topic,
+                    key=change.golden_id.encode(),
+                    value=value,
+                    on_delivery=delivered,
+                )
+                return
+            except BufferError:  # the producer's queue is full: let it send some first
+                self.producer.poll(0.1)
+            except KafkaException as exc:
+                error = exc.args[0]
+                if not refuses_record(error):
+                    raise
+                self._refuse(origin, error)
+                return
+
+    def _refuse(self, origin: Any, error: KafkaError) -> None:
+        refusal = ProduceRefused(self.changes_topic, error)
+        log.warning(
+            "ingest: %s/%d/%d dead-lettered: %s",
+            origin.topic(), origin.partition(), origin.offset(), refusal,
+        )  # fmt: skip
+        self._refused.append(DeadLetter.of(origin, PRODUCE_REFUSED, refusal, stage="ingest"))
 
     def _delivered_all(self, stop: threading.Event) -> bool:
         """Waits for the batch's deliveries (the producer retries by itself while the
@@ -325,6 +411,7 @@ class RawChangeConsumer:
             return result
         changes: list[SourceChange] = []
         try:
+            self.decoder.prefetch(messages)
             for message in messages:
                 outcome = self.decoder.decode(message)
                 if outcome is None:
