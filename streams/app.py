@@ -33,7 +33,7 @@ from rocksdict import WriteOptions
 
 from streams import redact
 from streams.changelog import ChangelogWriter
-from streams.codec import AvroCodec, SchemaCache, registry_fetcher
+from streams.codec import AvroCodec
 from streams.connect import SYSTEMS, ConnectClient, ConnectorWatchdog, load_connector
 from streams.dedupe import Deduplicator
 from streams.dlq import DeadLetterWriter
@@ -47,7 +47,7 @@ from streams.merge import StateCache, apply, dumps, stage
 from streams.model import Change
 from streams.offsets import guarded_consumer
 from streams.projection import SinkKind, load_sinks
-from streams.registry import registry_client
+from streams.registry import registry_client, writer_schemas
 from streams.restore import ChangelogRestore
 from streams.rules import Rules, load_rules
 from streams.settings import AccordSettings
@@ -418,7 +418,7 @@ def create_app(settings: AccordSettings, rules: Rules | None = None) -> faust.Ap
         ingest_group(settings),
         [mapping.topic for mapping in mappings.values()],
         IngestPipeline(
-            RawDecoder(AvroCodec(SchemaCache(registry_fetcher(registry)))),
+            RawDecoder(AvroCodec(writer_schemas(settings, registry))),
             Mapper(mappings),
             Deduplicator(redis_conn, worker.redis_prefix, worker.dedupe_ttl_s),
             IdentityResolver(redis_conn, worker.redis_prefix, rules.match),

@@ -204,8 +204,9 @@ def registry_fetcher(client: Any) -> SchemaFetcher:
     `RegistryUnavailable` (an outage: retry the batch); a 404 in the registry's own
     error format is `SchemaNotFound`; any other answer is `RegistryGarbage`.
     """
-    import httpx
     from confluent_kafka.schema_registry.error import SchemaRegistryError
+
+    transport_errors = _http_errors()
 
     def fetch(schema_id: int) -> str:
         try:
@@ -219,7 +220,7 @@ def registry_fetcher(client: Any) -> SchemaFetcher:
             if status == 404 and exc.error_code != -1:  # -1: the body was not the registry's
                 raise SchemaNotFound(str(exc)) from exc
             raise RegistryGarbage(f"status {status}: {str(exc)[:300]}") from exc
-        except httpx.HTTPError as exc:
+        except transport_errors as exc:
             raise RegistryUnavailable(f"registry unreachable: {exc}") from exc
         except (ValueError, KeyError, TypeError, AttributeError) as exc:  # 2xx, not a schema
             raise RegistryGarbage(f"{type(exc).__name__}: {str(exc)[:300]}") from exc
@@ -228,6 +229,20 @@ def registry_fetcher(client: Any) -> SchemaFetcher:
         return text
 
     return fetch
+
+
+def _http_errors() -> tuple[type[Exception], ...]:
+    """The transport errors of the HTTP client the registry client uses: confluent-kafka
+    prefers httpx2 when it is installed and falls back to httpx."""
+    import httpx
+
+    errors: list[type[Exception]] = [httpx.HTTPError]
+    try:
+        from confluent_kafka.schema_registry.common._httpx_compat import httpx as client_http
+    except ImportError:  # an older confluent-kafka: plain httpx
+        return tuple(errors)
+    errors.append(client_http.HTTPError)
+    return tuple(dict.fromkeys(errors))
 
 
 @dataclass(frozen=True)

@@ -27,8 +27,6 @@ from streams.codec import (
     AvroCodec,
     DecodeError,
     RegistryUnavailable,
-    SchemaCache,
-    registry_fetcher,
     schema_id_of,
 )
 from streams.debezium import EnvelopeError, EnvelopeReader, SourceChange
@@ -38,7 +36,7 @@ from streams.errors import AccordError
 from streams.identity import IdentityResolver
 from streams.mapping import Mapper, Rejected
 from streams.model import Change
-from streams.registry import registry_client
+from streams.registry import registry_client, writer_schemas
 from streams.settings import AccordSettings
 from streams.topics import first_offsets, next_offsets, usable
 
@@ -268,7 +266,8 @@ class IngestLoop:
         )
         self.dead_letters = make_dead_letters(self.producer)
         self._undelivered: list[str] = []
-        self._refused: list[DeadLetter] = []
+        self._refused: list[DeadLetter] = []  # this batch's raw messages refused as changes
+        self._suspects: list[tuple[bytes, bytes, Any]] = []  # refused with their batch?
         self.backoff_s = 0.0  # the pause after a refused batch; 0 while services answer
 
     def step(self, stop: threading.Event) -> int:
@@ -289,10 +288,11 @@ class IngestLoop:
         self.backoff_s = 0.0
         for letter in batch.dead:
             self.dead_letters.write(letter)
-        self._refused = []
+        self._refused, self._suspects = [], []
         for change, origin in zip(batch.changes, batch.origins, strict=True):
-            self._produce(change, origin)
-        if not self._delivered_all(stop):
+            value = self.encode_change(change.to_record())
+            self._produce(change.golden_id.encode(), value, origin, alone=False)
+        if not self._delivered_all(stop) or not self._resend_alone(stop):
             self._refused = []  # refused again, and dead-lettered, when the batch is reread
             self._rewind(messages)
             return 0
@@ -303,26 +303,26 @@ class IngestLoop:
         self.consumer.commit(offsets=next_offsets(messages), asynchronous=True)
         return len(messages)
 
-    def _produce(self, change: Change, origin: Any) -> None:
-        """Hands one change to the producer; a refusal of this record (now or on
-        delivery) becomes a dead letter of its raw message."""
+    def _produce(self, key: bytes, value: bytes, origin: Any, alone: bool) -> None:
+        """Hands one change to the producer. librdkafka refuses a record over its size
+        limit at once: its raw message is dead-lettered. A refusal on delivery may be the
+        broker's refusal of the whole batch the record was sent in, so the record is only
+        a suspect, sent again `alone`; refused alone, it is dead-lettered."""
 
         def delivered(error: Any, _message: Any) -> None:
             if error is None:
                 return
-            if refuses_record(error):
+            if not refuses_record(error):
+                self._undelivered.append(str(error))
+            elif alone:
                 self._refuse(origin, error)
             else:
-                self._undelivered.append(str(error))
+                self._suspects.append((key, value, origin))
 
-        value = self.encode_change(change.to_record())
         while True:
             try:
                 self.producer.produce(
-                    self.changes_topic,
-                    key=change.golden_id.encode(),
-                    value=value,
-                    on_delivery=delivered,
+                    self.changes_topic, key=key, value=value, on_delivery=delivered
                 )
                 return
             except BufferError:  # the producer's queue is full: let it send some first
@@ -333,6 +333,16 @@ class IngestLoop:
                     raise
                 self._refuse(origin, error)
                 return
+
+    def _resend_alone(self, stop: threading.Event) -> bool:
+        """Sends each change refused on delivery again, one at a time; False if one
+        failed otherwise than by a refusal (the batch is read again)."""
+        suspects, self._suspects = self._suspects, []
+        for key, value, origin in suspects:
+            self._produce(key, value, origin, alone=True)
+            if not self._delivered_all(stop):
+                return False
+        return True
 
     def _refuse(self, origin: Any, error: KafkaError) -> None:
         refusal = ProduceRefused(self.changes_topic, error)
@@ -384,7 +394,7 @@ class RawChangeConsumer:
         batch_size: int = 500,
     ) -> None:
         registry = registry_client(settings)
-        self.decoder = RawDecoder(AvroCodec(SchemaCache(registry_fetcher(registry))), readers)
+        self.decoder = RawDecoder(AvroCodec(writer_schemas(settings, registry)), readers)
         self.producer = Producer(
             settings.kafka_config({"enable.idempotence": True, "linger.ms": 5})
         )

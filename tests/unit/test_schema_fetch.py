@@ -9,6 +9,7 @@ from typing import Any
 import httpx
 import pytest
 from confluent_kafka import KafkaError
+from confluent_kafka.schema_registry.common._httpx_compat import httpx as client_httpx
 from confluent_kafka.schema_registry.error import SchemaRegistryError
 
 from streams.codec import (
@@ -173,6 +174,7 @@ class Answer:
         (SchemaRegistryError(500, 50001, "boom"), RegistryUnavailable),
         (SchemaRegistryError(401, 40101, "unauthorized"), RegistryUnavailable),
         (httpx.ConnectError("connection refused"), RegistryUnavailable),
+        (client_httpx.ConnectError("connection refused"), RegistryUnavailable),  # httpx2
         (json.JSONDecodeError("Expecting value", "<html>", 0), RegistryGarbage),  # 200, HTML
         (KeyError("schema"), RegistryGarbage),
         (Answer(None), RegistryGarbage),
