@@ -44,6 +44,7 @@ from streams.identity import IdentityResolver
 from streams.ingest import IngestLoop, IngestPipeline, RawDecoder
 from streams.mapping import Mapper, load_mappings
 from streams.merge import StateCache, apply, dumps, stage
+from streams.missing_columns import MissingColumns
 from streams.model import Change
 from streams.offsets import guarded_consumer
 from streams.projection import SinkKind, load_sinks
@@ -419,7 +420,7 @@ def create_app(settings: AccordSettings, rules: Rules | None = None) -> faust.Ap
         [mapping.topic for mapping in mappings.values()],
         IngestPipeline(
             RawDecoder(AvroCodec(writer_schemas(settings, registry))),
-            Mapper(mappings),
+            Mapper(mappings, MissingColumns()),
             Deduplicator(redis_conn, worker.redis_prefix, worker.dedupe_ttl_s),
             IdentityResolver(redis_conn, worker.redis_prefix, rules.match),
         ),

@@ -2,7 +2,8 @@
 schema the registry will not give (an unknown id, an HTML page with status 200, a schema
 that does not parse) and one whose change the broker refuses are dead-lettered with
 their original bytes; the records around them are processed and the batch committed. A
-registry that cannot be reached still pauses the batch, dead-lettering nothing."""
+registry that cannot be reached still pauses the batch, dead-lettering nothing. A row
+whose schema dropped a mapped column is synced, and the column reported."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import pytest
 from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource
 from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
 from fastavro import parse_schema, schemaless_reader, schemaless_writer
+from prometheus_client import REGISTRY
 
 from streams.app import redis_client
 from streams.codec import AvroCodec, SchemaCache, registry_fetcher
@@ -29,6 +31,7 @@ from streams.dedupe import Deduplicator
 from streams.identity import IdentityResolver
 from streams.ingest import PRODUCE_REFUSED, IngestPipeline, RawDecoder
 from streams.mapping import Mapper
+from streams.missing_columns import MissingColumns, missing_columns
 from streams.registry import registry_codec
 from streams.rules import load_rules
 from streams.settings import AccordSettings
@@ -250,3 +253,42 @@ def test_a_change_the_broker_refuses_dead_letters_its_raw_record_and_the_batch_g
     assert letter["value"] == big and letter["stage"] == "ingest"
     assert letter["topic"] == raw.by_vector_topic["crm.public.customers"]
     assert "MSG_SIZE_TOO_LARGE" in letter["detail"]
+
+
+def test_a_mapped_column_the_source_schema_dropped_is_reported_and_the_row_synced(
+    stack: AccordSettings,
+) -> None:
+    settings = isolated(stack)
+    raw = RawTopics(settings)
+    vector = vectors.load("crm-c")
+    schema = json.loads(vector.fetch(int.from_bytes(vector.value[1:5], "big")))
+    value = schemaless_reader(io.BytesIO(vector.value[5:]), parse_schema(schema), None)
+    row_schema = schema["fields"][0]["type"][1]  # `before`'s type defines the row record
+    row_schema["fields"] = [f for f in row_schema["fields"] if f["name"] != "company"]
+    del value["after"]["company"]
+    topic = raw.by_vector_topic[vector.topic]
+    # A subject of its own: the evolved schema is registered whatever the compatibility.
+    schema_id = raw.registry.register_schema(
+        f"{topic}-evolved-value", Schema(json.dumps(schema), "AVRO")
+    )
+    out = io.BytesIO(b"\x00" + struct.pack(">I", schema_id))
+    out.seek(0, io.SEEK_END)
+    schemaless_writer(out, parse_schema(schema), value)
+    raw.write("billing-c")
+    raw.write("crm-c", value=out.getvalue())
+    raw.write("support-c")
+    ends = raw.ends()
+
+    pipeline = _pipeline(settings, raw, raw.registry, [])
+    pipeline.mapper = Mapper(raw.mappings, MissingColumns())
+    loop = _loop(settings, raw, pipeline)
+    try:
+        _run_until(loop, lambda: _committed(settings, raw) == ends)
+    finally:
+        loop.close()
+
+    assert len(_read_all(settings, settings.topics.changes)) == 3  # synced, not dead-lettered
+    assert _letters(settings, raw) == []
+    labels = {"system": "crm", "column": "company"}
+    assert REGISTRY.get_sample_value("accord_mapping_missing_columns", labels) == 1
+    assert labels in missing_columns()
