@@ -142,7 +142,7 @@ class SchemaSettings(BaseModel):
     )
     failed_id_ttl_s: float = Field(
         60.0,
-        ge=0,
+        gt=0,
         description="How long an id that failed is remembered: its messages are "
         "dead-lettered at once meanwhile, without asking the registry.",
     )
