@@ -33,7 +33,7 @@ from rocksdict import WriteOptions
 
 from streams import redact
 from streams.changelog import ChangelogWriter
-from streams.codec import AvroCodec, SchemaCache, registry_fetcher
+from streams.codec import AvroCodec
 from streams.connect import SYSTEMS, ConnectClient, ConnectorWatchdog, load_connector
 from streams.dedupe import Deduplicator
 from streams.dlq import DeadLetterWriter
@@ -44,10 +44,11 @@ from streams.identity import IdentityResolver
 from streams.ingest import IngestLoop, IngestPipeline, RawDecoder
 from streams.mapping import Mapper, load_mappings
 from streams.merge import StateCache, apply, dumps, stage
+from streams.missing_columns import MissingColumns
 from streams.model import Change
 from streams.offsets import guarded_consumer
 from streams.projection import SinkKind, load_sinks
-from streams.registry import registry_client
+from streams.registry import registry_client, writer_schemas
 from streams.relink import worker_relinker
 from streams.restore import ChangelogRestore
 from streams.rules import Rules, load_rules
@@ -429,8 +430,8 @@ def create_app(settings: AccordSettings, rules: Rules | None = None) -> faust.Ap
         ingest_group(settings),
         [mapping.topic for mapping in mappings.values()],
         IngestPipeline(
-            RawDecoder(AvroCodec(SchemaCache(registry_fetcher(registry)))),
-            Mapper(mappings),
+            RawDecoder(AvroCodec(writer_schemas(settings, registry))),
+            Mapper(mappings, MissingColumns()),
             Deduplicator(redis_conn, worker.redis_prefix, worker.dedupe_ttl_s),
             identity,
         ),

@@ -12,7 +12,7 @@ import io
 import json
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -30,6 +30,8 @@ class DecodeReason(StrEnum):
     TOO_SHORT = "payload_too_short"
     BAD_MAGIC = "bad_magic_byte"
     UNKNOWN_SCHEMA = "unknown_schema_id"
+    SCHEMA_UNAVAILABLE = "schema_unavailable"  # the registry answered, not with a schema
+    SCHEMA_UNPARSEABLE = "schema_unparseable"  # the schema text is not a valid Avro schema
     CORRUPT = "corrupt_avro"
     UNRESOLVABLE = "schema_not_resolvable"
 
@@ -52,6 +54,11 @@ class SchemaNotFound(Exception):
     """The registry answered that no schema has this id."""
 
 
+class RegistryGarbage(Exception):
+    """The registry answered, but not with a schema: an HTML page with status 200, a
+    reply that is not JSON, an unexpected client error."""
+
+
 @dataclass(frozen=True)
 class WriterSchema:
     schema_id: int
@@ -61,14 +68,21 @@ class WriterSchema:
 
 SchemaFetcher = Callable[[int], str]
 
+MAX_REMEMBERED_FAILURES = 10_000
+
 
 class SchemaCache:
-    """Writer schemas by id, each fetched once.
+    """Writer schemas by id, each fetched and parsed once.
 
-    An unknown id is asked again a few times with backoff, because a registry can lag
-    behind the producer that just registered it; after that it is a decode error, and the
-    id is remembered as missing for `missing_ttl_s`, so that a flood of messages with the
-    same bogus id is dead-lettered at full speed instead of waiting out the backoff each.
+    An id the registry does not know (404), answers garbage for, or whose schema does
+    not parse is asked again a few times with backoff (`attempts`, waits of `backoff_s`
+    doubling), because a registry can lag behind the producer that just registered an id
+    or be briefly broken. After that it is a `DecodeError` (dead-letter the message), and
+    the id is remembered as failed for `missing_ttl_s`: more messages with it are
+    dead-lettered at once. `prefetch` asks for every id of a batch together, so a batch
+    with many bad ids waits out the backoff once, not once per id. `RegistryUnavailable`
+    (the registry cannot be reached) is never retried here nor remembered: the caller
+    retries the whole batch later.
     """
 
     def __init__(
@@ -77,67 +91,158 @@ class SchemaCache:
         attempts: int = 4,
         backoff_s: float = 0.25,
         missing_ttl_s: float = 60.0,
+        *,
+        sleep: Callable[[float], Any] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._fetch = fetch
-        self._attempts = attempts
+        self._attempts = max(1, attempts)
         self._backoff_s = backoff_s
         self._missing_ttl_s = missing_ttl_s
+        self._sleep = sleep
+        self._clock = clock
         self._schemas: dict[int, WriterSchema] = {}
-        self._missing: dict[int, float] = {}  # id -> when it was last found missing
+        self._failed: dict[int, tuple[float, DecodeError]] = {}  # id -> (when, why)
 
     def get(self, schema_id: int) -> WriterSchema:
+        """The writer schema; raises DecodeError or RegistryUnavailable."""
         cached = self._schemas.get(schema_id)
         if cached is not None:
             return cached
-        missing_since = self._missing.get(schema_id)
-        if missing_since is not None and time.monotonic() - missing_since < self._missing_ttl_s:
+        failed = self.prefetch((schema_id,))
+        if schema_id in failed:
+            raise failed[schema_id]
+        return self._schemas[schema_id]
+
+    def prefetch(self, schema_ids: Iterable[int]) -> dict[int, DecodeError]:
+        """Fetch every id not known yet, retrying the failing ones together.
+
+        Returns the ids that failed, with why (a remembered failure included); every
+        other id is cached. Raises RegistryUnavailable when the registry cannot be reached.
+        """
+        remembered: dict[int, DecodeError] = {}
+        pending: list[int] = []
+        for schema_id in dict.fromkeys(schema_ids):
+            if schema_id in self._schemas:
+                continue
+            error = self._remembered(schema_id)
+            if error is not None:
+                remembered[schema_id] = error
+            else:
+                pending.append(schema_id)
+        failures: dict[int, DecodeError] = {}
+        for attempt in range(self._attempts):
+            if not pending:
+                break
+            if attempt:
+                self._sleep(self._backoff_s * 2 ** (attempt - 1))
+            failures = {}
+            for schema_id in pending:
+                try:
+                    self._schemas[schema_id] = self._load(schema_id)
+                except DecodeError as exc:
+                    failures[schema_id] = exc
+            pending = list(failures)
+        for schema_id, error in failures.items():
+            remembered[schema_id] = self._remember(schema_id, error)
+        return remembered
+
+    def _load(self, schema_id: int) -> WriterSchema:
+        try:
+            text = self._fetch(schema_id)
+        except SchemaNotFound as exc:
             raise DecodeError(
                 DecodeReason.UNKNOWN_SCHEMA,
-                f"schema id {schema_id} is not in the registry (asked {self._attempts} times "
-                f"less than {self._missing_ttl_s:.0f}s ago)",
+                f"schema id {schema_id} is not in the registry ({exc})",
                 schema_id,
-            )
-        for attempt in range(self._attempts):
-            try:
-                text = self._fetch(schema_id)
-                break
-            except SchemaNotFound:
-                if attempt + 1 == self._attempts:
-                    if len(self._missing) > 10_000:  # bounded: forget the oldest
-                        self._missing.pop(next(iter(self._missing)))
-                    self._missing[schema_id] = time.monotonic()
-                    raise DecodeError(
-                        DecodeReason.UNKNOWN_SCHEMA,
-                        f"schema id {schema_id} is not in the registry "
-                        f"(asked {self._attempts} times)",
-                        schema_id,
-                    ) from None
-                time.sleep(self._backoff_s * 2**attempt)
-        raw = json.loads(text)
-        schema = WriterSchema(schema_id, raw, parse_schema(raw))
-        self._schemas[schema_id] = schema
-        return schema
+            ) from exc
+        except RegistryGarbage as exc:
+            raise DecodeError(
+                DecodeReason.SCHEMA_UNAVAILABLE,
+                f"the registry answered no schema for id {schema_id}: {exc}",
+                schema_id,
+            ) from exc
+        try:
+            raw = json.loads(text)
+            return WriterSchema(schema_id, raw, parse_schema(raw))
+        except Exception as exc:  # json and fastavro raise many types on a bad schema
+            raise DecodeError(
+                DecodeReason.SCHEMA_UNPARSEABLE,
+                f"schema id {schema_id} does not parse: {type(exc).__name__}: {exc}",
+                schema_id,
+            ) from exc
+
+    def _remembered(self, schema_id: int) -> DecodeError | None:
+        failed = self._failed.get(schema_id)
+        if failed is None:
+            return None
+        when, error = failed
+        if self._clock() - when >= self._missing_ttl_s:
+            del self._failed[schema_id]
+            return None
+        # A fresh exception each time: one raised again and again would grow its traceback.
+        return DecodeError(error.reason, error.detail, schema_id)
+
+    def _remember(self, schema_id: int, error: DecodeError) -> DecodeError:
+        if len(self._failed) >= MAX_REMEMBERED_FAILURES:  # bounded: forget the oldest
+            self._failed.pop(next(iter(self._failed)))
+        detail = (
+            f"{error.detail} (asked {self._attempts} times; not asked again for "
+            f"{self._missing_ttl_s:g}s)"
+        )
+        self._failed[schema_id] = (self._clock(), DecodeError(error.reason, detail, schema_id))
+        return DecodeError(error.reason, detail, schema_id)
 
     def __len__(self) -> int:
         return len(self._schemas)
 
 
 def registry_fetcher(client: Any) -> SchemaFetcher:
-    """Adapt confluent-kafka's SchemaRegistryClient to a `SchemaFetcher`."""
-    import httpx
+    """Adapt confluent-kafka's SchemaRegistryClient to a `SchemaFetcher`.
+
+    Unreachable, a server error (5xx), refused credentials or rate limiting is
+    `RegistryUnavailable` (an outage: retry the batch); a 404 in the registry's own
+    error format is `SchemaNotFound`; any other answer is `RegistryGarbage`.
+    """
     from confluent_kafka.schema_registry.error import SchemaRegistryError
+
+    transport_errors = _http_errors()
 
     def fetch(schema_id: int) -> str:
         try:
-            return client.get_schema(schema_id).schema_str
+            text = client.get_schema(schema_id).schema_str
         except SchemaRegistryError as exc:
-            if exc.http_status_code == 404:
+            status = exc.http_status_code
+            if status >= 500 or status in (401, 403, 408, 429):
+                raise RegistryUnavailable(
+                    f"registry error for schema id {schema_id}: {exc}"
+                ) from exc
+            if status == 404 and exc.error_code != -1:  # -1: the body was not the registry's
                 raise SchemaNotFound(str(exc)) from exc
-            raise RegistryUnavailable(f"registry error for schema id {schema_id}: {exc}") from exc
-        except httpx.HTTPError as exc:
+            raise RegistryGarbage(f"status {status}: {str(exc)[:300]}") from exc
+        except transport_errors as exc:
             raise RegistryUnavailable(f"registry unreachable: {exc}") from exc
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:  # 2xx, not a schema
+            raise RegistryGarbage(f"{type(exc).__name__}: {str(exc)[:300]}") from exc
+        if not isinstance(text, str):
+            raise RegistryGarbage(f"the reply holds no schema text ({type(text).__name__})")
+        return text
 
     return fetch
+
+
+def _http_errors() -> tuple[type[Exception], ...]:
+    """The transport errors of the HTTP client the registry client uses: confluent-kafka
+    prefers httpx2 when it is installed and falls back to httpx."""
+    import httpx
+
+    errors: list[type[Exception]] = [httpx.HTTPError]
+    try:
+        from confluent_kafka.schema_registry.common._httpx_compat import httpx as client_http
+    except ImportError:  # an older confluent-kafka: plain httpx
+        return tuple(errors)
+    errors.append(client_http.HTTPError)
+    return tuple(dict.fromkeys(errors))
 
 
 @dataclass(frozen=True)

@@ -19,20 +19,26 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from confluent_kafka import Consumer, Producer
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
 from prometheus_client import Counter, Gauge
 
-from streams.codec import AvroCodec, DecodeError, RegistryUnavailable, SchemaCache, registry_fetcher
+from streams.codec import (
+    AvroCodec,
+    DecodeError,
+    RegistryUnavailable,
+    schema_id_of,
+)
 from streams.debezium import EnvelopeError, EnvelopeReader, SourceChange
 from streams.dedupe import Deduplicator, RedisUnavailable, origin_of
 from streams.dlq import DeadLetter, DeadLetterWriter
+from streams.errors import AccordError
 from streams.identity import Hold, IdentityLost, IdentityResolver
 from streams.mapping import Mapper, Rejected
 from streams.model import Change
-from streams.registry import registry_client
+from streams.registry import registry_client, writer_schemas
 from streams.settings import AccordSettings
 from streams.topics import first_offsets, next_offsets, usable
 
@@ -55,6 +61,35 @@ HELD_ROWS = Gauge(
 )
 NOT_AN_ENVELOPE = "not_a_debezium_envelope"
 VALIDATION_FAILED = "validation_failed"
+PRODUCE_REFUSED = "produce_refused"
+
+# Errors with which a broker (or librdkafka, before sending) refuses one record for good:
+# sending it again gets the same answer. Any other error concerns the connection, the
+# topic or the producer, and the batch is tried again.
+RECORD_REFUSALS = frozenset(
+    {
+        KafkaError.MSG_SIZE_TOO_LARGE,
+        KafkaError.RECORD_LIST_TOO_LARGE,
+        KafkaError.INVALID_RECORD,
+        KafkaError.INVALID_TIMESTAMP,
+    }
+)
+
+
+def refuses_record(error: KafkaError) -> bool:
+    """True when `error` refuses this one record whatever is retried: dead-letter it.
+    A fatal producer error never is (the producer, not the record, is broken)."""
+    return not error.fatal() and error.code() in RECORD_REFUSALS
+
+
+class ProduceRefused(AccordError):
+    """The broker refused to take a change made from a raw record; the detail is the
+    broker's (or librdkafka's) error."""
+
+    def __init__(self, topic: str, error: KafkaError) -> None:
+        super().__init__(f"{topic} refused the change: {error.name()}: {error.str()}")
+        self.topic = topic
+        self.error = error
 
 
 class RawDecoder:
@@ -64,6 +99,13 @@ class RawDecoder:
         self.codec = codec
         self.envelopes = EnvelopeReader()
         self.readers = readers or {}  # topic -> reader schema for values
+
+    def prefetch(self, messages: list[Any]) -> None:
+        """Fetch the writer schemas of a batch's keys and values together, so that the
+        retries of the ids the registry will not give wait once for the whole batch.
+        Raises RegistryUnavailable."""
+        ids = (schema_id_of(p) for m in messages for p in (m.key(), m.value()))
+        self.codec.schemas.prefetch(i for i in ids if i is not None)
 
     def decode(self, message: Any) -> SourceChange | DeadLetter | None:
         """None for a tombstone. Raises RegistryUnavailable: retry, do not dead-letter."""
@@ -94,6 +136,7 @@ class ValidationFailed(ValueError):
 class IngestBatch:
     changes: list[Change]  # golden ids resolved, in input order
     dead: list[DeadLetter]
+    origins: list[Any] = field(default_factory=list)  # the raw message of each change
     tombstones: int = 0
     duplicates: int = 0
     unknown_deletes: int = 0
@@ -124,6 +167,7 @@ class IngestPipeline:
     def process(self, messages: list[Any]) -> IngestBatch:
         batch = IngestBatch([], [])
         mapped: list[tuple[Any, Change]] = []
+        self.decoder.prefetch(messages)
         for message in messages:
             decoded = self.decoder.decode(message)
             if decoded is None:
@@ -142,12 +186,13 @@ class IngestPipeline:
         duplicates = self.dedupe.duplicates(
             [(c.change_id, origin_of(m.topic(), m.partition(), m.offset())) for m, c in mapped]
         )
-        fresh = [change for (_, change), dup in zip(mapped, duplicates, strict=True) if not dup]
+        fresh = [pair for pair, dup in zip(mapped, duplicates, strict=True) if not dup]
         batch.duplicates = len(mapped) - len(fresh)
-        resolved = self.identity.resolve_batch(fresh)
-        for change, result in zip(fresh, resolved.results, strict=True):
+        resolved = self.identity.resolve_batch([change for _, change in fresh])
+        for (message, change), result in zip(fresh, resolved.results, strict=True):
             if result.golden_id is not None:
                 batch.changes.append(change.with_golden_id(result.golden_id))
+                batch.origins.append(message)
             elif result.hold is not None:
                 batch.held += 1
                 _report_hold(result.hold)
@@ -204,7 +249,10 @@ class IngestLoop:
     once its changes and dead letters are on the broker. A batch read again after a crash
     is harmless: the dedupe lets a message's own origin through again and the merge is
     idempotent. While Redis or the registry is down, the batch is read again after a
-    backoff and nothing is committed past it.
+    backoff and nothing is committed past it. A change the broker refuses for good (too
+    large, an invalid record: `refuses_record`) dead-letters its raw message with reason
+    `produce_refused` and the batch is committed; any other delivery failure reads the
+    batch again.
     """
 
     def __init__(
@@ -253,6 +301,8 @@ class IngestLoop:
         )
         self.dead_letters = make_dead_letters(self.producer)
         self._undelivered: list[str] = []
+        self._refused: list[DeadLetter] = []  # this batch's raw messages refused as changes
+        self._suspects: list[tuple[bytes, bytes, Any]] = []  # refused with their batch?
         self.backoff_s = 0.0  # the pause after a refused batch; 0 while services answer
 
     def step(self, stop: threading.Event) -> int:
@@ -280,24 +330,69 @@ class IngestLoop:
         self.backoff_s = 0.0
         for letter in batch.dead:
             self.dead_letters.write(letter)
-        for change in batch.changes:
-            self.producer.produce(
-                self.changes_topic,
-                key=change.golden_id.encode(),
-                value=self.encode_change(change.to_record()),
-                on_delivery=self._delivered,
-            )
-        if not self._delivered_all(stop):
+        self._refused, self._suspects = [], []
+        for change, origin in zip(batch.changes, batch.origins, strict=True):
+            value = self.encode_change(change.to_record())
+            self._produce(change.golden_id.encode(), value, origin, alone=False)
+        if not self._delivered_all(stop) or not self._resend_alone(stop):
+            self._refused = []  # refused again, and dead-lettered, when the batch is reread
             self._rewind(messages)
             return 0
-        if batch.dead:
+        for letter in self._refused:
+            self.dead_letters.write(letter)
+        if batch.dead or self._refused:
             self.dead_letters.flush()  # a dead letter that failed for good stops the worker
         self.consumer.commit(offsets=next_offsets(messages), asynchronous=True)
         return len(messages)
 
-    def _delivered(self, error: Any, _message: Any) -> None:
-        if error is not None:
-            self._undelivered.append(str(error))
+    def _produce(self, key: bytes, value: bytes, origin: Any, alone: bool) -> None:
+        """Hands one change to the producer. librdkafka refuses a record over its size
+        limit at once: its raw message is dead-lettered. A refusal on delivery may be the
+        broker's refusal of the whole batch the record was sent in, so the record is only
+        a suspect, sent again `alone`; refused alone, it is dead-lettered."""
+
+        def delivered(error: Any, _message: Any) -> None:
+            if error is None:
+                return
+            if not refuses_record(error):
+                self._undelivered.append(str(error))
+            elif alone:
+                self._refuse(origin, error)
+            else:
+                self._suspects.append((key, value, origin))
+
+        while True:
+            try:
+                self.producer.produce(
+                    self.changes_topic, key=key, value=value, on_delivery=delivered
+                )
+                return
+            except BufferError:  # the producer's queue is full: let it send some first
+                self.producer.poll(0.1)
+            except KafkaException as exc:
+                error = exc.args[0]
+                if not refuses_record(error):
+                    raise
+                self._refuse(origin, error)
+                return
+
+    def _resend_alone(self, stop: threading.Event) -> bool:
+        """Sends each change refused on delivery again, one at a time; False if one
+        failed otherwise than by a refusal (the batch is read again)."""
+        suspects, self._suspects = self._suspects, []
+        for key, value, origin in suspects:
+            self._produce(key, value, origin, alone=True)
+            if not self._delivered_all(stop):
+                return False
+        return True
+
+    def _refuse(self, origin: Any, error: KafkaError) -> None:
+        refusal = ProduceRefused(self.changes_topic, error)
+        log.warning(
+            "ingest: %s/%d/%d dead-lettered: %s",
+            origin.topic(), origin.partition(), origin.offset(), refusal,
+        )  # fmt: skip
+        self._refused.append(DeadLetter.of(origin, PRODUCE_REFUSED, refusal, stage="ingest"))
 
     def _delivered_all(self, stop: threading.Event) -> bool:
         """Waits for the batch's deliveries (the producer retries by itself while the
@@ -341,7 +436,7 @@ class RawChangeConsumer:
         batch_size: int = 500,
     ) -> None:
         registry = registry_client(settings)
-        self.decoder = RawDecoder(AvroCodec(SchemaCache(registry_fetcher(registry))), readers)
+        self.decoder = RawDecoder(AvroCodec(writer_schemas(settings, registry)), readers)
         self.producer = Producer(
             settings.kafka_config({"enable.idempotence": True, "linger.ms": 5})
         )
@@ -368,6 +463,7 @@ class RawChangeConsumer:
             return result
         changes: list[SourceChange] = []
         try:
+            self.decoder.prefetch(messages)
             for message in messages:
                 outcome = self.decoder.decode(message)
                 if outcome is None:

@@ -33,6 +33,7 @@ from prometheus_client import Counter
 
 from streams.debezium import SourceChange, SourcePosition
 from streams.errors import ConfigError
+from streams.missing_columns import MissingColumns
 from streams.model import FIELDS, Change, Op, Value, sortable_position
 from streams.yamlconf import Map, Problem, Problems, Seq, did_you_mean, plain, read
 
@@ -919,8 +920,11 @@ def _not_a_column(column: str, columns: frozenset[str]) -> str:
 class Mapper:
     """Source changes to canonical changes, by the mapping of the change's topic."""
 
-    def __init__(self, mappings: dict[str, SystemMapping]) -> None:
+    def __init__(
+        self, mappings: dict[str, SystemMapping], missing: MissingColumns | None = None
+    ) -> None:
         self.mappings = mappings
+        self.missing = missing  # reports mapped columns a source's rows no longer have
         self._by_topic: dict[str, SystemMapping] = {}
         for mapping in mappings.values():
             other = self._by_topic.get(mapping.topic)
@@ -952,6 +956,9 @@ class Mapper:
         soft: list[FieldIssue] = []
         if op is Op.UPSERT:
             _map_values(self._plans[mapping.topic], change.row, values, hard, soft)
+            if self.missing is not None:  # an absent column is left out: say so
+                columns = (spec.column for spec in self._plans[mapping.topic])
+                self.missing.observe(mapping.system, mapping.topic, columns, change.row)
         if hard:
             return self._reject(mapping.system, hard)
         for issue in soft:

@@ -26,6 +26,17 @@ def registry_client(settings: AccordSettings) -> SchemaRegistryClient:
     return SchemaRegistryClient(config)
 
 
+def writer_schemas(settings: AccordSettings, client: SchemaRegistryClient) -> SchemaCache:
+    """Writer schemas by id from `client`, retried and remembered as `settings.schemas` says."""
+    schemas = settings.schemas
+    return SchemaCache(
+        registry_fetcher(client),
+        attempts=schemas.fetch_attempts,
+        backoff_s=schemas.fetch_backoff_s,
+        missing_ttl_s=schemas.failed_id_ttl_s,
+    )
+
+
 def registry_codec(settings: AccordSettings) -> AvroCodec:
     """A codec that fetches writer schemas from the registry (once each) by id."""
-    return AvroCodec(SchemaCache(registry_fetcher(registry_client(settings))))
+    return AvroCodec(writer_schemas(settings, registry_client(settings)))

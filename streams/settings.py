@@ -218,6 +218,22 @@ class SchemaSettings(BaseModel):
     auto_register: bool = Field(
         True, description="Workers register canonical schemas they write; off in production."
     )
+    fetch_attempts: int = Field(
+        4,
+        ge=1,
+        description="How often a writer schema id the registry does not give (unknown, a "
+        "reply that is not a schema, a schema that does not parse) is asked before its "
+        "messages are dead-lettered; the ids of one batch are asked together.",
+    )
+    fetch_backoff_s: float = Field(
+        0.25, ge=0, description="First wait between those asks; it doubles after each."
+    )
+    failed_id_ttl_s: float = Field(
+        60.0,
+        gt=0,
+        description="How long an id that failed is remembered: its messages are "
+        "dead-lettered at once meanwhile, without asking the registry.",
+    )
 
 
 class WorkerSettings(BaseModel):

@@ -19,6 +19,7 @@ from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from streams.missing_columns import missing_columns
 from streams.monitor import Monitor, Snapshot
 from streams.reconcile import Scorecard
 from streams.settings import AccordSettings
@@ -149,6 +150,7 @@ class StatusBoard:
             "snapshot": self.snapshot.as_dict() if self.snapshot else None,
             "snapshot_error": self.snapshot_error,
             "latency": latency_by_target(),
+            "missing_columns": missing_columns(),
             "drift": drift,
             "reconcile_interval_s": self.settings.worker.reconcile_interval_s,
         }

@@ -1,0 +1,103 @@
+"""A mapped source column that the source's schema dropped: the rows still map, and the
+absence is reported (gauge, counter, one warning per schema and column, /status)."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import uuid
+from pathlib import Path
+
+import pytest
+from prometheus_client import REGISTRY
+
+from streams.codec import AvroCodec, SchemaCache
+from streams.debezium import EnvelopeReader, SourceChange
+from streams.mapping import Mapped, Mapper, load_mappings
+from streams.missing_columns import MissingColumns, missing_columns
+from tests import vectors
+
+CONNECTORS = Path(__file__).resolve().parents[2] / "connectors"
+
+
+def _vector(name: str) -> SourceChange:
+    vector = vectors.load(name)
+    codec = AvroCodec(SchemaCache(vector.fetch))
+    key, value = codec.decode(vector.key), codec.decode(vector.value)
+    return EnvelopeReader().unwrap(vector.topic, key.value, key.schema, value.value, value.schema)
+
+
+@pytest.fixture
+def crm() -> tuple[Mapper, str]:
+    """A mapper over the shipped mappings, with crm renamed to a system of this test's own
+    (the metrics are process-wide)."""
+    system = f"crm-{uuid.uuid4().hex[:6]}"
+    mappings = load_mappings(CONNECTORS)
+    mappings = {**mappings, "crm": dataclasses.replace(mappings["crm"], system=system)}
+    return Mapper(mappings, MissingColumns()), system
+
+
+def _without(change: SourceChange, column: str) -> SourceChange:
+    after = {k: v for k, v in (change.after or {}).items() if k != column}
+    return dataclasses.replace(change, after=after)
+
+
+def _gauge(system: str, column: str) -> float | None:
+    return REGISTRY.get_sample_value(
+        "accord_mapping_missing_columns", {"system": system, "column": column}
+    )
+
+
+def _rows(system: str, column: str) -> float:
+    value = REGISTRY.get_sample_value(
+        "accord_mapping_missing_column_rows_total", {"system": system, "column": column}
+    )
+    return value or 0.0
+
+
+def test_a_dropped_optional_column_is_reported_and_the_row_still_maps(
+    crm: tuple[Mapper, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    mapper, system = crm
+    created = _vector("crm-c")
+    caplog.set_level(logging.WARNING, logger="streams.missing_columns")
+    for _ in range(50):
+        outcome = mapper.map(_without(created, "company"))
+        assert isinstance(outcome, Mapped)  # not dead-lettered
+        assert "company" not in outcome.change.values
+        assert outcome.change.values["first_name"] == "Ada"  # the other fields keep syncing
+    assert _gauge(system, "company") == 1
+    assert _rows(system, "company") == 50
+    assert {"system": system, "column": "company"} in missing_columns()
+    warnings = [r for r in caplog.records if "'company'" in r.getMessage()]
+    assert len(warnings) == 1 and system in warnings[0].getMessage()
+
+    assert isinstance(mapper.map(created), Mapped)  # the column is back
+    assert _gauge(system, "company") == 0
+    assert {"system": system, "column": "company"} not in missing_columns()
+    assert _rows(system, "company") == 50
+
+
+def test_a_delete_or_a_mapper_without_a_tracker_reports_nothing(crm: tuple[Mapper, str]) -> None:
+    mapper, system = crm
+    deleted = _vector("crm-d")
+    assert isinstance(mapper.map(deleted), Mapped)  # its before image may hold only the key
+    assert _gauge(system, "company") is None
+    untracked = Mapper(mapper.mappings)
+    assert isinstance(untracked.map(_without(_vector("crm-c"), "company")), Mapped)
+    assert _gauge(system, "company") is None and _rows(system, "company") == 0
+
+
+def test_a_schema_flapping_back_and_forth_warns_once_per_schema(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    tracker = MissingColumns()
+    system = f"s-{uuid.uuid4().hex[:6]}"
+    caplog.set_level(logging.WARNING, logger="streams.missing_columns")
+    for _ in range(10):
+        tracker.observe(system, "t", ["a", "b"], {"a": 1})  # old schema without b
+        tracker.observe(system, "t", ["a", "b"], {"a": 1, "b": 2})
+    assert len(caplog.records) == 1
+    assert _gauge(system, "b") == 0 and _rows(system, "b") == 10
+    tracker.observe(system, "t", ["a", "b"], {"a": 1, "c": 3})  # another schema without b
+    assert len(caplog.records) == 2 and _gauge(system, "b") == 1
