@@ -202,7 +202,10 @@ def registry_fetcher(client: Any) -> SchemaFetcher:
 
     Unreachable, a server error (5xx), refused credentials or rate limiting is
     `RegistryUnavailable` (an outage: retry the batch); a 404 in the registry's own
-    error format is `SchemaNotFound`; any other answer is `RegistryGarbage`.
+    error format is `SchemaNotFound`; any other answer is `RegistryGarbage`, unless the
+    registry answers garbage to a plain question too (its global compatibility level):
+    a registry behind a misrouted proxy or a captive portal is down, not a source of bad
+    schemas, so that is `RegistryUnavailable` as well and no record is dead-lettered for it.
     """
     from confluent_kafka.schema_registry.error import SchemaRegistryError
 
@@ -219,14 +222,27 @@ def registry_fetcher(client: Any) -> SchemaFetcher:
                 ) from exc
             if status == 404 and exc.error_code != -1:  # -1: the body was not the registry's
                 raise SchemaNotFound(str(exc)) from exc
-            raise RegistryGarbage(f"status {status}: {str(exc)[:300]}") from exc
+            garbage = RegistryGarbage(f"status {status}: {str(exc)[:300]}")
         except transport_errors as exc:
             raise RegistryUnavailable(f"registry unreachable: {exc}") from exc
         except (ValueError, KeyError, TypeError, AttributeError) as exc:  # 2xx, not a schema
-            raise RegistryGarbage(f"{type(exc).__name__}: {str(exc)[:300]}") from exc
-        if not isinstance(text, str):
-            raise RegistryGarbage(f"the reply holds no schema text ({type(text).__name__})")
-        return text
+            garbage = RegistryGarbage(f"{type(exc).__name__}: {str(exc)[:300]}")
+        else:
+            if isinstance(text, str):
+                return text
+            garbage = RegistryGarbage(f"the reply holds no schema text ({type(text).__name__})")
+        if not answers_sanely():
+            raise RegistryUnavailable(
+                f"the registry answers garbage to every request, not only for schema id "
+                f"{schema_id} ({garbage}); treated as an outage"
+            )
+        raise garbage
+
+    def answers_sanely() -> bool:
+        try:
+            return isinstance(client.get_compatibility(), str)
+        except Exception:
+            return False
 
     return fetch
 

@@ -150,13 +150,22 @@ def test_the_decoder_prefetches_key_and_value_ids_of_a_batch() -> None:
 
 
 class Client:
-    def __init__(self, outcome: Any) -> None:
+    """A registry client whose schema lookup has `outcome`; `sane`: whether it answers a
+    plain question (its compatibility level) sanely."""
+
+    def __init__(self, outcome: Any, sane: bool = True) -> None:
         self.outcome = outcome
+        self.sane = sane
 
     def get_schema(self, _schema_id: int) -> Any:
         if isinstance(self.outcome, Exception):
             raise self.outcome
         return self.outcome
+
+    def get_compatibility(self) -> str:
+        if not self.sane:
+            raise json.JSONDecodeError("Expecting value", "<html>", 0)
+        return "BACKWARD"
 
 
 class Answer:
@@ -185,6 +194,21 @@ def test_the_fetcher_tells_an_outage_from_an_unknown_id_from_garbage(
 ) -> None:
     with pytest.raises(expected):
         registry_fetcher(Client(outcome))(9)
+
+
+@pytest.mark.parametrize(
+    "outcome",
+    [
+        SchemaRegistryError(404, -1, "Unknown Schema Registry Error: <html>"),
+        json.JSONDecodeError("Expecting value", "<html>", 0),
+        Answer(None),
+    ],
+)
+def test_garbage_for_every_question_is_an_outage_not_a_bad_schema(outcome: Any) -> None:
+    """A registry behind a misrouted proxy answers HTML to everything: records must wait
+    for it (the batch is read again), not be dead-lettered as bad schemas."""
+    with pytest.raises(RegistryUnavailable, match="garbage to every request"):
+        registry_fetcher(Client(outcome, sane=False))(9)
 
 
 def test_the_fetcher_returns_the_schema_text() -> None:
