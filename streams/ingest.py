@@ -27,6 +27,7 @@ from streams.codec import AvroCodec, DecodeError, RegistryUnavailable, SchemaCac
 from streams.debezium import EnvelopeError, EnvelopeReader, SourceChange
 from streams.dedupe import Deduplicator, RedisUnavailable, origin_of
 from streams.dlq import DeadLetter, DeadLetterWriter
+from streams.health import StageProgress
 from streams.identity import IdentityResolver
 from streams.mapping import Mapper, Rejected
 from streams.model import Change
@@ -187,8 +188,10 @@ class IngestLoop:
         compression: str = "none",
         session_timeout_s: float = 45.0,
         client_id: str | None = None,
+        progress: StageProgress | None = None,
     ) -> None:
         self.pipeline = pipeline
+        self.progress = progress or StageProgress("ingest")
         self.changes_topic = changes_topic
         self.encode_change = encode_change
         self.batch_size = batch_size
@@ -225,10 +228,15 @@ class IngestLoop:
             m for m in self.consumer.consume(self.batch_size, self.batch_window_s) if usable(m)
         ]
         if not messages:
+            self.progress.look_at_lag(self.consumer)
             return 0
         try:
             batch = self.pipeline.process(messages)
         except (RedisUnavailable, RegistryUnavailable) as exc:
+            # Retried either way, nothing lost; a refusal waiting will not cure (Redis
+            # NOPERM, WRONGTYPE, ...) also makes /health not ready with its reason.
+            refused = isinstance(exc, RedisUnavailable) and not exc.transient
+            self.progress.blocked(exc.reason if refused else None)
             self.backoff_s = min(max(self.backoff_s * 2, 0.25), 5.0)
             log.warning("ingest paused, retrying in %.1fs: %s", self.backoff_s, exc)
             self._rewind(messages)
@@ -245,11 +253,13 @@ class IngestLoop:
                 on_delivery=self._delivered,
             )
         if not self._delivered_all(stop):
+            self.progress.blocked()
             self._rewind(messages)
             return 0
         if batch.dead:
             self.dead_letters.flush()  # a dead letter that failed for good stops the worker
         self.consumer.commit(offsets=next_offsets(messages), asynchronous=True)
+        self.progress.moved(len(messages))
         return len(messages)
 
     def _delivered(self, error: Any, _message: Any) -> None:
