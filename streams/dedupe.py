@@ -69,9 +69,10 @@ def classify_redis_error(exc: redis.RedisError) -> RedisFailure:
         return RedisFailure(code, True, detail)
     if isinstance(exc, redis.ResponseError):
         code = getattr(exc, "status_code", None)
-        if not code:  # redis-py keeps unknown codes at the head of the text
-            head = detail.split(" ", 1)[0]
+        if not code:  # redis-py keeps codes it does not know at the head of the text
+            head, _, rest = detail.partition(" ")
             code = head if head.isupper() and head.isalpha() else "ERR"
+            detail = rest if code == head else detail
         return RedisFailure(code, code in TRANSIENT_CODES, detail)
     return RedisFailure(type(exc).__name__, False, detail)
 
