@@ -464,7 +464,12 @@ def create_app(settings: AccordSettings, rules: Rules | None = None) -> faust.Ap
     @app.timer(LAG_CHECK_S)
     async def merge_lag() -> None:
         """The merge's lag on this worker's partitions of the changes topic, from the
-        status board's last snapshot (a stale or missing one tells nothing)."""
+        status board's last snapshot (a stale or missing one tells nothing). While Faust
+        rebalances or recovers the table, the merge is not expected to move: /health
+        reports the rebalance instead."""
+        if app.rebalancing:
+            stages["merge"].lag(False)
+            return
         snapshot = board.snapshot
         if snapshot is None or time.time() - snapshot.taken_at > 3 * worker.status_interval_s:
             return
