@@ -121,6 +121,27 @@ def test_run_worker_refuses_before_touching_the_holder_s_state(
     assert marker.exists()
 
 
+def test_reset_refuses_while_a_worker_holds_the_data_dir(tmp_path: Path) -> None:
+    """`accord reset` wipes the data dir: never under a live worker, whatever its port."""
+    from streams.reset import reset
+
+    settings = AccordSettings(
+        kafka_bootstrap="127.0.0.1:1",  # never reached
+        topics=TopicSettings.under("unit-reset"),
+        worker=WorkerSettings(app_id="unit-reset", data_dir=tmp_path, web_port=0),
+    )
+    directory = tmp_path / "unit-reset-1"
+    (directory / "golden-0").mkdir(parents=True)
+    holder = _holder(directory)
+    try:
+        with pytest.raises(AccordError, match=f"is running \\(pid {holder.pid}\\)"):
+            reset(settings, print)
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(10)
+    assert (directory / "golden-0").is_dir()
+
+
 def test_a_port_someone_listens_on_is_refused_with_the_setting_to_change() -> None:
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
