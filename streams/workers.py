@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import signal
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -114,14 +113,19 @@ class WorkerProcess:
         """Wait until `/health` says ready. Raises `AccordError` with the tail of the log
         as soon as the process exits (a second worker of the same instance, a port in
         use, a bad setting), or when the timeout passes."""
-        if not wait_until(lambda: self.ready() or not self.running, timeout_s, 0.5):
-            raise AccordError(
-                f"{self.name} not ready after {timeout_s:.0f}s (log: {self.log})\n"
-                + tail(self.log, 30)
-            )
+        settled = wait_until(lambda: self.ready() or not self.running, timeout_s, 0.5)
+        self._judge(settled, timeout_s)
+
+    def _judge(self, settled: bool, waited_s: float) -> None:
+        """Raise if the worker exited, or if the wait ended unsettled, with its log."""
         if not self.running:
             raise AccordError(
                 f"{self.name} exited on start (log: {self.log})\n" + tail(self.log, 30)
+            )
+        if not settled:
+            raise AccordError(
+                f"{self.name} not ready after {waited_s:.0f}s (log: {self.log})\n"
+                + tail(self.log, 30)
             )
 
     def ready(self) -> bool:
@@ -150,10 +154,15 @@ class WorkerProcess:
 
 
 def wait_all_ready(workers: list[WorkerProcess], timeout_s: float = 180.0) -> None:
-    """Wait until every worker is ready; raises as soon as one exits (`wait_ready`)."""
-    deadline = time.monotonic() + timeout_s
-    for worker in workers:
-        worker.wait_ready(max(deadline - time.monotonic(), 0.0))
+    """Wait until every worker is ready; raises as soon as any of them exits, or when the
+    timeout passes, with that worker's log (`WorkerProcess.wait_ready`)."""
+
+    def settled() -> bool:
+        return any(not w.running for w in workers) or all(w.ready() for w in workers)
+
+    done = wait_until(settled, timeout_s, 0.5)
+    for worker in sorted(workers, key=lambda w: w.running):  # the exited first
+        worker._judge(done, timeout_s)
 
 
 def applier_process(settings: AccordSettings, target: str) -> ProcessSpec:
