@@ -70,7 +70,7 @@ from streams.settings import AccordSettings, TopicSettings, load_settings  # noq
 from streams.stack.manager import Stack  # noqa: E402
 from streams.stack.process import wait_until  # noqa: E402
 from streams.topology import emit_group, ingest_group  # noqa: E402
-from streams.workers import WorkerProcess  # noqa: E402
+from streams.workers import WorkerProcess, wait_all_ready  # noqa: E402
 from tests import vectors  # noqa: E402
 
 PARTITIONS = 6
@@ -320,10 +320,9 @@ def _profiler(pid: int, out: Path) -> subprocess.Popen:
 
 
 def _instance(settings: AccordSettings, number: int) -> AccordSettings:
-    """Worker process `number` of a run: its own state folder and web port."""
-    worker = settings.worker.model_copy(
-        update={"instance": str(number), "web_port": settings.worker.web_port + number - 1}
-    )
+    """Worker process `number` of a run: its own state folder, and a free web port (0: the
+    worker picks one and publishes it, so a worker already on this host is no obstacle)."""
+    worker = settings.worker.model_copy(update={"instance": str(number), "web_port": 0})
     return settings.model_copy(update={"worker": worker})
 
 
@@ -347,7 +346,7 @@ def accord(
     pids = [int(process.spec.pid_file.read_text().split()[0]) for process in processes]
     spy = _profiler(pids[0], profile) if profile else None
     try:
-        wait_until(lambda: all(process.ready() for process in processes), 120, 0.5)
+        wait_all_ready(processes, 120)  # raises with its log if one exits
         app = settings.worker.app_id
         started, cpu0 = time.monotonic(), sum(cpu_s(pid) for pid in pids)
         load_topics(settings, messages, prefix=app)

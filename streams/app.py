@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import shutil
 import threading
+import time
 from collections.abc import Callable
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import faust
@@ -40,12 +41,14 @@ from streams.dlq import DeadLetterWriter
 from streams.emit import Emitter, EmitTopics, plan_sinks, repair
 from streams.errors import ConfigError
 from streams.faust_codec import canonical_codec
+from streams.health import LAG_CHECK_S, StageProgress
 from streams.identity import IdentityResolver
 from streams.ingest import IngestLoop, IngestPipeline, RawDecoder
 from streams.mapping import Mapper, load_mappings
 from streams.merge import StateCache, apply, dumps, stage
 from streams.missing_columns import MissingColumns
 from streams.model import Change
+from streams.monitor import Snapshot
 from streams.offsets import guarded_consumer
 from streams.projection import SinkKind, load_sinks
 from streams.registry import registry_client, writer_schemas
@@ -61,6 +64,14 @@ from streams.topology import (
     ensure_topics,
     ingest_group,
     internal_replication,
+)
+from streams.workerhost import (
+    DataDirLock,
+    check_port_free,
+    data_dir,
+    free_port,
+    port_file,
+    publish_port,
 )
 
 log = logging.getLogger(__name__)
@@ -290,12 +301,6 @@ def redis_client(settings: AccordSettings) -> redis.Redis:
     )
 
 
-def data_dir(settings: AccordSettings) -> Path:
-    """Where RocksDB keeps this worker's tables."""
-    base = settings.worker.data_dir or settings.stack.state_dir / "worker"
-    return base / f"{settings.worker.app_id}-{settings.worker.instance}"
-
-
 def create_app(settings: AccordSettings, rules: Rules | None = None) -> faust.App:
     worker = settings.worker
     rules = rules or load_rules(worker.rules_file)
@@ -317,7 +322,7 @@ def create_app(settings: AccordSettings, rules: Rules | None = None) -> faust.Ap
         web_enabled=True,
         web_host=worker.web_host,
         web_bind=worker.web_host,
-        web_port=worker.web_port,
+        web_port=worker.port,
         producer_acks=-1,
         # Faust's (aiokafka's) producer writes the changelog only under exactly_once
         # (at-least-once: `streams.changelog`). Let it gather a few ms of writes into one
@@ -387,6 +392,10 @@ def create_app(settings: AccordSettings, rules: Rules | None = None) -> faust.Ap
             compression=worker.compression,
         )
 
+    # What /health judges stalls and refusals by (`streams.health`): the worker's own
+    # stages only; a paused target is a status, not a reason to restart the worker.
+    stages = {name: StageProgress(name) for name in ("ingest", "merge", "emit")}
+
     # An unexpected error in an agent is a bug or broken state, not bad input (that goes
     # to the DLQ): crash the worker, so it shows, instead of restarting the agent forever.
     states = StateCache(worker.state_cache_size)
@@ -419,6 +428,7 @@ def create_app(settings: AccordSettings, rules: Rules | None = None) -> faust.Ap
                 acks.after(golden.last_write, event)
             else:
                 await inputs.ack(event)
+            stages["merge"].moved()
 
     identity = IdentityResolver(
         redis_conn, worker.redis_prefix, rules.match, rules.identity, guarded=True
@@ -444,12 +454,13 @@ def create_app(settings: AccordSettings, rules: Rules | None = None) -> faust.Ap
         session_timeout_s=worker.session_timeout_s,
         client_id=f"{ingest_group(settings)}-{worker.instance}",
         on_identity_lost=relinker.lost,
+        progress=stages["ingest"],
     )
     services = [ThreadStatus("ingest"), ThreadStatus("emitter")]
     services.append(ThreadStatus("identity-keeper"))
     app.service(_thread_service(services[-1], lambda: relinker))
     app.service(_thread_service(services[0], ingest))
-    app.service(_thread_service(services[1], _make_emitter(settings, registry)))
+    app.service(_thread_service(services[1], _make_emitter(settings, registry, stages["emit"])))
     if golden.writer is not None:
         services.append(ThreadStatus("changelog-writer"))
         app.service(_thread_service(services[-1], lambda: golden.writer))
@@ -465,16 +476,35 @@ def create_app(settings: AccordSettings, rules: Rules | None = None) -> faust.Ap
         services.append(status)
         app.service(_thread_service(status, partial(SinkRunner, settings, target)))
 
+    @app.timer(LAG_CHECK_S)
+    async def merge_lag() -> None:
+        """The merge's lag on this worker's partitions of the changes topic, from the
+        status board's last snapshot (a stale or missing one tells nothing). While Faust
+        rebalances or recovers the table, the merge is not expected to move: /health
+        reports the rebalance instead."""
+        if app.rebalancing:
+            stages["merge"].lag(False)
+            return
+        snapshot = board.snapshot
+        if snapshot is None or time.time() - snapshot.taken_at > 3 * worker.status_interval_s:
+            return
+        mine = {(tp.topic, tp.partition) for tp in app.consumer.assignment()}
+        stages["merge"].lag(merge_has_work(snapshot, worker.app_id, settings.topics.changes, mine))
+
     @app.page("/health")
     async def health(web: Any, request: Any) -> Any:
-        """Ready once partitions are assigned and the emitter runs; 503 with the reason if not."""
+        """Ready once partitions are assigned and the emitter runs, while no stage of its
+        own (ingest, merge, emit) is stalled or refused; 503 with the reasons if not."""
         problems = []
         if app.rebalancing or not app.consumer.assignment():
             problems.append("waiting for partitions (rebalancing)")
         problems += [f"{s.name} not running" for s in services if not s.ready]
         if relinker.problem:
             problems.append(relinker.problem)
-        body = {"ready": not problems, "problems": problems}
+        for progress in stages.values():
+            problems += progress.problems(worker.stall_after_s)
+        # The pid tells a launcher this answer is its worker's, not a neighbour's.
+        body = {"ready": not problems, "problems": problems, "pid": os.getpid()}
         return web.json(body, status=200 if not problems else 503)
 
     @app.page("/metrics")
@@ -494,6 +524,20 @@ def create_app(settings: AccordSettings, rules: Rules | None = None) -> faust.Ap
         return web.json(board.as_dict())
 
     return app
+
+
+def merge_has_work(
+    snapshot: Snapshot, app_id: str, changes: str, mine: set[tuple[str, int]]
+) -> bool:
+    """True when the merge group has uncommitted records on a partition of `changes` this
+    worker holds (`mine`); partitions of other workers are theirs to judge."""
+    return any(
+        p.lag > 0
+        for group in snapshot.groups
+        if group.group == app_id
+        for p in group.partitions
+        if p.topic == changes and (p.topic, p.partition) in mine
+    )
 
 
 class ThreadStatus:
@@ -555,7 +599,9 @@ def _thread_service(status: ThreadStatus, make: Callable[[], Runnable]) -> type[
     return ThreadService
 
 
-def _make_emitter(settings: AccordSettings, registry: Any) -> Callable[[], Emitter]:
+def _make_emitter(
+    settings: AccordSettings, registry: Any, progress: StageProgress | None = None
+) -> Callable[[], Emitter]:
     topics = settings.topics
 
     def make() -> Emitter:
@@ -576,6 +622,7 @@ def _make_emitter(settings: AccordSettings, registry: Any) -> Callable[[], Emitt
             encode_sink=_sink_encoder(settings, registry),
             batch_size=settings.worker.batch_size,
             compression=settings.worker.compression,
+            progress=progress,
         )
 
     return make
@@ -630,16 +677,26 @@ def _sink_encoder(settings: AccordSettings, registry: Any) -> Callable[[dict[str
 
 
 def run_worker(settings: AccordSettings, loglevel: str = "info") -> None:
-    """Create topics, guard the local state, and run until stopped (SIGINT/SIGTERM)."""
+    """Lock the data dir, create topics, guard the local state, and run until stopped
+    (SIGINT/SIGTERM).
+
+    The lock comes first: a second worker with the same app id and instance must leave
+    before it can judge (and wipe) the first one's live state. Raises
+    `WorkerAlreadyRunning` or `PortTaken` before touching anything.
+    """
     if settings.redact_pii:
         redact.install()
+    directory = data_dir(settings)
+    lock = DataDirLock(directory)
+    lock.acquire(settings.worker.instance)  # held until this process ends
+    settings = _with_web_port(settings)
+    port = settings.worker.port
     ensure_topics(settings)
     if settings.worker.processing_guarantee == "exactly_once":
         log.warning(
             "processing_guarantee=exactly_once is experimental: it failed the fault suite "
             "(Faust's transactional commits trip Accord's offset guard); see the README"
         )
-    directory = data_dir(settings)
     marker = directory.with_name(directory.name + "." + CLEAN_STOP_MARKER)
     if marker.exists():
         # The last worker died without committing: its RocksDB may hold writes whose
@@ -648,6 +705,8 @@ def run_worker(settings: AccordSettings, loglevel: str = "info") -> None:
         shutil.rmtree(directory, ignore_errors=True)
     directory.mkdir(parents=True, exist_ok=True)
     marker.write_text("a worker is running, or died without a clean stop\n")
+    publish_port(directory, port)
+    print(f"accord worker {settings.worker.instance}: web port {port}", flush=True)
     app = create_app(settings)
     worker = faust.Worker(app, loglevel=loglevel, quiet=True)
     try:
@@ -656,3 +715,15 @@ def run_worker(settings: AccordSettings, loglevel: str = "info") -> None:
         if exit_.code in (0, None):
             marker.unlink(missing_ok=True)
         raise
+    finally:
+        port_file(directory).unlink(missing_ok=True)
+        lock.release()
+
+
+def _with_web_port(settings: AccordSettings) -> AccordSettings:
+    """The settings with the web port this worker will bind: a free one for 0. Raises
+    `PortTaken` when another process listens on it, before anything starts."""
+    worker = settings.worker
+    port = worker.port or free_port(worker.web_host)
+    check_port_free(worker.web_host, port)
+    return settings.model_copy(update={"worker": worker.model_copy(update={"web_port": port})})

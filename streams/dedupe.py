@@ -23,25 +23,83 @@ returns the previous one otherwise, in one command; a batch is one pipeline.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import redis
 from prometheus_client import Counter
 
 from streams.errors import AccordError
+from streams.redact import redact
 
 CHECKED = Counter("accord_dedupe_checked_total", "Change ids checked for duplicates")
 HITS = Counter("accord_dedupe_hits_total", "Duplicate changes dropped (replays)")
 
 
+# Server replies that waiting cures: a replica promoted, memory freed, a load or a script
+# finished. Every other error reply (NOPERM, WRONGTYPE, an unknown command, ...) needs an
+# operator; connection errors and timeouts are transient, a refused login is not.
+TRANSIENT_CODES = frozenset(
+    {"READONLY", "OOM", "TRYAGAIN", "LOADING", "BUSY", "MASTERDOWN", "CLUSTERDOWN"}
+)
+PIPELINE_PREFIX = re.compile(r"^Command # \d+ \(.*?\) of pipeline caused error: ", re.DOTALL)
+
+
+@dataclass(frozen=True)
+class RedisFailure:
+    """What a redis-py error means for Accord: `code` is Redis's error code (NOPERM,
+    WRONGTYPE, OOM, ...) or the exception's class for a client-side error; `detail` is the
+    server's text without the command (which may hold customer data)."""
+
+    code: str
+    transient: bool
+    detail: str
+
+
+def classify_redis_error(exc: redis.RedisError) -> RedisFailure:
+    """Transient (retry with backoff, all is well) or not (still retried, but `/health`
+    is not ready with the reason): the one place that decides."""
+    detail = PIPELINE_PREFIX.sub("", str(exc.args[0]) if exc.args else "")
+    if isinstance(exc, redis.AuthenticationError | redis.exceptions.AuthorizationError):
+        return RedisFailure(getattr(exc, "status_code", None) or "NOAUTH", False, detail)
+    if isinstance(exc, redis.ConnectionError | redis.TimeoutError):  # LOADING among them
+        code = getattr(exc, "status_code", None) or type(exc).__name__
+        return RedisFailure(code, True, detail)
+    if isinstance(exc, redis.ResponseError):
+        code = getattr(exc, "status_code", None)
+        if not code:  # redis-py keeps codes it does not know at the head of the text
+            head, _, rest = detail.partition(" ")
+            code = head if head.isupper() and head.isalpha() else "ERR"
+            detail = rest if code == head else detail
+        return RedisFailure(code, code in TRANSIENT_CODES, detail)
+    return RedisFailure(type(exc).__name__, False, detail)
+
+
 class RedisUnavailable(AccordError):
-    """Redis could not answer; the caller retries the whole batch (fail closed)."""
+    """Redis could not answer, or refused; the caller retries the whole batch (fail
+    closed). `failure.transient` False means retrying alone will not cure it: the
+    worker's `/health` names `reason`."""
+
+    def __init__(self, message: str, failure: RedisFailure | None = None) -> None:
+        super().__init__(message)
+        self.failure = failure or RedisFailure("unknown", True, message)
+
+    @property
+    def transient(self) -> bool:
+        return self.failure.transient
+
+    @property
+    def reason(self) -> str:
+        """ "redis NOPERM: ...", personal data redacted: fit for `/health`."""
+        return redact(f"redis {self.failure.code}: {self.failure.detail}")[:300]
 
 
 @contextmanager
 def redis_errors(action: str) -> Iterator[None]:
-    """Turn any redis-py error into `RedisUnavailable` naming what was being done.
+    """Turn any redis-py error into `RedisUnavailable` naming what was being done, with
+    its classification (`classify_redis_error`).
 
     The message carries the error class and redis-py's text (host and port at most),
     never the connection URL, which may hold a password.
@@ -49,8 +107,10 @@ def redis_errors(action: str) -> Iterator[None]:
     try:
         yield
     except redis.RedisError as exc:
+        failure = classify_redis_error(exc)
+        verb = "unavailable" if failure.transient else "refused"
         raise RedisUnavailable(
-            f"Redis unavailable while {action}: {type(exc).__name__}: {exc}"
+            f"Redis {verb} while {action}: {type(exc).__name__}: {exc}", failure
         ) from exc
 
 

@@ -27,6 +27,7 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 from prometheus_client import Counter
 
+from streams.health import StageProgress
 from streams.merge import GoldenState, Outcome, SinkOrder, deletes_everywhere, loads, stage
 from streams.model import FIELDS, Change, Op, Value
 from streams.projection import SinkSpec
@@ -311,8 +312,10 @@ class Emitter:
         batch_size: int = 500,
         session_timeout_s: float = 45.0,
         compression: str = "none",
+        progress: StageProgress | None = None,
     ) -> None:
         self.topics = topics
+        self.progress = progress or StageProgress("emit")
         self.encode_golden = encode_golden
         self.encode_audit = encode_audit
         self.encode_sink = encode_sink
@@ -464,7 +467,10 @@ class Emitter:
         while not stop.is_set():
             # consume() waits its whole timeout unless a full batch is there: keep it
             # short, or every revision waits that long before it is emitted.
-            self.step(timeout_s=POLL_S)
+            if emitted := self.step(timeout_s=POLL_S):
+                self.progress.moved(emitted)
+            else:
+                self.progress.look_at_lag(self.consumer)  # for /health
             if self._stalled():
                 self._rebuild()
 

@@ -35,6 +35,7 @@ from streams.debezium import EnvelopeError, EnvelopeReader, SourceChange
 from streams.dedupe import Deduplicator, RedisUnavailable, origin_of
 from streams.dlq import DeadLetter, DeadLetterWriter
 from streams.errors import AccordError
+from streams.health import StageProgress
 from streams.identity import Hold, IdentityLost, IdentityResolver
 from streams.mapping import Mapper, Rejected
 from streams.model import Change
@@ -270,9 +271,11 @@ class IngestLoop:
         session_timeout_s: float = 45.0,
         client_id: str | None = None,
         on_identity_lost: Callable[[], None] = lambda: None,  # wakes `streams.relink`
+        progress: StageProgress | None = None,
     ) -> None:
         self.pipeline = pipeline
         self.on_identity_lost = on_identity_lost
+        self.progress = progress or StageProgress("ingest")
         self.changes_topic = changes_topic
         self.encode_change = encode_change
         self.batch_size = batch_size
@@ -311,6 +314,7 @@ class IngestLoop:
             m for m in self.consumer.consume(self.batch_size, self.batch_window_s) if usable(m)
         ]
         if not messages:
+            self.progress.look_at_lag(self.consumer)
             return 0
         try:
             batch = self.pipeline.process(messages)
@@ -322,6 +326,10 @@ class IngestLoop:
             stop.wait(self.backoff_s)
             return 0
         except (RedisUnavailable, RegistryUnavailable) as exc:
+            # Retried either way, nothing lost; a refusal waiting will not cure (Redis
+            # NOPERM, WRONGTYPE, ...) also makes /health not ready with its reason.
+            refused = isinstance(exc, RedisUnavailable) and not exc.transient
+            self.progress.blocked(exc.reason if refused else None)
             self.backoff_s = min(max(self.backoff_s * 2, 0.25), 5.0)
             log.warning("ingest paused, retrying in %.1fs: %s", self.backoff_s, exc)
             self._rewind(messages)
@@ -336,6 +344,7 @@ class IngestLoop:
             self._produce(change.golden_id.encode(), value, origin, alone=False)
         if not self._delivered_all(stop) or not self._resend_alone(stop):
             self._refused = []  # refused again, and dead-lettered, when the batch is reread
+            self.progress.blocked()
             self._rewind(messages)
             return 0
         for letter in self._refused:
@@ -343,6 +352,7 @@ class IngestLoop:
         if batch.dead or self._refused:
             self.dead_letters.flush()  # a dead letter that failed for good stops the worker
         self.consumer.commit(offsets=next_offsets(messages), asynchronous=True)
+        self.progress.moved(len(messages))
         return len(messages)
 
     def _produce(self, key: bytes, value: bytes, origin: Any, alone: bool) -> None:

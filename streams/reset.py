@@ -20,6 +20,7 @@ from streams.settings import AccordSettings
 from streams.sinks import LEDGER_TABLE
 from streams.sources import mariadb, postgres
 from streams.topology import accord_topics, emit_group, ingest_group, sink_group, sink_targets
+from streams.workerhost import DataDirLock, WorkerAlreadyRunning, data_dir
 
 Progress = Callable[[str], None]
 
@@ -34,12 +35,27 @@ class ResetReport:
 
 def reset(settings: AccordSettings, progress: Progress) -> ResetReport:
     """Delete what the app `settings.worker.app_id` made. Refuses while its worker runs."""
-    from streams.app import data_dir
     from streams.workers import WorkerProcess
 
     app_id = settings.worker.app_id
     if WorkerProcess(settings).ready():
         raise AccordError(f"a worker of app {app_id!r} is running: stop it first")
+    # Whatever its port, a worker of this instance holds its data dir's lock.
+    lock = DataDirLock(data_dir(settings))
+    try:
+        lock.acquire(settings.worker.instance)
+    except WorkerAlreadyRunning as exc:
+        raise AccordError(
+            f"a worker of app {app_id!r} is running (pid {exc.holder}): stop it first"
+        ) from exc
+    try:
+        return _reset(settings, progress)
+    finally:
+        lock.release()
+
+
+def _reset(settings: AccordSettings, progress: Progress) -> ResetReport:
+    app_id = settings.worker.app_id
     report = ResetReport()
     admin = AdminClient(settings.kafka_config())
 

@@ -297,7 +297,20 @@ class WorkerSettings(BaseModel):
     )
     data_dir: Path | None = Field(None, description="RocksDB state; default <state_dir>/worker.")
     web_host: str = Field("127.0.0.1", description="Interface of the web server (metrics, health).")
-    web_port: int = Field(16066, description="Port of the web server (metrics, health).")
+    web_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="Port of the web server (metrics, health). None: 16066 for instance 1, "
+        "16066 + n - 1 for a numeric instance n, 16066 for any other; 0: a free port, which "
+        "the worker prints and writes to <data dir>.port.",
+    )
+    stall_after_s: float = Field(
+        120.0,
+        gt=0,
+        description="/health turns not ready when ingest, merge or emit has records waiting "
+        "and has moved none for this long.",
+    )
     redis_prefix: str = Field("accord:", description="Prefix of every Redis key Accord writes.")
     dedupe_ttl_s: int = Field(
         7 * 24 * 3600, gt=0, description="How long a change identity is remembered."
@@ -332,6 +345,14 @@ class WorkerSettings(BaseModel):
         Path("connectors/survivorship.yaml"),
         description="Survivorship, match and delete rules.",
     )
+
+    @property
+    def port(self) -> int:
+        """The web port this worker asks for: `web_port`, or the one its instance implies
+        (`streams.workerhost.default_web_port`); 0 asks the OS for a free one."""
+        from streams.workerhost import default_web_port
+
+        return default_web_port(self.instance) if self.web_port is None else self.web_port
 
 
 def _secret(value: SecretStr | None, file: Path | None, name: str) -> str | None:

@@ -19,6 +19,7 @@ import httpx
 from streams.errors import AccordError
 from streams.settings import AccordSettings
 from streams.stack.process import ProcessSpec, read_pid, spawn, stop, tail, wait_until
+from streams.workerhost import data_dir, published_port
 
 
 def _env_text(value: Any) -> str:
@@ -73,33 +74,73 @@ class WorkerProcess:
             cwd=Path.cwd(),
             env=worker_env(settings),
         )
-        self.health_url = f"http://{settings.stack.host}:{worker.web_port}/health"
 
     @property
     def log(self) -> Path:
         return self.spec.log
 
     @property
+    def pid(self) -> int | None:
+        return read_pid(self.spec)
+
+    @property
     def running(self) -> bool:
-        return read_pid(self.spec) is not None
+        return self.pid is not None
+
+    @property
+    def port(self) -> int | None:
+        """The web port: the configured one (or its instance's), or with `web_port = 0`
+        the one the running worker published; None until it has."""
+        worker = self.settings.worker
+        if worker.port:
+            return worker.port
+        pid = self.pid
+        return published_port(data_dir(self.settings), pid) if pid is not None else None
+
+    @property
+    def health_url(self) -> str | None:
+        port = self.port
+        return f"http://{self.settings.stack.host}:{port}/health" if port else None
 
     def start(self, ready_timeout_s: float = 180.0) -> None:
         """Start and wait until `/health` says ready; a failure names the log."""
         if self.running:
             raise AccordError(f"{self.name} is already running (log: {self.log})")
         spawn(self.spec)
-        if not wait_until(lambda: self.ready() or not self.running, ready_timeout_s, 0.5):
-            raise AccordError(
-                f"{self.name} not ready after {ready_timeout_s:.0f}s (log: {self.log})\n"
-                + tail(self.log)
-            )
+        self.wait_ready(ready_timeout_s)
+
+    def wait_ready(self, timeout_s: float = 180.0) -> None:
+        """Wait until `/health` says ready. Raises `AccordError` with the tail of the log
+        as soon as the process exits (a second worker of the same instance, a port in
+        use, a bad setting), or when the timeout passes."""
+        settled = wait_until(lambda: self.ready() or not self.running, timeout_s, 0.5)
+        self._judge(settled, timeout_s)
+
+    def _judge(self, settled: bool, waited_s: float) -> None:
+        """Raise if the worker exited, or if the wait ended unsettled, with its log."""
         if not self.running:
-            raise AccordError(f"{self.name} exited on start (log: {self.log})\n" + tail(self.log))
+            raise AccordError(
+                f"{self.name} exited on start (log: {self.log})\n" + tail(self.log, 30)
+            )
+        if not settled:
+            raise AccordError(
+                f"{self.name} not ready after {waited_s:.0f}s (log: {self.log})\n"
+                + tail(self.log, 30)
+            )
 
     def ready(self) -> bool:
+        """True when the worker on this port answers ready. Once this object started one
+        (a pid file), only that very process counts: the pid in the answer tells it from
+        a neighbour on the same port."""
+        url, pid = self.health_url, self.pid
+        if url is None:
+            return False
         try:
-            return httpx.get(self.health_url, timeout=2).status_code == 200
-        except httpx.HTTPError:
+            answer = httpx.get(url, timeout=2)
+            if answer.status_code != 200:
+                return False
+            return pid is None or answer.json().get("pid") in (pid, None)
+        except (httpx.HTTPError, ValueError):
             return False
 
     def kill(self) -> None:
@@ -110,6 +151,18 @@ class WorkerProcess:
 
     def stop(self, timeout_s: float = 60.0) -> None:
         stop(self.spec, timeout_s)
+
+
+def wait_all_ready(workers: list[WorkerProcess], timeout_s: float = 180.0) -> None:
+    """Wait until every worker is ready; raises as soon as any of them exits, or when the
+    timeout passes, with that worker's log (`WorkerProcess.wait_ready`)."""
+
+    def settled() -> bool:
+        return any(not w.running for w in workers) or all(w.ready() for w in workers)
+
+    done = wait_until(settled, timeout_s, 0.5)
+    for worker in sorted(workers, key=lambda w: w.running):  # the exited first
+        worker._judge(done, timeout_s)
 
 
 def applier_process(settings: AccordSettings, target: str) -> ProcessSpec:

@@ -207,7 +207,7 @@ class Load:
 
 def scrape(settings: AccordSettings, names: tuple[str, ...]) -> dict[str, float]:
     """Sums of some counters from a worker's /metrics (0 when it does not answer)."""
-    url = f"http://{settings.worker.web_host}:{settings.worker.web_port}/metrics"
+    url = f"http://{settings.worker.web_host}:{settings.worker.port}/metrics"
     totals = dict.fromkeys(names, 0.0)
     try:
         with urllib.request.urlopen(url, timeout=3) as response:

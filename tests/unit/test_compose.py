@@ -139,7 +139,7 @@ def test_prometheus_scrapes_the_worker_s_metrics_port(services: dict) -> None:
     prometheus = yaml.safe_load((ROOT / "docker/prometheus/prometheus.yml").read_text())
     [job] = prometheus["scrape_configs"]
     assert job["metrics_path"] == "/metrics"
-    assert job["static_configs"][0]["targets"] == [f"worker:{load_settings().worker.web_port}"]
+    assert job["static_configs"][0]["targets"] == [f"worker:{load_settings().worker.port}"]
     mounted = " ".join(services["prometheus"]["volumes"])
     assert "./docker/prometheus/prometheus.yml:/etc/prometheus/prometheus.yml" in mounted
 
