@@ -817,11 +817,15 @@ def _field_limit(name: str, spec: Map, defaults: _FieldDefaults, problems: Probl
     wanted, line = spec["max_length"], spec.line_of("max_length")
     ceiling = bound.length if bound else MAX_LENGTH_CEILING
     if not isinstance(wanted, int) or isinstance(wanted, bool) or not 1 <= wanted <= ceiling:
-        why = f"what {bound.source} holds" if bound else "the ceiling for any text field"
+        why = (
+            f"a longer value would not fit {bound.source}"
+            if bound
+            else "the most any text field may hold"
+        )
         problems.add(
             line,
-            f"{name}: max_length must be a whole number of characters from 1 to {ceiling:,} "
-            f"({why}), not {wanted!r}",
+            f"{name}: max_length must be a whole number from 1 to {ceiling:,}, "
+            f"not {wanted!r} ({why})",
         )
         return DEFAULT_LIMIT
     where = f"{defaults.path.parent.name}/{defaults.path.name}"
