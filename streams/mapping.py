@@ -191,21 +191,23 @@ def name_case(value: Any) -> str | None:
     if text is None or not (text.islower() or text.isupper()):
         return text
     lowered = text.lower()
-    return _NAME_PART.sub(lambda match: _case_name_part(lowered, match), lowered)
+    # Where the text proper starts and ends: asked of every word, so computed once (a
+    # slice per word would make a long name quadratic).
+    first, last = len(lowered) - len(lowered.lstrip()), len(lowered.rstrip())
+    return _NAME_PART.sub(lambda match: _case_name_part(lowered, match, first, last), lowered)
 
 
-def _case_name_part(text: str, match: re.Match[str]) -> str:
+def _case_name_part(text: str, match: re.Match[str], first: int, last: int) -> str:
     word, start, end = match.group(), match.start(), match.end()
     before = text[start - 1] if start else ""
     after = text[end] if end < len(text) else ""
     whole_word = before in ("", " ") or before.isspace()
-    if whole_word and after.isspace() and text[end:].strip():
+    if whole_word and after.isspace() and end < last:  # another word follows
         if word in _NAME_PARTICLES:
             return word
-        previous = text[:start].split()
-        if word in _ARTICLES and previous and previous[-1] in _NAME_PARTICLES:
+        if word in _ARTICLES and _word_before(text, start) in _NAME_PARTICLES:
             return word
-    if whole_word and start and word in _ROMAN_SUFFIXES and text[:start].strip():
+    if whole_word and start > first and word in _ROMAN_SUFFIXES:
         return word.upper()
     if before and before in _APOSTROPHES and start >= 2 and text[start - 2].isalpha():
         prefix_start = start - 2
@@ -214,6 +216,17 @@ def _case_name_part(text: str, match: re.Match[str]) -> str:
     if word.startswith("mc") and len(word) > 2 and word[2].isalpha():
         return "Mc" + _capitalize(word[2:])
     return _capitalize(word)
+
+
+def _word_before(text: str, start: int) -> str:
+    """The whitespace-separated word before position `start`, or ""."""
+    end = start
+    while end > 0 and text[end - 1].isspace():
+        end -= 1
+    begin = end
+    while begin > 0 and not text[begin - 1].isspace():
+        begin -= 1
+    return text[begin:end]
 
 
 def _capitalize(word: str) -> str:
