@@ -69,9 +69,9 @@ FIELD_KEYS = ("column", "transforms", "required", "on_invalid", "max_length", "o
 FIELD_TOO_LONG = "field_too_long"
 VALIDATION_FAILED = "validation_failed"
 # The limit of a text field no target column bounds (a PostgreSQL `text`, a webhook):
-# longer than any name, address or email a person types, yet at most 16 KB of UTF-8, so
-# a record's values, kept per linked row in the golden state, stay far below Kafka's
-# 1 MB message limit. `max_length` may raise it, up to MAX_LENGTH_CEILING.
+# longer than any name, address or email a person types, yet at most 16 KB of UTF-8, a
+# small part of a Kafka message (1 MB by default), which the golden state of a record
+# and its changes must fit in. `max_length` may raise it, up to MAX_LENGTH_CEILING.
 DEFAULT_MAX_LENGTH = 4096
 MAX_LENGTH_CEILING = 65_536
 
