@@ -65,7 +65,7 @@ from streams.dedupe import origin_of  # noqa: E402
 from streams.dlq import DeadLetter  # noqa: E402
 from streams.emit import outputs, plan_sinks, repair  # noqa: E402
 from streams.identity import IdentityResolver  # noqa: E402
-from streams.ingest import VALIDATION_FAILED, RawDecoder, ValidationFailed  # noqa: E402
+from streams.ingest import RawDecoder, ValidationFailed  # noqa: E402
 from streams.mapping import Mapper, Rejected, load_mappings  # noqa: E402
 from streams.merge import GoldenState, apply, dumps, loads, stage  # noqa: E402
 from streams.model import DECIMAL_FIELDS, Change, Op  # noqa: E402
@@ -232,7 +232,7 @@ class Steps:
         if isinstance(outcome, Rejected):
             self.counts.dead_letters += 1
             error = ValidationFailed(outcome.describe())
-            return DeadLetter.of(message, VALIDATION_FAILED, error, "map").record()
+            return DeadLetter.of(message, outcome.reason, error, "map").record()
         change = change_to_json(outcome.change)
         change["origin"] = origin_of(message.topic(), message.partition(), message.offset())
         return change

@@ -179,7 +179,7 @@ class IngestPipeline:
                 outcome = self.mapper.map(decoded)
                 if isinstance(outcome, Rejected):
                     error = ValidationFailed(outcome.describe())
-                    batch.dead.append(DeadLetter.of(message, VALIDATION_FAILED, error, "map"))
+                    batch.dead.append(DeadLetter.of(message, outcome.reason, error, "map"))
                 else:
                     batch.dropped_fields += len(outcome.dropped)
                     mapped.append((message, outcome.change))

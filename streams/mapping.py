@@ -10,6 +10,12 @@ it (`Rejected`, for the dead-letter topic) when a hard rule fails. Transforms ar
 functions of one value; the expensive ones (email, phone, country) are cached, because
 mapping runs for every event a worker consumes.
 
+Every text field has a length limit (`Limit`): by default the tightest target column
+that receives it (`field_limits`, read from the targets' sinks and `schema.sql`), else
+`DEFAULT_MAX_LENGTH`. A longer value dead-letters its record (rule `field_too_long`) or
+is truncated, as the mapping says (`on_too_long`): one oversized value must not travel
+on into the golden state, Kafka messages and targets that cannot hold it.
+
 The format and every transform are documented in `connectors/README.md` ("Mappings").
 """
 
@@ -35,6 +41,7 @@ from streams.debezium import SourceChange, SourcePosition
 from streams.errors import ConfigError
 from streams.missing_columns import MissingColumns
 from streams.model import FIELDS, Change, Op, Value, sortable_position
+from streams.projection import SinkKind, load_sinks
 from streams.yamlconf import Map, Problem, Problems, Seq, did_you_mean, plain, read
 
 DROPPED = Counter(
@@ -47,11 +54,27 @@ REJECTED = Counter(
     "Records refused by mapping, counted once per failed hard rule",
     ["system", "rule"],
 )
+TRUNCATED = Counter(
+    "accord_mapping_truncated_total",
+    "Field values cut to their length limit (on_too_long: truncate)",
+    ["system", "field"],
+)
 
 MAPPING_FILE = "mapping.yaml"
-TOP_LEVEL_KEYS = ("system", "topic", "key", "commit_time", "fields", "sink")
+TOP_LEVEL_KEYS = ("system", "topic", "key", "commit_time", "on_too_long", "fields", "sink")
 REQUIRED_TOP_LEVEL = ("system", "topic", "key", "fields")
-FIELD_KEYS = ("column", "transforms", "required", "on_invalid")
+FIELD_KEYS = ("column", "transforms", "required", "on_invalid", "max_length", "on_too_long")
+
+# Dead-letter reasons of a refused record: `field_too_long` when a value passed its
+# length limit (a fix is a limit or `on_too_long: truncate`), else `validation_failed`.
+FIELD_TOO_LONG = "field_too_long"
+VALIDATION_FAILED = "validation_failed"
+# The limit of a text field no target column bounds (a PostgreSQL `text`, a webhook):
+# longer than any name, address or email a person types, yet at most 16 KB of UTF-8, a
+# small part of a Kafka message (1 MB by default), which the golden state of a record
+# and its changes must fit in. `max_length` may raise it, up to MAX_LENGTH_CEILING.
+DEFAULT_MAX_LENGTH = 4096
+MAX_LENGTH_CEILING = 65_536
 
 
 # -- results ----------------------------------------------------------------------------
@@ -72,6 +95,7 @@ class Mapped:
 
     change: Change
     dropped: tuple[FieldIssue, ...] = ()
+    truncated: tuple[str, ...] = ()  # fields cut to their limit (on_too_long: truncate)
 
 
 @dataclass(frozen=True)
@@ -80,6 +104,12 @@ class Rejected:
 
     system: str
     reasons: tuple[FieldIssue, ...]
+
+    @property
+    def reason(self) -> str:
+        """The dead letter's reason: `field_too_long` when a value was too long."""
+        too_long = any(issue.rule == FIELD_TOO_LONG for issue in self.reasons)
+        return FIELD_TOO_LONG if too_long else VALIDATION_FAILED
 
     def describe(self) -> str:
         """One line for the dead letter's detail, naming every failed rule."""
@@ -162,21 +192,23 @@ def name_case(value: Any) -> str | None:
     if text is None or not (text.islower() or text.isupper()):
         return text
     lowered = text.lower()
-    return _NAME_PART.sub(lambda match: _case_name_part(lowered, match), lowered)
+    # Where the text proper starts and ends: asked of every word, so computed once (a
+    # slice per word would make a long name quadratic).
+    first, last = len(lowered) - len(lowered.lstrip()), len(lowered.rstrip())
+    return _NAME_PART.sub(lambda match: _case_name_part(lowered, match, first, last), lowered)
 
 
-def _case_name_part(text: str, match: re.Match[str]) -> str:
+def _case_name_part(text: str, match: re.Match[str], first: int, last: int) -> str:
     word, start, end = match.group(), match.start(), match.end()
     before = text[start - 1] if start else ""
     after = text[end] if end < len(text) else ""
     whole_word = before in ("", " ") or before.isspace()
-    if whole_word and after.isspace() and text[end:].strip():
+    if whole_word and after.isspace() and end < last:  # another word follows
         if word in _NAME_PARTICLES:
             return word
-        previous = text[:start].split()
-        if word in _ARTICLES and previous and previous[-1] in _NAME_PARTICLES:
+        if word in _ARTICLES and _word_before(text, start) in _NAME_PARTICLES:
             return word
-    if whole_word and start and word in _ROMAN_SUFFIXES and text[:start].strip():
+    if whole_word and start > first and word in _ROMAN_SUFFIXES:
         return word.upper()
     if before and before in _APOSTROPHES and start >= 2 and text[start - 2].isalpha():
         prefix_start = start - 2
@@ -185,6 +217,17 @@ def _case_name_part(text: str, match: re.Match[str]) -> str:
     if word.startswith("mc") and len(word) > 2 and word[2].isalpha():
         return "Mc" + _capitalize(word[2:])
     return _capitalize(word)
+
+
+def _word_before(text: str, start: int) -> str:
+    """The whitespace-separated word before position `start`, or ""."""
+    end = start
+    while end > 0 and text[end - 1].isspace():
+        end -= 1
+    begin = end
+    while begin > 0 and not text[begin - 1].isspace():
+        begin -= 1
+    return text[begin:end]
 
 
 def _capitalize(word: str) -> str:
@@ -510,6 +553,26 @@ class OnInvalid(StrEnum):
     DROP = "drop"  # the field is left out of the change; the record goes on
 
 
+class OnTooLong(StrEnum):
+    DEAD_LETTER = "dead_letter"  # the record goes to the DLQ, reason field_too_long
+    TRUNCATE = "truncate"  # the value is cut to the limit (counted); the record goes on
+
+
+@dataclass(frozen=True)
+class Limit:
+    """The most characters a field's canonical text may have, and why: `source` is for
+    people ("billing.accounts.contact_email varchar(255), filled from email by billing's
+    sink"). Characters, as PostgreSQL's and MariaDB's (utf8mb4) varchar(n) count them."""
+
+    length: int
+    source: str
+
+
+DEFAULT_LIMIT = Limit(
+    DEFAULT_MAX_LENGTH, f"the default cap of {DEFAULT_MAX_LENGTH:,}: no target column bounds it"
+)
+
+
 @dataclass(frozen=True)
 class TransformSpec:
     """One step of a field's pipeline, with its options as written in the file."""
@@ -531,6 +594,16 @@ class FieldSpec:
     required: bool = False
     on_invalid: OnInvalid = OnInvalid.REJECT
     line: int = 0
+    limit: Limit = DEFAULT_LIMIT  # on the canonical text, after the transforms
+    on_too_long: OnTooLong = OnTooLong.DEAD_LETTER
+
+    def too_long(self, length: int) -> str:
+        """What a dead letter says of a value of `length` characters; never the value."""
+        return (
+            f"{FIELD_TOO_LONG}: {self.name} (from column {self.column}) is {length:,} "
+            f"characters; the limit is {self.limit.length:,} ({self.limit.source}); "
+            "on_too_long: truncate in the mapping would keep the record, cut to the limit"
+        )
 
     @property
     def depends_on(self) -> tuple[str, ...]:
@@ -555,23 +628,37 @@ class SystemMapping:
 
 
 def load_mappings(connectors_dir: Path) -> dict[str, SystemMapping]:
-    """Every `connectors/<system>/mapping.yaml`, keyed by system; any mistake is fatal."""
+    """Every `connectors/<system>/mapping.yaml`, keyed by system; any mistake is fatal.
+
+    Text fields are limited by the tightest target column that receives them
+    (`field_limits`), unless a field sets `max_length`.
+    """
     paths = sorted(connectors_dir.glob(f"*/{MAPPING_FILE}"))
     if not paths:
         raise ConfigError(f"{connectors_dir}: no <system>/{MAPPING_FILE} found")
+    try:
+        bounds, sink_error = field_limits(connectors_dir), None
+    except ConfigError as exc:  # a broken sink section: the files' own mistakes first
+        bounds, sink_error = {}, exc
     mappings: dict[str, SystemMapping] = {}
     topics: dict[str, SystemMapping] = {}
     for path in paths:
-        mapping = load_mapping(path)
+        mapping = load_mapping(path, bounds)
         other = topics.get(mapping.topic)
         if other is not None:
             raise ConfigError(f"{path}: topic {mapping.topic!r} is already mapped by {other.path}")
         topics[mapping.topic] = mappings[mapping.system] = mapping
+    if sink_error is not None:
+        raise sink_error
     return mappings
 
 
-def load_mapping(path: Path) -> SystemMapping:
-    """One mapping file; the system name must be the name of its directory."""
+def load_mapping(path: Path, bounds: Mapping[str, Limit] | None = None) -> SystemMapping:
+    """One mapping file; the system name must be the name of its directory.
+
+    `bounds` are the target columns' limits by canonical field (`field_limits`); a field
+    neither bounded there nor given `max_length` gets `DEFAULT_MAX_LENGTH`.
+    """
     document = read(path)
     problems = Problems(path)
     if not isinstance(document, Map):
@@ -601,7 +688,12 @@ def load_mapping(path: Path) -> SystemMapping:
     for column in key:
         if columns and column not in columns:
             problems.add(document.line_of("key"), _not_a_column(column, columns))
-    fields = _parse_fields(document, columns, problems)
+    on_too_long = document.get("on_too_long", OnTooLong.DEAD_LETTER.value)
+    if on_too_long not in {o.value for o in OnTooLong}:
+        problems.add(document.line_of("on_too_long"), _bad_on_too_long("", on_too_long))
+        on_too_long = OnTooLong.DEAD_LETTER.value
+    defaults = _FieldDefaults(path, bounds or {}, OnTooLong(on_too_long))
+    fields = _parse_fields(document, columns, problems, defaults)
     order = _evaluation_order(fields, problems)
     sink = document.get("sink")
     if sink is not None and not isinstance(sink, dict):
@@ -635,8 +727,22 @@ def _parse_key(document: Map, problems: Problems) -> tuple[str, ...]:
     return ()
 
 
+@dataclass(frozen=True)
+class _FieldDefaults:
+    """What a field of one file gets unless it says otherwise."""
+
+    path: Path
+    bounds: Mapping[str, Limit]  # the target columns' limits, by canonical field
+    on_too_long: OnTooLong  # the file's `on_too_long`
+
+
+def _bad_on_too_long(name: str, value: Any) -> str:
+    where = f"{name}: " if name else ""
+    return f"{where}on_too_long must be dead_letter or truncate, not {value!r}"
+
+
 def _parse_fields(
-    document: Map, columns: frozenset[str], problems: Problems
+    document: Map, columns: frozenset[str], problems: Problems, defaults: _FieldDefaults
 ) -> dict[str, FieldSpec]:
     raw = document["fields"]
     if not isinstance(raw, Map) or not raw:
@@ -648,7 +754,7 @@ def _parse_fields(
         if name not in FIELDS:
             problems.add(line, f"unknown canonical field {name!r}{did_you_mean(name, FIELDS)}")
             continue
-        parsed = _parse_field(name, spec, line, columns, problems)
+        parsed = _parse_field(name, spec, line, columns, problems, defaults)
         if parsed is not None:
             fields[name] = parsed
     for spec in fields.values():
@@ -663,7 +769,12 @@ def _parse_fields(
 
 
 def _parse_field(
-    name: str, spec: Any, line: int, columns: frozenset[str], problems: Problems
+    name: str,
+    spec: Any,
+    line: int,
+    columns: frozenset[str],
+    problems: Problems,
+    defaults: _FieldDefaults,
 ) -> FieldSpec | None:
     """One field's settings; every problem is recorded, None when there was any."""
     if not isinstance(spec, Map):
@@ -692,6 +803,10 @@ def _parse_field(
             spec.line_of("on_invalid"),
             f"{name}: on_invalid must be reject or drop, not {on_invalid!r}",
         )
+    on_too_long = spec.get("on_too_long", defaults.on_too_long.value)
+    if on_too_long not in {o.value for o in OnTooLong}:
+        problems.add(spec.line_of("on_too_long"), _bad_on_too_long(name, on_too_long))
+    limit = _field_limit(name, spec, defaults, problems)
     transforms = _parse_transforms(name, spec, problems)
     if len(problems.found) > before:
         return None
@@ -702,7 +817,33 @@ def _parse_field(
         required=required,
         on_invalid=OnInvalid(on_invalid),
         line=line,
+        limit=limit,
+        on_too_long=OnTooLong(on_too_long),
     )
+
+
+def _field_limit(name: str, spec: Map, defaults: _FieldDefaults, problems: Problems) -> Limit:
+    """The field's `max_length`, which may not exceed the target column bounding it;
+    else that column's limit, else the default cap."""
+    bound = defaults.bounds.get(name)
+    if "max_length" not in spec:
+        return bound or DEFAULT_LIMIT
+    wanted, line = spec["max_length"], spec.line_of("max_length")
+    ceiling = bound.length if bound else MAX_LENGTH_CEILING
+    if not isinstance(wanted, int) or isinstance(wanted, bool) or not 1 <= wanted <= ceiling:
+        why = (
+            f"a longer value would not fit {bound.source}"
+            if bound
+            else "the most any text field may hold"
+        )
+        problems.add(
+            line,
+            f"{name}: max_length must be a whole number from 1 to {ceiling:,}, "
+            f"not {wanted!r} ({why})",
+        )
+        return DEFAULT_LIMIT
+    where = f"{defaults.path.parent.name}/{defaults.path.name}"
+    return Limit(wanted, f"max_length of {name} in {where}")
 
 
 def _parse_transforms(name: str, spec: Map, problems: Problems) -> tuple[TransformSpec, ...]:
@@ -869,24 +1010,34 @@ def _evaluation_order(fields: Mapping[str, FieldSpec], problems: Problems) -> tu
     return tuple(order)
 
 
-_CREATE_TABLE = re.compile(r"create\s+table[^(]*\(", re.I)
+_CREATE_TABLE = re.compile(r"create\s+table\s+(?:if\s+not\s+exists\s+)?([^\s(]+)\s*\(", re.I)
 _CONSTRAINT = re.compile(r"(primary|unique|key|index|constraint|foreign|check|fulltext)\b", re.I)
+# Types that bound a text's length in characters: varchar(n), character varying(n),
+# char(n), nvarchar(n)... Others (text, json, MariaDB's byte-counted *text) bound nothing.
+_BOUNDED_TYPE = re.compile(
+    r"(?:national\s+)?(?:n?varchar|varchar2|character\s+varying|n?char|character)"
+    r"\s*\(\s*(\d+)\s*\)",
+    re.I,
+)
 
 
-def _table_columns(schema_sql: Path) -> frozenset[str]:
-    """Column names of the CREATE TABLE in the system's schema.sql, if it has one.
-
-    Sample systems ship their DDL next to the mapping; a column typo is then caught at
-    load time. Systems without a schema.sql are not checked.
-    """
+def _tables(schema_sql: Path) -> dict[str, dict[str, str]]:
+    """Every CREATE TABLE in a schema.sql: table -> column -> its type and constraints as
+    written. The table's name is unquoted and without its schema ("public.users" -> "users")."""
     if not schema_sql.is_file():
-        return frozenset()
+        return {}
     text = re.sub(r"--[^\n]*", "", schema_sql.read_text())
-    match = _CREATE_TABLE.search(text)
-    if match is None:
-        return frozenset()
-    pieces, depth, quoted, start = [], 0, False, match.end()
-    for i in range(match.end(), len(text)):  # top-level commas only: decimal(12,2), 'a,b'
+    tables: dict[str, dict[str, str]] = {}
+    for match in _CREATE_TABLE.finditer(text):
+        name = match.group(1).replace("`", "").replace('"', "").rsplit(".", 1)[-1]
+        tables.setdefault(name, _column_definitions(text, match.end()))
+    return tables
+
+
+def _column_definitions(text: str, start: int) -> dict[str, str]:
+    """Column -> definition, from just inside a CREATE TABLE's opening parenthesis."""
+    pieces, depth, quoted, begin = [], 0, False, start
+    for i in range(start, len(text)):  # top-level commas only: decimal(12,2), 'a,b'
         char = text[i]
         if char == "'":
             quoted = not quoted
@@ -895,19 +1046,68 @@ def _table_columns(schema_sql: Path) -> frozenset[str]:
         elif char == "(":
             depth += 1
         elif char == ")" and depth == 0:  # the table's closing parenthesis
-            pieces.append(text[start:i])
+            pieces.append(text[begin:i])
             break
         elif char == ")":
             depth -= 1
         elif char == "," and depth == 0:
-            pieces.append(text[start:i])
-            start = i + 1
-    columns = set()
+            pieces.append(text[begin:i])
+            begin = i + 1
+    columns = {}
     for piece in pieces:
-        words = piece.split()
+        words = piece.split(maxsplit=1)
         if words and not _CONSTRAINT.match(words[0]):
-            columns.add(words[0].strip('`"'))
-    return frozenset(columns)
+            columns[words[0].strip('`"')] = words[1] if len(words) > 1 else ""
+    return columns
+
+
+def _table_columns(schema_sql: Path) -> frozenset[str]:
+    """Column names of the (first) CREATE TABLE in the system's schema.sql, if it has one.
+
+    Sample systems ship their DDL next to the mapping; a column typo is then caught at
+    load time. Systems without a schema.sql are not checked.
+    """
+    tables = _tables(schema_sql)
+    return frozenset(next(iter(tables.values()))) if tables else frozenset()
+
+
+def char_limit(definition: str) -> tuple[int, str] | None:
+    """(n, "varchar(n)") when a column definition bounds its text to n characters."""
+    match = _BOUNDED_TYPE.match(definition.strip())
+    if match is None:
+        return None
+    return int(match.group(1)), " ".join(match.group(0).lower().split()).replace(" (", "(")
+
+
+def field_limits(connectors_dir: Path) -> dict[str, Limit]:
+    """Canonical field -> the tightest target column that receives it.
+
+    Each SQL target's sink says which canonical fields fill which of its columns (a
+    column may join several: each of them is bounded by it), and the target's
+    `schema.sql` gives the columns' types. A target without a schema.sql, or a webhook,
+    bounds nothing. On a tie the first target in name order is named.
+    """
+    limits: dict[str, Limit] = {}
+    for target, sink in sorted(load_sinks(connectors_dir).items()):
+        if sink.kind is not SinkKind.SQL or not sink.table:
+            continue
+        table = sink.table.replace("`", "").replace('"', "").rsplit(".", 1)[-1]
+        definitions = _tables(connectors_dir / target / "schema.sql").get(table, {})
+        for column in sink.columns:
+            bounded = char_limit(definitions.get(column.name, ""))
+            if bounded is None:
+                continue
+            length, type_name = bounded
+            how = (
+                f"filled from {column.fields[0]}"
+                if len(column.fields) == 1
+                else f"joined from {' and '.join(column.fields)}"
+            )
+            for name in column.fields:
+                if name not in limits or length < limits[name].length:
+                    source = f"{target}.{table}.{column.name} {type_name}, {how} by {target}'s sink"
+                    limits[name] = Limit(length, source)
+    return limits
 
 
 def _not_a_column(column: str, columns: frozenset[str]) -> str:
@@ -954,8 +1154,9 @@ class Mapper:
         values: dict[str, Value] = {}
         hard: list[FieldIssue] = []
         soft: list[FieldIssue] = []
+        truncated: list[str] = []
         if op is Op.UPSERT:
-            _map_values(self._plans[mapping.topic], change.row, values, hard, soft)
+            _map_values(self._plans[mapping.topic], change.row, values, hard, soft, truncated)
             if self.missing is not None:  # an absent column is left out: say so
                 columns = (spec.column for spec in self._plans[mapping.topic])
                 self.missing.observe(mapping.system, mapping.topic, columns, change.row)
@@ -963,6 +1164,8 @@ class Mapper:
             return self._reject(mapping.system, hard)
         for issue in soft:
             DROPPED.labels(mapping.system, issue.field, issue.rule).inc()
+        for name in truncated:
+            TRUNCATED.labels(mapping.system, name).inc()
         if change.op == "u" and change.before is not None:
             values = _changed_only(self._plans[mapping.topic], change.before, values)
         source_ts = _commit_time(mapping, change)
@@ -984,6 +1187,7 @@ class Mapper:
                 captured_at_ms=change.captured_ms,
             ),
             tuple(soft),
+            tuple(truncated),
         )
 
     @staticmethod
@@ -1063,8 +1267,13 @@ def _map_values(
     values: dict[str, Value],
     hard: list[FieldIssue],
     soft: list[FieldIssue],
+    truncated: list[str] | None = None,
 ) -> None:
-    """Fill `values` field by field; failures go to `hard` (reject) or `soft` (drop)."""
+    """Fill `values` field by field; failures go to `hard` (reject) or `soft` (drop).
+
+    Text longer than its field's limit is a hard failure (`field_too_long`), or is cut
+    to the limit and its field named in `truncated`, as the field's `on_too_long` says.
+    """
     for spec in plan:
         if spec.column not in row:
             if spec.required:
@@ -1083,6 +1292,13 @@ def _map_values(
             issue = FieldIssue(spec.name, transform.name, f"{transform.name}: {exc!r}")
             (hard if spec.on_invalid is OnInvalid.REJECT else soft).append(issue)
             continue
+        if isinstance(value, str) and len(value) > spec.limit.length:
+            if spec.on_too_long is OnTooLong.DEAD_LETTER:
+                hard.append(FieldIssue(spec.name, FIELD_TOO_LONG, spec.too_long(len(value))))
+                continue
+            value = value[: spec.limit.length]
+            if truncated is not None:
+                truncated.append(spec.name)
         if spec.required and (value is None or (isinstance(value, str) and not value.strip())):
             hard.append(FieldIssue(spec.name, "required", f"required: {spec.column!r} is empty"))
             continue

@@ -201,16 +201,19 @@ def test_an_unreachable_registry_pauses_the_batch_and_dead_letters_nothing(
     assert _letters(settings, raw) == []
 
 
-def _oversized(raw: RawTopics, name: str, company_bytes: int) -> bytes:
-    """The captured create `name` with a huge company name, framed with the id of its
-    schema registered under the test's topic."""
+def _oversized(raw: RawTopics, name: str, name_bytes: int) -> bytes:
+    """The captured create `name` with long names (within the mapping's length limits,
+    over the changes topic's record limit), framed with the id of its schema registered
+    under the test's topic."""
     vector = vectors.load(name)
     text = vector.fetch(int.from_bytes(vector.value[1:5], "big"))
     topic = raw.by_vector_topic[vector.topic]
     schema_id = raw.registry.register_schema(f"{topic}-value", Schema(text, "AVRO"))
     schema = parse_schema(json.loads(text))
     value = schemaless_reader(io.BytesIO(vector.value[5:]), schema, None)
-    value["after"]["company"] = "Analytical Engines " + "x" * company_bytes
+    half = name_bytes // 2
+    value["after"]["first_name"] = "Ada" + "x" * half
+    value["after"]["last_name"] = "Lovelace" + "x" * half
     out = io.BytesIO(b"\x00" + struct.pack(">I", schema_id))
     out.seek(0, io.SEEK_END)
     schemaless_writer(out, schema, value)

@@ -359,10 +359,12 @@ def test_the_valid_example_loads(tmp_path: Path) -> None:
 
 
 def test_sink_is_kept_raw(tmp_path: Path) -> None:
-    _write(tmp_path, VALID + "sink:\n  kind: sql\n  upsert: {table: customers, keys: [id]}\n")
+    sink_text = "sink:\n  table: customers\n  key: {column: id}\n  columns: {email: email}\n"
+    _write(tmp_path, VALID + sink_text + "  adopt_by: []\n")
     sink = load_mappings(tmp_path)["crm"].sink
-    assert sink == {"kind": "sql", "upsert": {"table": "customers", "keys": ["id"]}}
-    assert type(sink) is dict and type(sink["upsert"]["keys"]) is list
+    assert sink == {"table": "customers", "key": {"column": "id"}, "columns": {"email": "email"},
+                    "adopt_by": []}  # fmt: skip
+    assert type(sink) is dict and type(sink["key"]) is dict and type(sink["adopt_by"]) is list
 
 
 @pytest.mark.parametrize(
