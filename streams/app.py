@@ -56,7 +56,7 @@ from streams.merge import StateCache, apply, dumps, stage
 from streams.model import Change
 from streams.offsets import guarded_consumer
 from streams.projection import SinkKind, load_sinks
-from streams.refusal import Refusal, oversize, refusal_of
+from streams.refusal import Refusal, RefusedWrites, oversize, record_limit, refusal_of
 from streams.registry import registry_client
 from streams.restore import ChangelogRestore
 from streams.rules import Rules, load_rules
@@ -110,8 +110,7 @@ class GoldenTable(faust.Table):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        # key -> (a refused state a later write was merged over, the state before it)
-        self._undone: dict[bytes, tuple[bytes, bytes | None]] = {}
+        self.refused_writes = RefusedWrites()
 
     def send_changelog(self, *args: Any, **kwargs: Any) -> Any:
         self.last_write = future = super().send_changelog(*args, **kwargs)
@@ -133,30 +132,18 @@ class GoldenTable(faust.Table):
 
     def undo(self, partition: int, key: bytes, refused: bytes, before: bytes | None) -> None:
         """A changelog write of `refused` (made over `before`) was refused: the local
-        store must hold again what the changelog holds, the state before it.
-
-        When a later write of the key, merged over `refused` before the refusal came
-        back, is still in flight, the store keeps that one: if it is written, it carries
-        the refused change's effects; if it is refused too, it is undone to `before`.
-        """
-        undone = self._undone.pop(key, None)
-        if undone is not None and undone[0] == before:
-            before = undone[1]  # built on a state that was itself refused
-        store = self.data
-        db = store._dbs.get(partition) if not self.should_stop else None
+        store holds again what the changelog holds (see `RefusedWrites`). Written to
+        the partition's RocksDB directly: the store's own writes need the current event."""
+        db = None if self.should_stop else self.data._dbs.get(partition)
         if db is None:  # revoked or closed: its next owner restores from the changelog
             return
-        if db.get(key) != refused:
-            self._undone[key] = (refused, before)
-        elif before is None:
+        restore, state = self.refused_writes.refused(key, refused, before, db.get(key))
+        if not restore:
+            return
+        if state is None:
             db.delete(key)
         else:
-            db.put(key, before)
-
-    def confirmed(self, key: bytes) -> None:
-        """A changelog write of `key` is confirmed: no refused state lies under it."""
-        if self._undone:
-            self._undone.pop(key, None)
+            db.put(key, state)
 
     def persisted(self, partition: int, offset: int) -> None:
         """A changelog write is confirmed: what Faust's `_on_changelog_sent` records."""
@@ -331,7 +318,7 @@ class AcksAfterWrites:
     ) -> None:
         error = RuntimeError("cancelled") if write.cancelled() else write.exception()
         if error is None:
-            self.table.confirmed(key)
+            self.table.refused_writes.confirmed(key)
             ack_now(self.stream, event)
             return
         refusal = refusal_of(error)
@@ -509,6 +496,10 @@ def create_app(settings: AccordSettings, rules: Rules | None = None) -> faust.Ap
             worker.bulk_restore_min_records,
         )
     app.tables.add(golden)
+    # The largest state the merge writes: the setting, or less if the changelog takes less.
+    max_state_bytes = record_limit(
+        settings.kafka_config(), [changelog_topic(settings)], worker.max_record_bytes
+    )
     if worker.processing_guarantee == "at_least_once":
         golden.writer = ChangelogWriter(
             settings.kafka_config(),
@@ -516,6 +507,7 @@ def create_app(settings: AccordSettings, rules: Rules | None = None) -> faust.Ap
             golden.persisted,
             client_id=f"{worker.app_id}-{worker.instance}-changelog",
             compression=worker.compression,
+            batch_bytes=max_state_bytes,
         )
 
     # An unexpected error in an agent is a bug or broken state, not bad input (that goes
@@ -557,7 +549,7 @@ def create_app(settings: AccordSettings, rules: Rules | None = None) -> faust.Ap
             # `states.get` handed `state` out of the cache: one not written is not
             # cached, and the next change of the key starts again from the table.
             payload = dumps(state)
-            refusal = oversize(len(payload), worker.max_record_bytes)
+            refusal = oversize(len(payload), max_state_bytes)
             if refusal is None:
                 try:
                     golden[key] = payload  # the changelog write `emit` turns into outputs
@@ -701,6 +693,12 @@ def _make_emitter(settings: AccordSettings, registry: Any) -> Callable[[], Emitt
     topics = settings.topics
 
     def make() -> Emitter:
+        outputs = [
+            topics.golden,
+            topics.audit,
+            *map(topics.sink, load_sinks(settings.connectors_dir)),
+        ]
+        max_bytes = record_limit(settings.kafka_config(), outputs, settings.worker.max_record_bytes)
         return Emitter(
             settings.kafka_config(),
             group_id=emit_group(settings),
@@ -721,7 +719,7 @@ def _make_emitter(settings: AccordSettings, registry: Any) -> Callable[[], Emitt
             dead_letters=lambda: DeadLetterWriter(
                 settings, registry, Producer(settings.kafka_config({"enable.idempotence": True}))
             ),
-            max_record_bytes=settings.worker.max_record_bytes,
+            max_record_bytes=max_bytes,
         )
 
     return make

@@ -355,6 +355,8 @@ class Emitter:
             "transaction.timeout.ms": 10_000,
             "linger.ms": 5,
             "compression.type": compression,
+            # No batch above what a topic takes: the broker refuses a batch whole.
+            "batch.size": max_record_bytes,
         }
         self.producer = self._new_producer()
         self._emitted: dict[str, int] = {}  # golden id -> last revision emitted in this run

@@ -11,9 +11,14 @@ with the input uncommitted).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
+from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka.admin import AdminClient, ConfigResource
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "PRODUCE_REFUSED",
@@ -21,11 +26,17 @@ __all__ = [
     "REFUSING_CODES",
     "STATE_TOO_LARGE",
     "Refusal",
+    "RefusedWrites",
     "oversize",
+    "record_limit",
     "refusal_of",
 ]
 
 PRODUCE_REFUSED = "produce_refused"  # the broker or librdkafka refused the record itself
+# A record batch's header and one record's framing and key: what a topic's
+# max.message.bytes must hold besides the record's value.
+BATCH_OVERHEAD = 1024
+
 STATE_TOO_LARGE = "state_too_large"  # a golden state above worker.max_record_bytes
 RECORD_TOO_LARGE = "record_too_large"  # an output record above worker.max_record_bytes
 
@@ -76,4 +87,63 @@ def oversize(
     """A refusal, before producing, of a `what` of `size` bytes above `max_bytes`."""
     if size <= max_bytes:
         return None
-    return Refusal(reason, f"{what} of {size} bytes is above worker.max_record_bytes ({max_bytes})")
+    return Refusal(
+        reason,
+        f"{what} of {size} bytes is above the {max_bytes} bytes the worker writes "
+        "(worker.max_record_bytes, or less where the topic's max.message.bytes is)",
+    )
+
+
+def record_limit(kafka: dict[str, Any], topics: list[str], configured: int) -> int:
+    """The largest value worth producing to every one of `topics`: `configured`
+    (worker.max_record_bytes), or less where a topic's max.message.bytes is lower, so
+    that an oversized record is refused before it is sent, alone, and never takes the
+    records batched with it down with it. `configured` when the topics cannot be read.
+    """
+    admin = AdminClient(kafka)
+    resources = [ConfigResource(ConfigResource.Type.TOPIC, topic) for topic in topics]
+    try:
+        futures = admin.describe_configs(resources, request_timeout=10)
+        limits = [int(f.result(10)["max.message.bytes"].value) for f in futures.values()]
+    except (KafkaException, KeyError, ValueError, TypeError) as exc:
+        log.warning("cannot read max.message.bytes of %s (%s): using %d bytes",
+                    ", ".join(topics), exc, configured)  # fmt: skip
+        return configured
+    return min([configured, *(limit - BATCH_OVERHEAD for limit in limits)])
+
+
+class RefusedWrites:
+    """What a table's local store must hold again when a changelog write is refused.
+
+    A refused state never reached the changelog, so the store goes back to the state the
+    write was made over, which the changelog holds. The merge does not wait for a write
+    before merging the next change of the key, so a later write may already be made
+    over the refused state: the store then keeps that one, whose own report decides (if
+    written, it carries the refused change's effects; if refused too, the store goes back
+    past both, to the last state the changelog holds).
+    """
+
+    def __init__(self) -> None:
+        # key -> (a refused state a later write was made over, the state before it)
+        self._under: dict[bytes, tuple[bytes, bytes | None]] = {}
+
+    def refused(
+        self, key: bytes, refused: bytes, before: bytes | None, stored: bytes | None
+    ) -> tuple[bool, bytes | None]:
+        """`refused` was written over `before`; the store holds `stored` for `key`.
+        Returns whether to restore now, and what (None: delete the key)."""
+        under = self._under.pop(key, None)
+        if under is not None and under[0] == before:
+            before = under[1]  # made over a state that was refused itself
+        if stored != refused:
+            self._under[key] = (refused, before)
+            return False, None
+        return True, before
+
+    def confirmed(self, key: bytes) -> None:
+        """A write of `key` is confirmed: nothing refused lies under what the store holds."""
+        if self._under:
+            self._under.pop(key, None)
+
+    def __len__(self) -> int:
+        return len(self._under)
