@@ -42,6 +42,7 @@ from streams.codec import (
     RegistryUnavailable,
     SchemaCache,
     registry_fetcher,
+    schema_id_of,
 )
 from streams.connect import SYSTEMS, ConnectClient, ConnectorWatchdog, load_connector
 from streams.dedupe import Deduplicator
@@ -356,7 +357,13 @@ async def decode_change(codec: AvroRecordCodec, value: bytes | None) -> Change |
         try:
             if value is None:
                 raise DecodeError(DecodeReason.TOO_SHORT, "a record without a value")
-            return Change.from_record(codec.loads(value))
+            if schema_id_of(value) == codec.schema_id:  # the usual case: nothing to fetch
+                return Change.from_record(codec.loads(value))
+            # Another schema id: fetching it may wait out the registry's retries, which
+            # must not stall the event loop (and with it the changelog's reports).
+            loop = asyncio.get_running_loop()
+            record = await loop.run_in_executor(None, codec.loads, value)
+            return Change.from_record(record)
         except RegistryUnavailable as exc:
             wait_s = REGISTRY_RETRY_S[min(attempt, len(REGISTRY_RETRY_S) - 1)]
             log.warning("merge: registry unavailable (%s); retrying in %.1fs", exc, wait_s)
@@ -716,9 +723,8 @@ def _make_emitter(settings: AccordSettings, registry: Any) -> Callable[[], Emitt
             encode_sink=_sink_encoder(settings, registry),
             batch_size=settings.worker.batch_size,
             compression=settings.worker.compression,
-            dead_letters=lambda: DeadLetterWriter(
-                settings, registry, Producer(settings.kafka_config({"enable.idempotence": True}))
-            ),
+            # Letters go in the emitter's own transactions: no producer of their own.
+            dead_letters=lambda: DeadLetterWriter(settings, registry, None),
             max_record_bytes=max_bytes,
         )
 

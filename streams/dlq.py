@@ -149,7 +149,10 @@ class DeadLetterWriter:
     """Produces dead letters; `flush` before committing the offsets they cover."""
 
     def __init__(
-        self, settings: AccordSettings, registry: SchemaRegistryClient, producer: Producer
+        self,
+        settings: AccordSettings,
+        registry: SchemaRegistryClient,
+        producer: Producer | None,  # None: every `write` names its producer
     ) -> None:
         self.topic = settings.topics.dlq
         schema = load_local(settings.schemas.directory, DEAD_LETTER_SCHEMA)
@@ -181,14 +184,16 @@ class DeadLetterWriter:
             )
         return payload
 
-    def write(self, letter: DeadLetter) -> None:
-        payload = self.encode(letter)
-        self._producer.produce(
-            self.topic,
-            key=f"{letter.topic}/{letter.partition}/{letter.offset}".encode(),
-            value=payload,
-            on_delivery=self._delivered,
-        )
+    def write(self, letter: DeadLetter, producer: Producer | None = None) -> None:
+        """Through the writer's producer (`flush` it), or through `producer`: a
+        transactional one, whose commit then confirms the letter with the offsets past it."""
+        key = f"{letter.topic}/{letter.partition}/{letter.offset}".encode()
+        if producer is not None:
+            producer.produce(self.topic, key=key, value=self.encode(letter))
+        else:
+            self._producer.produce(
+                self.topic, key=key, value=self.encode(letter), on_delivery=self._delivered
+            )
         DEAD_LETTERS.labels(letter.stage, letter.reason).inc()
 
     def _delivered(self, error: Any, _message: Any) -> None:

@@ -18,6 +18,7 @@ is dead-lettered with its changelog record's coordinates, and the batch goes on.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -29,10 +30,10 @@ from decimal import Decimal
 from functools import partial
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from prometheus_client import Counter
 
-from streams.dlq import DeadLetter
+from streams.dlq import DeadLetter, DeadLetterWriter
 from streams.errors import AccordError
 from streams.merge import GoldenState, Outcome, SinkOrder, deletes_everywhere, loads, stage
 from streams.model import FIELDS, Change, Op, Value
@@ -320,19 +321,18 @@ class Emitter:
         batch_size: int = 500,
         session_timeout_s: float = 45.0,
         compression: str = "none",
-        dead_letters: Callable[[], Any] | None = None,
+        dead_letters: Callable[[], DeadLetterWriter] | None = None,
         max_record_bytes: int = 900_000,
     ) -> None:
         self.topics = topics
-        self._make_dead_letters = dead_letters  # -> a streams.dlq.DeadLetterWriter
-        self._dead_letters: Any = None
+        self._make_dead_letters = dead_letters
+        self._dead_letters: DeadLetterWriter | None = None
         self.max_record_bytes = max_record_bytes
         # Revisions the broker refused an output of. A refusal reported for a batch may
         # be another record's (the broker refuses a whole batch): such a revision is a
         # suspect, produced alone next time; refused alone, it is dead-lettered.
         self._suspects: set[Coordinates] = set()
         self._refused: dict[Coordinates, Refusal] = {}
-        self._refusals = 0  # refusals reported in this batch's transaction: it must abort
         self.dead_lettered = 0
         self.encode_golden = encode_golden
         self.encode_audit = encode_audit
@@ -373,7 +373,6 @@ class Emitter:
         now_ms = int(time.time() * 1000)
         emitted: dict[str, int] = {}
         letters: list[DeadLetter] = []
-        self._refusals = 0
         try:
             self.producer.begin_transaction()
             for message in messages:
@@ -391,11 +390,6 @@ class Emitter:
                 else:
                     letters.append(self._letter(message, coordinates, refusal))
                 emitted[state.golden_id] = state.revision
-            self.producer.flush(TXN_CALL_S)  # delivery reports: refusals come back here
-            if self._refusals:
-                raise KafkaException(
-                    f"{self._refusals} output(s) refused; emitting the batch again"
-                )
             self._write_letters(letters)
             self.producer.send_offsets_to_transaction(
                 self.consumer.position(self.consumer.assignment()),
@@ -404,6 +398,7 @@ class Emitter:
             )
             self.producer.commit_transaction(TXN_CALL_S)
         except KafkaException as exc:
+            self._serve_reports()  # the refusals the next round needs
             log.warning("emit transaction failed, rewinding the batch: %s", exc)
             self._abort(messages)
             return 0
@@ -439,7 +434,7 @@ class Emitter:
     def _produce(self, records: list[tuple[str, str, bytes, bytes]], at: Coordinates) -> None:
         alone = at in self._suspects
         if alone:  # in batches of its own: a refusal then is its own
-            self.producer.flush(TXN_CALL_S)
+            self._flush()
         report = partial(self._delivered, at, alone)
         for kind, topic, key, value in records:
             try:
@@ -448,11 +443,24 @@ class Emitter:
                 refusal = refusal_of(exc)
                 if refusal is not None:
                     self._refused[at] = refusal
-                    self._refusals += 1
                 raise  # earlier outputs of the revision are in the transaction: abort it
             EMITTED.labels(kind).inc()
         if alone:
+            self._flush()
+
+    def _serve_reports(self) -> None:
+        # A fatal producer raises its error again: `_abort` replaces it.
+        with contextlib.suppress(KafkaException):
+            self.producer.poll(0)
+
+    def _flush(self) -> None:
+        """Send what is batched and serve its delivery reports. confluent-kafka's flush
+        of a producer in a fatal state (fenced) raises SystemError: a KafkaException here,
+        so the batch is aborted and the producer replaced as for any failed transaction."""
+        try:
             self.producer.flush(TXN_CALL_S)
+        except SystemError as exc:
+            raise KafkaException(KafkaError(KafkaError._FATAL, str(exc), fatal=True)) from exc
 
     def _delivered(self, at: Coordinates, alone: bool, error: Any, _message: Any) -> None:
         refusal = refusal_of(error)
@@ -460,7 +468,6 @@ class Emitter:
             if alone and error is None:
                 self._suspects.discard(at)
             return
-        self._refusals += 1
         if alone:
             self._suspects.discard(at)
             self._refused[at] = refusal
@@ -481,7 +488,7 @@ class Emitter:
         )
 
     def _write_letters(self, letters: list[DeadLetter]) -> None:
-        """On the DLQ before the transaction commits the offsets past them."""
+        """In the batch's transaction: they commit with the offsets past their revisions."""
         if not letters:
             return
         if self._make_dead_letters is None:
@@ -489,8 +496,7 @@ class Emitter:
         if self._dead_letters is None:
             self._dead_letters = self._make_dead_letters()
         for letter in letters:
-            self._dead_letters.write(letter)
-        self._dead_letters.flush()
+            self._dead_letters.write(letter, self.producer)
 
     def _new_consumer(self) -> Consumer:
         consumer = Consumer(self._consumer_config)

@@ -52,6 +52,8 @@ def _change_record() -> dict[str, Any]:
 
 
 class _Codec:
+    schema_id = 7
+
     def __init__(self, *results: Any) -> None:
         self.results = list(results)
 
