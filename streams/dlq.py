@@ -190,10 +190,12 @@ class DeadLetterWriter:
         key = f"{letter.topic}/{letter.partition}/{letter.offset}".encode()
         if producer is not None:
             producer.produce(self.topic, key=key, value=self.encode(letter))
-        else:
+        elif self._producer is not None:
             self._producer.produce(
                 self.topic, key=key, value=self.encode(letter), on_delivery=self._delivered
             )
+        else:
+            raise AccordError("a DeadLetterWriter made without a producer needs one per write")
         DEAD_LETTERS.labels(letter.stage, letter.reason).inc()
 
     def _delivered(self, error: Any, _message: Any) -> None:
@@ -202,6 +204,8 @@ class DeadLetterWriter:
 
     def flush(self, timeout_s: float = 30.0) -> None:
         """Every written letter is on the broker, or this raises: commit nothing then."""
+        if self._producer is None:  # each write went through its caller's producer
+            return
         remaining = self._producer.flush(timeout_s)
         if remaining or self._failed:
             failures, self._failed = self._failed, []
