@@ -143,6 +143,13 @@ def test_poison_changes_are_dead_lettered_and_the_merge_goes_on(stack: AccordSet
         )
         for future in admin.incremental_alter_configs([resource]).values():
             future.result(30)
+
+        def lowered() -> bool:  # the broker applies a topic's new config on its own time
+            current = ConfigResource(ConfigResource.Type.TOPIC, changelog_topic(settings))
+            (described,) = admin.describe_configs([current]).values()
+            return described.result(10)["max.message.bytes"].value == "60000"
+
+        assert wait_until(lowered, 30)
         refused_id = f"g-refused-{run}"
         noise = base64.b64encode(os.urandom(30_000)).decode()  # lz4 cannot shrink it
         email = f"r-{run}@example.com"
