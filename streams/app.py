@@ -13,6 +13,7 @@ moves past a batch that was not fully handed on.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
 import shutil
@@ -25,6 +26,7 @@ from typing import Any
 import faust
 import mode
 import redis
+from confluent_kafka import KafkaException, Producer
 from faust.sensors.monitor import Monitor as FaustMonitor
 from faust.stores.rocksdb import Store as RocksDBStore
 from prometheus_client import CollectorRegistry, Counter, generate_latest
@@ -34,13 +36,19 @@ from rocksdict import WriteOptions
 
 from streams import redact
 from streams.changelog import ChangelogWriter
-from streams.codec import AvroCodec
+from streams.codec import (
+    AvroCodec,
+    DecodeError,
+    DecodeReason,
+    RegistryUnavailable,
+    schema_id_of,
+)
 from streams.connect import SYSTEMS, ConnectClient, ConnectorWatchdog, load_connector
 from streams.dedupe import Deduplicator
-from streams.dlq import DeadLetterWriter
+from streams.dlq import DeadLetter, DeadLetterWriter
 from streams.emit import Emitter, EmitTopics, plan_sinks, repair
 from streams.errors import ConfigError
-from streams.faust_codec import canonical_codec
+from streams.faust_codec import AvroRecordCodec, canonical_codec
 from streams.health import LAG_CHECK_S, StageProgress
 from streams.identity import IdentityResolver
 from streams.ingest import IngestLoop, IngestPipeline, RawDecoder
@@ -51,6 +59,7 @@ from streams.model import Change
 from streams.monitor import Snapshot
 from streams.offsets import guarded_consumer
 from streams.projection import SinkKind, load_sinks
+from streams.refusal import Refusal, RefusedWrites, oversize, record_limit, refusal_of
 from streams.registry import registry_client, writer_schemas
 from streams.relink import worker_relinker
 from streams.restore import ChangelogRestore
@@ -117,6 +126,10 @@ class GoldenTable(faust.Table):
     restore: ChangelogRestore | None = None  # set before the table's store is made
     writer: ChangelogWriter | None = None  # at-least-once: writes go through librdkafka
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.refused_writes = RefusedWrites()
+
     def send_changelog(self, *args: Any, **kwargs: Any) -> Any:
         self.last_write = future = super().send_changelog(*args, **kwargs)
         return future
@@ -134,6 +147,21 @@ class GoldenTable(faust.Table):
         if self.writer is not None:  # it would race the writer's records of the partition
             raise NotImplementedError("golden states are never deleted under at-least-once")
         super().on_key_del(key)
+
+    def undo(self, partition: int, key: bytes, refused: bytes, before: bytes | None) -> None:
+        """A changelog write of `refused` (made over `before`) was refused: the local
+        store holds again what the changelog holds (see `RefusedWrites`). Written to
+        the partition's RocksDB directly: the store's own writes need the current event."""
+        db = None if self.should_stop else self.data._dbs.get(partition)
+        if db is None:  # revoked or closed: its next owner restores from the changelog
+            return
+        restore, state = self.refused_writes.refused(key, refused, before, db.get(key))
+        if not restore:
+            return
+        if state is None:
+            db.delete(key)
+        else:
+            db.put(key, state)
 
     def persisted(self, partition: int, offset: int) -> None:
         """A changelog write is confirmed: what Faust's `_on_changelog_sent` records."""
@@ -234,33 +262,134 @@ class PerEventStatsOff(FaustMonitor):
         pass
 
 
+class MergeDeadLetters:
+    """The merge's dead letters: each is on the DLQ before the input it stands for is
+    acked; a DLQ that cannot take one stops the worker with that input uncommitted."""
+
+    def __init__(self, stream: faust.StreamT, make_writer: Callable[[], DeadLetterWriter]) -> None:
+        self.stream = stream
+        self._make_writer = make_writer
+        self._writer: DeadLetterWriter | None = None
+        self._lock = asyncio.Lock()
+
+    async def refuse(self, event: Any, refusal: Refusal) -> None:
+        """Dead-letter `event`'s original record for `refusal`, then ack it."""
+        message = event.message
+        letter = DeadLetter.at(
+            (message.topic, message.partition, message.offset),
+            message.key,
+            message.value,
+            refusal.reason,
+            refusal.detail,
+            stage="merge",
+        )
+        log.warning(
+            "merge: %s/%d/%d dead-lettered (%s): %s",
+            message.topic, message.partition, message.offset, refusal.reason, refusal.detail,
+        )  # fmt: skip
+        async with self._lock:  # one letter at a time: each flush confirms its own
+            await asyncio.get_running_loop().run_in_executor(None, self._write, letter)
+        ack_now(self.stream, event)
+
+    def _write(self, letter: DeadLetter) -> None:
+        if self._writer is None:
+            self._writer = self._make_writer()
+        self._writer.write(letter)
+        self._writer.flush()
+
+
 class AcksAfterWrites:
     """Acks each merge input once the changelog has confirmed the write it caused.
 
-    A write that fails stops the worker: its input stays uncommitted and is merged again
+    A write the broker refuses for that record alone (too large, invalid: see
+    `streams.refusal`) is undone in the table and its input dead-lettered, then acked. Any
+    other failed write stops the worker: its input stays uncommitted and is merged again
     after the restart.
     """
 
-    def __init__(self, app: faust.App, stream: faust.StreamT) -> None:
+    def __init__(
+        self,
+        app: faust.App,
+        stream: faust.StreamT,
+        table: GoldenTable,
+        letters: MergeDeadLetters,
+    ) -> None:
         self.app = app
         self.stream = stream
+        self.table = table
+        self.letters = letters
         self._tasks: set[asyncio.Future] = set()
 
-    def after(self, write: asyncio.Future, event: Any) -> None:
-        write.add_done_callback(partial(self._written, event))
+    def after(
+        self, write: asyncio.Future, event: Any, key: bytes, payload: bytes, before: bytes | None
+    ) -> None:
+        """`write` put `payload` over `before` at `key`, because of `event`."""
+        write.add_done_callback(partial(self._written, event, key, payload, before))
 
-    def _written(self, event: Any, write: asyncio.Future) -> None:
+    def _written(
+        self,
+        event: Any,
+        key: bytes,
+        payload: bytes,
+        before: bytes | None,
+        write: asyncio.Future,
+    ) -> None:
         error = RuntimeError("cancelled") if write.cancelled() else write.exception()
-        if error is not None:
+        if error is None:
+            self.table.refused_writes.confirmed(key)
+            ack_now(self.stream, event)
+            return
+        refusal = refusal_of(error)
+        if refusal is None:
             log.error("golden changelog write failed, stopping: %s", error)
             self._keep(self.app.crash(error))
-        else:
-            ack_now(self.stream, event)
+            return
+        self.table.undo(event.message.partition, key, payload, before)
+        self._keep(self._refuse(event, refusal))
+
+    async def _refuse(self, event: Any, refusal: Refusal) -> None:
+        try:
+            await self.letters.refuse(event, refusal)
+        except Exception as exc:
+            log.error("merge: cannot dead-letter a refused change, stopping: %s", exc)
+            await self.app.crash(exc)
 
     def _keep(self, coroutine: Any) -> None:
         task = asyncio.ensure_future(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+UNDECODABLE = "undecodable"
+REGISTRY_RETRY_S = (0.5, 1.0, 2.0, 5.0)  # then every 5 s, until the registry answers
+
+
+async def decode_change(codec: AvroRecordCodec, value: bytes | None) -> Change | Refusal:
+    """The change an `accord.changes` record holds, or why it holds none (dead-letter it).
+
+    A registry that cannot be asked is waited for (the record is fine, its schema only
+    unknown for now), in order: the changes after it wait too.
+    """
+    for attempt in itertools.count():
+        try:
+            if value is None:
+                raise DecodeError(DecodeReason.TOO_SHORT, "a record without a value")
+            if schema_id_of(value) == codec.schema_id:  # the usual case: nothing to fetch
+                return Change.from_record(codec.loads(value))
+            # Another schema id: fetching it may wait out the registry's retries, which
+            # must not stall the event loop (and with it the changelog's reports).
+            loop = asyncio.get_running_loop()
+            record = await loop.run_in_executor(None, codec.loads, value)
+            return Change.from_record(record)
+        except RegistryUnavailable as exc:
+            wait_s = REGISTRY_RETRY_S[min(attempt, len(REGISTRY_RETRY_S) - 1)]
+            log.warning("merge: registry unavailable (%s); retrying in %.1fs", exc, wait_s)
+            await asyncio.sleep(wait_s)
+        except DecodeError as exc:
+            return Refusal(UNDECODABLE, str(exc))
+        except (KeyError, TypeError, ValueError) as exc:  # decoded, but not a change
+            return Refusal(UNDECODABLE, f"not a change record: {type(exc).__name__}: {exc}")
+    raise AssertionError("unreachable")
 
 
 def ack_now(stream: faust.StreamT, event: Any) -> None:
@@ -350,11 +479,13 @@ def create_app(settings: AccordSettings, rules: Rules | None = None) -> faust.Ap
     change_codec = canonical_codec(
         settings, registry, "dev.accord.CustomerChange", settings.topics.changes
     )
+    # Read as bytes and decoded in the merge: a record that does not decode is
+    # dead-lettered there, where Faust's codec would ack it and crash the agent.
     changes_topic = app.topic(
         settings.topics.changes,
         key_type=bytes,
         key_serializer="raw",
-        value_serializer=change_codec,
+        value_serializer="raw",
         partitions=worker.partitions,
     )
     # Values are `streams.merge.dumps` bytes: the changelog format `emit` reads.
@@ -383,6 +514,10 @@ def create_app(settings: AccordSettings, rules: Rules | None = None) -> faust.Ap
             worker.bulk_restore_min_records,
         )
     app.tables.add(golden)
+    # The largest state the merge writes: the setting, or less if the changelog takes less.
+    max_state_bytes = record_limit(
+        settings.kafka_config(), [changelog_topic(settings)], worker.max_record_bytes
+    )
     if worker.processing_guarantee == "at_least_once":
         golden.writer = ChangelogWriter(
             settings.kafka_config(),
@@ -390,6 +525,7 @@ def create_app(settings: AccordSettings, rules: Rules | None = None) -> faust.Ap
             golden.persisted,
             client_id=f"{worker.app_id}-{worker.instance}-changelog",
             compression=worker.compression,
+            batch_bytes=max_state_bytes,
         )
 
     # What /health judges stalls and refusals by (`streams.health`): the worker's own
@@ -399,18 +535,27 @@ def create_app(settings: AccordSettings, rules: Rules | None = None) -> faust.Ap
     # An unexpected error in an agent is a bug or broken state, not bad input (that goes
     # to the DLQ): crash the worker, so it shows, instead of restarting the agent forever.
     states = StateCache(worker.state_cache_size)
+    dlq_producer = partial(Producer, settings.kafka_config({"enable.idempotence": True}))
 
     @app.agent(changes_topic, name="merge", supervisor_strategy=mode.CrashingSupervisor)
     async def merge(stream: faust.StreamT) -> None:
         inputs = stream.noack()
-        acks = AcksAfterWrites(app, inputs)
+        letters = MergeDeadLetters(
+            inputs, lambda: DeadLetterWriter(settings, registry, dlq_producer())
+        )
+        acks = AcksAfterWrites(app, inputs, golden, letters)
         async for event in inputs.events():
+            stages["merge"].moved()
             if not app.consumer.admit(event.message):
                 await inputs.ack(event)  # refused: it is read again, in order
                 continue
-            change = Change.from_record(event.value)
+            change = await decode_change(change_codec, event.value)
+            if isinstance(change, Refusal):
+                await letters.refuse(event, change)
+                continue
             key = event.key
-            state = states.get(key, golden.get(key))
+            before = golden.get(key)
+            state = states.get(key, before)
             if change.observed:
                 outcome = repair(state, change, sinks, rules)
                 REPAIRS.labels(change.system, "planned" if outcome.state_changed else "none").inc()
@@ -421,14 +566,25 @@ def create_app(settings: AccordSettings, rules: Rules | None = None) -> faust.Ap
                     REJECTED.labels(change.system, name).inc()
                 if outcome.state_changed:
                     stage(state, change, outcome, plan_sinks(state, change, sinks, rules))
-            if outcome.state_changed:
-                payload = dumps(state)
-                golden[key] = payload  # the changelog write `emit` turns into outputs
-                states.put(key, payload, state)
-                acks.after(golden.last_write, event)
-            else:
+            if not outcome.state_changed:
                 await inputs.ack(event)
-            stages["merge"].moved()
+                continue
+            # `states.get` handed `state` out of the cache: one not written is not
+            # cached, and the next change of the key starts again from the table.
+            payload = dumps(state)
+            refusal = oversize(len(payload), max_state_bytes)
+            if refusal is None:
+                try:
+                    golden[key] = payload  # the changelog write `emit` turns into outputs
+                except KafkaException as exc:  # refused before sending; the store is as it was
+                    refusal = refusal_of(exc)
+                    if refusal is None:
+                        raise
+            if refusal is not None:
+                await letters.refuse(event, refusal)
+                continue
+            states.put(key, payload, state)
+            acks.after(golden.last_write, event, key, payload, before)
 
     identity = IdentityResolver(
         redis_conn, worker.redis_prefix, rules.match, rules.identity, guarded=True
@@ -605,6 +761,12 @@ def _make_emitter(
     topics = settings.topics
 
     def make() -> Emitter:
+        outputs = [
+            topics.golden,
+            topics.audit,
+            *map(topics.sink, load_sinks(settings.connectors_dir)),
+        ]
+        max_bytes = record_limit(settings.kafka_config(), outputs, settings.worker.max_record_bytes)
         return Emitter(
             settings.kafka_config(),
             group_id=emit_group(settings),
@@ -623,6 +785,9 @@ def _make_emitter(
             batch_size=settings.worker.batch_size,
             compression=settings.worker.compression,
             progress=progress,
+            # Letters go in the emitter's own transactions: no producer of their own.
+            dead_letters=lambda: DeadLetterWriter(settings, registry, None),
+            max_record_bytes=max_bytes,
         )
 
     return make

@@ -51,6 +51,7 @@ class ChangelogWriter:
         client_id: str,
         compression: str,
         linger_ms: int = 5,
+        batch_bytes: int | None = None,
     ) -> None:
         self.topic = topic
         self.on_persisted = on_persisted
@@ -62,6 +63,9 @@ class ChangelogWriter:
                 "acks": "all",
                 "linger.ms": linger_ms,
                 "compression.type": compression,
+                # No batch above what the topic takes (`streams.refusal.record_limit`):
+                # the broker refuses a batch whole, with every record in it.
+                **({"batch.size": batch_bytes} if batch_bytes else {}),
             }
         )
         self._loop: asyncio.AbstractEventLoop | None = None

@@ -619,6 +619,11 @@ def dlq_replay(
         f"replayed {len(report.replayed)}, skipped {len(report.skipped)} replayed before"
         + (f": {', '.join(report.skipped)}" if report.skipped else "")
     )
+    if report.refused:
+        console.print(
+            f"refused {len(report.refused)} not replayable (truncated, or an emitter's): "
+            + ", ".join(report.refused)
+        )
 
 
 @app.command("explain")

@@ -10,10 +10,15 @@ offsets, writes the golden record to `accord.golden`, one entry per changed fiel
 `accord.audit` and each order to `accord.sink.<target>`. A crash anywhere replays into
 the same transaction boundary, so readers with `isolation.level=read_committed` never
 see an output twice.
+
+A revision whose outputs Kafka will never take (one above `worker.max_record_bytes`, or
+one the broker refuses as too large or invalid, see `streams.refusal`) emits nothing: it
+is dead-lettered with its changelog record's coordinates, and the batch goes on.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -22,15 +27,19 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
+from functools import partial
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from prometheus_client import Counter
 
+from streams.dlq import DeadLetter, DeadLetterWriter
+from streams.errors import AccordError
 from streams.health import StageProgress
 from streams.merge import GoldenState, Outcome, SinkOrder, deletes_everywhere, loads, stage
 from streams.model import FIELDS, Change, Op, Value
 from streams.projection import SinkSpec
+from streams.refusal import RECORD_TOO_LARGE, Refusal, oversize, refusal_of
 from streams.rules import Rules
 from streams.topics import first_offsets, usable
 
@@ -284,6 +293,7 @@ def as_text(value: Value) -> str | None:
 # ------------------------------------------------------------------------ Kafka glue
 
 Encoder = Callable[[dict[str, Any]], bytes]
+Coordinates = tuple[str, int, int]  # topic, partition, offset of a changelog record
 
 
 @dataclass(frozen=True)
@@ -312,10 +322,21 @@ class Emitter:
         batch_size: int = 500,
         session_timeout_s: float = 45.0,
         compression: str = "none",
+        dead_letters: Callable[[], DeadLetterWriter] | None = None,
+        max_record_bytes: int = 900_000,
         progress: StageProgress | None = None,
     ) -> None:
         self.topics = topics
         self.progress = progress or StageProgress("emit")
+        self._make_dead_letters = dead_letters
+        self._dead_letters: DeadLetterWriter | None = None
+        self.max_record_bytes = max_record_bytes
+        # Revisions the broker refused an output of. A refusal reported for a batch may
+        # be another record's (the broker refuses a whole batch): such a revision is a
+        # suspect, produced alone next time; refused alone, it is dead-lettered.
+        self._suspects: set[Coordinates] = set()
+        self._refused: dict[Coordinates, Refusal] = {}
+        self.dead_lettered = 0
         self.encode_golden = encode_golden
         self.encode_audit = encode_audit
         self.encode_sink = encode_sink
@@ -337,6 +358,8 @@ class Emitter:
             "transaction.timeout.ms": 10_000,
             "linger.ms": 5,
             "compression.type": compression,
+            # No batch above what a topic takes: the broker refuses a batch whole.
+            "batch.size": max_record_bytes,
         }
         self.producer = self._new_producer()
         self._emitted: dict[str, int] = {}  # golden id -> last revision emitted in this run
@@ -352,6 +375,7 @@ class Emitter:
             return 0
         now_ms = int(time.time() * 1000)
         emitted: dict[str, int] = {}
+        letters: list[DeadLetter] = []
         try:
             self.producer.begin_transaction()
             for message in messages:
@@ -361,8 +385,15 @@ class Emitter:
                 last = emitted.get(state.golden_id, self._emitted.get(state.golden_id, 0))
                 if not state.fresh or state.revision <= last:
                     continue
-                self._produce(state, now_ms)
+                coordinates = (message.topic(), message.partition(), message.offset())
+                records, refusal = self._records(state, now_ms)
+                refusal = self._refused.get(coordinates) or refusal
+                if refusal is None:
+                    self._produce(records, coordinates)
+                else:
+                    letters.append(self._letter(message, coordinates, refusal))
                 emitted[state.golden_id] = state.revision
+            self._write_letters(letters)
             self.producer.send_offsets_to_transaction(
                 self.consumer.position(self.consumer.assignment()),
                 self.consumer.consumer_group_metadata(),
@@ -370,27 +401,105 @@ class Emitter:
             )
             self.producer.commit_transaction(TXN_CALL_S)
         except KafkaException as exc:
+            self._serve_reports()  # the refusals the next round needs
             log.warning("emit transaction failed, rewinding the batch: %s", exc)
             self._abort(messages)
             return 0
+        for letter in letters:  # on the DLQ now, past the committed offsets
+            self._refused.pop((letter.topic, letter.partition, letter.offset), None)
         self._emitted.update(emitted)
-        self.revisions_emitted += len(emitted)
-        return len(emitted)
+        self.revisions_emitted += len(emitted) - len(letters)
+        self.dead_lettered += len(letters)
+        return len(emitted) - len(letters)
 
-    def _produce(self, state: GoldenState, now_ms: int) -> None:
+    def _records(
+        self, state: GoldenState, now_ms: int
+    ) -> tuple[list[tuple[str, str, bytes, bytes]], Refusal | None]:
+        """The revision's outputs encoded, as (kind, topic, key, value), or the refusal of
+        the first one above `max_record_bytes`."""
         result = outputs(state, now_ms)
         key = state.golden_id.encode()
+        records = []
         if result.golden is not None:
-            golden = self.encode_golden(result.golden)
-            self.producer.produce(self.topics.golden, key=key, value=golden)
-            EMITTED.labels("golden").inc()
+            records.append(("golden", self.topics.golden, key, self.encode_golden(result.golden)))
         for entry in result.audit:
-            self.producer.produce(self.topics.audit, key=key, value=self.encode_audit(entry))
-        EMITTED.labels("audit").inc(len(result.audit))
+            records.append(("audit", self.topics.audit, key, self.encode_audit(entry)))
         for event in result.sinks:
             topic = self.topics.sink(event["target"])
-            self.producer.produce(topic, key=key, value=self.encode_sink(event))
-        EMITTED.labels("sink").inc(len(result.sinks))
+            records.append(("sink", topic, key, self.encode_sink(event)))
+        for _kind, topic, _key, value in records:
+            refusal = oversize(len(value), self.max_record_bytes, f"record for {topic}",
+                               RECORD_TOO_LARGE)  # fmt: skip
+            if refusal is not None:
+                return [], refusal
+        return records, None
+
+    def _produce(self, records: list[tuple[str, str, bytes, bytes]], at: Coordinates) -> None:
+        alone = at in self._suspects
+        if alone:  # in batches of its own: a refusal then is its own
+            self._flush()
+        report = partial(self._delivered, at, alone)
+        for kind, topic, key, value in records:
+            try:
+                self.producer.produce(topic, key=key, value=value, on_delivery=report)
+            except KafkaException as exc:  # refused before sending (librdkafka's own limit)
+                refusal = refusal_of(exc)
+                if refusal is not None:
+                    self._refused[at] = refusal
+                raise  # earlier outputs of the revision are in the transaction: abort it
+            EMITTED.labels(kind).inc()
+        if alone:
+            self._flush()
+
+    def _serve_reports(self) -> None:
+        # A fatal producer raises its error again: `_abort` replaces it.
+        with contextlib.suppress(KafkaException):
+            self.producer.poll(0)
+
+    def _flush(self) -> None:
+        """Send what is batched and serve its delivery reports. confluent-kafka's flush
+        of a producer in a fatal state (fenced) raises SystemError: a KafkaException here,
+        so the batch is aborted and the producer replaced as for any failed transaction."""
+        try:
+            self.producer.flush(TXN_CALL_S)
+        except SystemError as exc:
+            raise KafkaException(KafkaError(KafkaError._FATAL, str(exc), fatal=True)) from exc
+
+    def _delivered(self, at: Coordinates, alone: bool, error: Any, _message: Any) -> None:
+        refusal = refusal_of(error)
+        if refusal is None:
+            if alone and error is None:
+                self._suspects.discard(at)
+            return
+        if alone:
+            self._suspects.discard(at)
+            self._refused[at] = refusal
+        else:
+            self._suspects.add(at)
+
+    def _letter(self, message: Any, at: Coordinates, refusal: Refusal) -> DeadLetter:
+        log.warning("emit: revision at %s/%d/%d dead-lettered (%s): %s", *at,
+                    refusal.reason, refusal.detail)  # fmt: skip
+        return DeadLetter.at(
+            at,
+            message.key(),
+            message.value(),
+            refusal.reason,
+            f"its outputs were not emitted: {refusal.detail}",
+            stage="emit",
+            replayable=False,  # a changelog record: only the merge writes the changelog
+        )
+
+    def _write_letters(self, letters: list[DeadLetter]) -> None:
+        """In the batch's transaction: they commit with the offsets past their revisions."""
+        if not letters:
+            return
+        if self._make_dead_letters is None:
+            raise AccordError(f"emit: {len(letters)} revision(s) refused and no DLQ to write to")
+        if self._dead_letters is None:
+            self._dead_letters = self._make_dead_letters()
+        for letter in letters:
+            self._dead_letters.write(letter, self.producer)
 
     def _new_consumer(self) -> Consumer:
         consumer = Consumer(self._consumer_config)

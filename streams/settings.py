@@ -295,6 +295,15 @@ class WorkerSettings(BaseModel):
         description="Golden states the merge keeps parsed between writes (about 11 KB each); "
         "0 parses every state it reads.",
     )
+    max_record_bytes: int = Field(
+        900_000,
+        ge=16_384,
+        description="Largest record the worker writes to Kafka, uncompressed: a golden state "
+        "above it is not written and its change is dead-lettered (state_too_large); a dead "
+        "letter above it is written truncated, with a SHA-256 of its value. Keep it below "
+        "librdkafka's message.max.bytes and the topics' max.message.bytes (both about 1 MB "
+        "by default).",
+    )
     data_dir: Path | None = Field(None, description="RocksDB state; default <state_dir>/worker.")
     web_host: str = Field("127.0.0.1", description="Interface of the web server (metrics, health).")
     web_port: int | None = Field(
