@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+import httpx
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from confluent_kafka.schema_registry.avro import AvroDeserializer
 from confluent_kafka.serialization import MessageField, SerializationContext
@@ -246,3 +251,62 @@ def latest_by_key(records: list[dict[str, Any]], key: str = "golden_id") -> dict
         if record is not None:
             latest[record[key]] = record
     return latest
+
+
+Reply = tuple[int, str, bytes]  # status, content type, body
+
+
+class RegistryProxy:
+    """A tiny HTTP server in front of the real schema registry that relays every request,
+    except those `answer(method, path)` replies to itself (a `Reply`; None relays): a
+    registry that answers garbage for some ids, or for everything for a while.
+    `asked` counts the lookups of each schema id."""
+
+    def __init__(self, upstream: str) -> None:
+        self.upstream = upstream.rstrip("/")
+        self.asked: Counter[int] = Counter()
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _serve(self) -> None:
+                match = re.search(r"/schemas/ids/(\d+)", self.path)
+                if match:
+                    proxy.asked[int(match.group(1))] += 1
+                reply = proxy.answer(self.command, self.path) or proxy._relay(self)
+                status, content_type, body = reply
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_GET = do_POST = do_PUT = do_DELETE = _serve
+
+            def log_message(self, *_args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def answer(self, method: str, path: str) -> Reply | None:
+        """Override: what to answer instead of the registry; None relays."""
+        return None
+
+    def _relay(self, request: BaseHTTPRequestHandler) -> Reply:
+        length = int(request.headers.get("Content-Length") or 0)
+        reply = httpx.request(
+            request.command,
+            self.upstream + request.path,
+            content=request.rfile.read(length) if length else None,
+            headers={"Content-Type": request.headers.get("Content-Type", "application/json")},
+            timeout=10,
+        )
+        return reply.status_code, reply.headers.get("content-type", ""), reply.content
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+HTML_PAGE: Reply = (200, "text/html", b"<html><body>Service temporarily moved</body></html>")

@@ -17,9 +17,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import httpx
 import pytest
 import redis
 
@@ -38,7 +36,7 @@ from tests.chaos.harness import (
     under_load,
 )
 from tests.chaos.load import scrape
-from tests.support import accord
+from tests.support import HTML_PAGE, RegistryProxy, Reply, accord
 
 pytestmark = pytest.mark.chaos
 
@@ -157,52 +155,20 @@ def test_a_billing_column_renamed_under_load_and_back(run: Run) -> None:
 # ------------------------------------------------------------ a garbage schema registry
 
 
-class GarbageRegistry:
-    """A proxy in front of the real registry that, while `broken`, answers every request
-    with an HTML page and status 200 (a misrouted load balancer, a captive portal)."""
+class GarbageRegistry(RegistryProxy):
+    """The real registry, until `broken`: then an HTML page with status 200 for every
+    request (a misrouted load balancer, a captive portal)."""
 
     def __init__(self, upstream: str) -> None:
-        self.upstream = upstream.rstrip("/")
+        super().__init__(upstream)
         self.broken = False
         self.garbage_served = 0
-        proxy = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def _relay(self) -> None:
-                if proxy.broken:
-                    proxy.garbage_served += 1
-                    body = b"<html><body>Service temporarily moved</body></html>"
-                    self.send_response(200)
-                    self.send_header("Content-Type", "text/html")
-                    self.send_header("Content-Length", str(len(body)))
-                    self.end_headers()
-                    self.wfile.write(body)
-                    return
-                length = int(self.headers.get("Content-Length") or 0)
-                reply = httpx.request(
-                    self.command,
-                    proxy.upstream + self.path,
-                    content=self.rfile.read(length) if length else None,
-                    headers={"Content-Type": self.headers.get("Content-Type", "")},
-                    timeout=10,
-                )
-                self.send_response(reply.status_code)
-                self.send_header("Content-Type", reply.headers.get("content-type", ""))
-                self.send_header("Content-Length", str(len(reply.content)))
-                self.end_headers()
-                self.wfile.write(reply.content)
-
-            do_GET = do_POST = do_PUT = do_DELETE = _relay
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
+    def answer(self, method: str, path: str) -> Reply | None:
+        if not self.broken:
+            return None
+        self.garbage_served += 1
+        return HTML_PAGE
 
 
 @contextmanager

@@ -312,7 +312,7 @@ def test_sigkill_mid_stream_loses_nothing_and_duplicates_nothing(
         latest = [
             r
             for r in latest_by_key(records).values()
-            if r["fields"]["email"].startswith(f"kill-{tag}")
+            if (r["fields"]["email"] or "").startswith(f"kill-{tag}")
         ]
         return len(latest) == customers and all(
             r["fields"]["company"] == f"v{edits}" for r in latest
@@ -329,7 +329,9 @@ def test_sigkill_mid_stream_loses_nothing_and_duplicates_nothing(
     _assert_no_duplicates(golden.records, audit.records)
     # Nothing lost: every version of every record was emitted, in order, once.
     ours = {
-        r["golden_id"] for r in golden.records if r["fields"]["email"].startswith(f"kill-{tag}")
+        r["golden_id"]
+        for r in golden.records
+        if (r["fields"]["email"] or "").startswith(f"kill-{tag}")
     }
     for golden_id in ours:
         versions = [r["version"] for r in golden.records if r["golden_id"] == golden_id]
@@ -380,7 +382,8 @@ def test_explain_names_the_rule_and_the_losing_value_of_a_conflict(
 
     # The worker's own view of the same work: health and Prometheus counters.
     web = f"http://{settings.worker.web_host}:{settings.worker.web_port}"
-    assert httpx.get(f"{web}/health", timeout=10).json() == {"ready": True, "problems": []}
+    health = httpx.get(f"{web}/health", timeout=10).json()
+    assert (health["ready"], health["problems"]) == (True, []), health
     metrics = httpx.get(f"{web}/metrics", timeout=10).text
     merged = [
         float(line.split()[-1])

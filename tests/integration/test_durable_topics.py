@@ -21,7 +21,7 @@ from streams.settings import AccordSettings, StackSettings
 from streams.stack import install
 from streams.stack.components import Kafka, StackPaths
 from streams.stack.manager import Stack
-from streams.stack.process import stop
+from streams.stack.process import stop, wait_until
 from streams.topology import accord_topics, ensure_topics, source_topics
 from tests.support import isolated
 
@@ -87,9 +87,12 @@ def test_accords_topics_have_three_copies_and_need_two(cluster: AccordSettings) 
 
     ensure_topics(cluster)
 
+    specs = [*source_topics(cluster, 3), *accord_topics(cluster, 3)]
+    names = {spec.name for spec in specs}
+    # Created topics reach every broker's metadata a moment after the creation returns.
+    assert wait_until(lambda: names <= set(admin.list_topics(timeout=30).topics), 30)
     metadata = admin.list_topics(timeout=30)
     assert len(metadata.brokers) == 3
-    specs = [*source_topics(cluster, 3), *accord_topics(cluster, 3)]
     for spec in specs:
         replicas = {len(p.replicas) for p in metadata.topics[spec.name].partitions.values()}
         assert replicas == {3}, spec.name

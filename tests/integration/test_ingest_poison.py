@@ -9,16 +9,13 @@ from __future__ import annotations
 
 import io
 import json
-import re
 import struct
 import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-import httpx
 import pytest
 from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource
 from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
@@ -45,7 +42,7 @@ from tests.integration.test_ingest_loop import (
     _read_all,
     _run_until,
 )
-from tests.support import free_port, isolated
+from tests.support import HTML_PAGE, RegistryProxy, Reply, free_port, isolated
 
 pytestmark = pytest.mark.integration
 
@@ -54,47 +51,20 @@ UNPARSEABLE_ID = 1_900_000_002  # the registry answers JSON whose schema is not 
 UNKNOWN_IDS = [1_800_000_000 + i for i in range(20)]  # the registry answers 404
 
 
-class Registry:
-    """A tiny HTTP server in front of the real registry that answers garbage for some
-    ids and passes every other request through, counting the questions per id."""
+class Registry(RegistryProxy):
+    """The real registry, but HTML for `GARBAGE_ID` and a schema that is not Avro for
+    `UNPARSEABLE_ID`."""
 
-    def __init__(self, upstream: str) -> None:
-        self.asked: Counter[int] = Counter()
-        registry = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                match = re.search(r"/schemas/ids/(\d+)", self.path)
-                schema_id = int(match.group(1)) if match else None
-                if schema_id is not None:
-                    registry.asked[schema_id] += 1
-                if schema_id == GARBAGE_ID:
-                    self._answer(200, "text/html", b"<html><body>Bad gateway</body></html>")
-                elif schema_id == UNPARSEABLE_ID:
-                    body = json.dumps({"schema": '{"type": "record", "name": 1}'}).encode()
-                    self._answer(200, "application/json", body)
-                else:
-                    reply = httpx.get(upstream.rstrip("/") + self.path, timeout=10)
-                    content_type = reply.headers.get("content-type", "application/json")
-                    self._answer(reply.status_code, content_type, reply.content)
-
-            def _answer(self, status: int, content_type: str, body: bytes) -> None:
-                self.send_response(status)
-                self.send_header("Content-Type", content_type)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *_args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+    def answer(self, method: str, path: str) -> Reply | None:
+        if f"/schemas/ids/{GARBAGE_ID}" in path:
+            return HTML_PAGE
+        if f"/schemas/ids/{UNPARSEABLE_ID}" in path:
+            return (
+                200,
+                "application/json",
+                json.dumps({"schema": '{"type": "record", "name": 1}'}).encode(),
+            )
+        return None
 
 
 @pytest.fixture
