@@ -54,7 +54,7 @@ from streams.identity import IdentityResolver
 from streams.ingest import IngestLoop, IngestPipeline, RawDecoder
 from streams.mapping import Mapper, load_mappings
 from streams.merge import StateCache, apply, dumps, stage
-from streams.missing_columns import MissingColumns
+from streams.missing_columns import MissingColumns, MissingColumnSignal
 from streams.model import Change
 from streams.monitor import Snapshot
 from streams.offsets import guarded_consumer
@@ -597,7 +597,10 @@ def create_app(settings: AccordSettings, rules: Rules | None = None) -> faust.Ap
         [mapping.topic for mapping in mappings.values()],
         IngestPipeline(
             RawDecoder(AvroCodec(writer_schemas(settings, registry))),
-            Mapper(mappings, MissingColumns()),
+            Mapper(
+                mappings,
+                MissingColumns(MissingColumnSignal(redis_conn, worker.redis_prefix)),
+            ),
             Deduplicator(redis_conn, worker.redis_prefix, worker.dedupe_ttl_s),
             identity,
         ),

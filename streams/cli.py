@@ -423,7 +423,13 @@ def _render_monitor(snapshot: Any, app_id: str) -> Any:
         + f": {escape(p.reason)}"
         for p in snapshot.paused
     ]
-    return Group(topics, groups, connectors, slots, dlq, *paused)
+    missing = [
+        f"[yellow bold]{m.system}: mapped column {escape(m.column)!r} missing[/yellow bold] "
+        f"from its rows (last seen {time.strftime('%H:%M:%S', time.localtime(m.last_seen))}): "
+        f"its field is not synced from {m.system}"
+        for m in snapshot.missing_columns
+    ]
+    return Group(topics, groups, connectors, slots, dlq, *paused, *missing)
 
 
 @app.command("reconcile")

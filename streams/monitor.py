@@ -24,6 +24,7 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicCollection, TopicPartition
 from confluent_kafka.admin import AdminClient, OffsetSpec
 
+from streams.missing_columns import MissingColumn, read_missing_columns
 from streams.settings import AccordSettings
 
 REQUEST_TIMEOUT_S = 10.0
@@ -103,6 +104,8 @@ class Snapshot:
     dlq_size: int
     dlq_growth_per_s: float | None
     paused: list[PausedTarget] = field(default_factory=list)
+    # Mapped source columns a source's rows no longer carry (`streams.missing_columns`).
+    missing_columns: list[MissingColumn] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -176,6 +179,7 @@ class Monitor:
         self._changelogs = {w.name for w in self.watched if w.kind == "changelog"}
         self._previous: tuple[float, dict[str, int]] | None = None
         self._redis: Any = None
+        self._missing: list[MissingColumn] = []  # read with the pauses
 
     # -- Kafka ------------------------------------------------------------------------
 
@@ -333,6 +337,7 @@ class Monitor:
             )
         try:
             pauses = read_pauses(self._redis, self.settings.worker.redis_prefix, targets)
+            self._missing = read_missing_columns(self._redis, self.settings.worker.redis_prefix)
         except redis.RedisError as exc:  # shown, not crashed on: Redis may be down
             return [PausedTarget("*", f"unknown: Redis: {type(exc).__name__}: {exc}", None)]
         return [PausedTarget(p.target, p.reason, p.since) for p in pauses]
@@ -379,4 +384,5 @@ class Monitor:
             dlq_size=dlq.messages,
             dlq_growth_per_s=dlq.rate_per_s,
             paused=self._paused(),
+            missing_columns=self._missing,
         )

@@ -28,7 +28,12 @@ from streams.dedupe import Deduplicator
 from streams.identity import IdentityResolver
 from streams.ingest import PRODUCE_REFUSED, IngestPipeline, RawDecoder
 from streams.mapping import Mapper
-from streams.missing_columns import MissingColumns, missing_columns
+from streams.missing_columns import (
+    MissingColumns,
+    MissingColumnSignal,
+    missing_columns,
+    read_missing_columns,
+)
 from streams.registry import registry_codec
 from streams.rules import load_rules
 from streams.settings import AccordSettings
@@ -253,7 +258,8 @@ def test_a_mapped_column_the_source_schema_dropped_is_reported_and_the_row_synce
     ends = raw.ends()
 
     pipeline = _pipeline(settings, raw, raw.registry, [])
-    pipeline.mapper = Mapper(raw.mappings, MissingColumns())
+    store, prefix = redis_client(settings), settings.worker.redis_prefix
+    pipeline.mapper = Mapper(raw.mappings, MissingColumns(MissingColumnSignal(store, prefix)))
     loop = _loop(settings, raw, pipeline)
     try:
         _run_until(loop, lambda: _committed(settings, raw) == ends)
@@ -265,3 +271,7 @@ def test_a_mapped_column_the_source_schema_dropped_is_reported_and_the_row_synce
     labels = {"system": "crm", "column": "company"}
     assert REGISTRY.get_sample_value("accord_mapping_missing_columns", labels) == 1
     assert labels in missing_columns()
+    # What `accord monitor`, a process of its own, reads.
+    assert [(m.system, m.column) for m in read_missing_columns(store, prefix)] == [
+        ("crm", "company")
+    ]

@@ -14,7 +14,15 @@ from prometheus_client import REGISTRY
 from streams.codec import AvroCodec, SchemaCache
 from streams.debezium import EnvelopeReader, SourceChange
 from streams.mapping import Mapped, Mapper, load_mappings
-from streams.missing_columns import MissingColumns, missing_columns
+from streams.missing_columns import (
+    FORGET_AFTER_S,
+    REFRESH_S,
+    MissingColumn,
+    MissingColumns,
+    MissingColumnSignal,
+    missing_columns,
+    read_missing_columns,
+)
 from tests import vectors
 
 CONNECTORS = Path(__file__).resolve().parents[2] / "connectors"
@@ -101,3 +109,48 @@ def test_a_schema_flapping_back_and_forth_warns_once_per_schema(
     assert _gauge(system, "b") == 0 and _rows(system, "b") == 10
     tracker.observe(system, "t", ["a", "b"], {"a": 1, "c": 3})  # another schema without b
     assert len(caplog.records) == 2 and _gauge(system, "b") == 1
+
+
+class FakeHash:
+    """The two hash commands the signal uses, on a dict."""
+
+    def __init__(self) -> None:
+        self.hashes: dict[str, dict[str, str]] = {}
+        self.writes = 0
+
+    def hset(self, key: str, field: str, value: str) -> None:
+        self.writes += 1
+        self.hashes.setdefault(key, {})[field] = value
+
+    def hdel(self, key: str, field: str) -> None:
+        self.writes += 1
+        self.hashes.get(key, {}).pop(field, None)
+
+    def hgetall(self, key: str) -> dict[str, str]:
+        return dict(self.hashes.get(key, {}))
+
+
+def test_a_missing_column_is_published_for_the_monitor_and_withdrawn_when_back() -> None:
+    redis, clock = FakeHash(), [1000.0]
+    tracker = MissingColumns(MissingColumnSignal(redis, "p:", clock=lambda: clock[0]))
+    for _ in range(50):  # many rows without b in one minute: one write
+        tracker.observe("crm", "t", ["a", "b"], {"a": 1})
+    assert redis.writes == 1
+    assert read_missing_columns(redis, "p:", now=clock[0]) == [MissingColumn("crm", "b", 1000.0)]
+    clock[0] += REFRESH_S  # still missing a minute on: stamped again
+    tracker.observe("crm", "t", ["a", "b"], {"a": 1})
+    assert read_missing_columns(redis, "p:", now=clock[0])[0].last_seen == clock[0]
+    # A stamp nobody refreshed for FORGET_AFTER_S is a worker gone, not a column missing.
+    assert read_missing_columns(redis, "p:", now=clock[0] + FORGET_AFTER_S) == []
+    tracker.observe("crm", "t", ["a", "b"], {"a": 1, "b": 2})  # back
+    assert read_missing_columns(redis, "p:", now=clock[0]) == []
+
+
+def test_a_redis_error_does_not_stop_the_mapping(caplog: pytest.LogCaptureFixture) -> None:
+    class Broken:
+        def hset(self, *_args: object) -> None:
+            raise ConnectionError("redis down")
+
+    tracker = MissingColumns(MissingColumnSignal(Broken(), "p:"))
+    tracker.observe("crm", "t", ["a", "b"], {"a": 1})
+    assert "could not publish the missing column crm:b" in caplog.text
