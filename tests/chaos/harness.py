@@ -25,6 +25,8 @@ import json
 import statistics
 import threading
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -44,6 +46,7 @@ from streams.stack.process import stop, wait_until
 from streams.workers import WorkerProcess
 from tests.chaos.load import Load, scrape
 from tests.chaos.report import REPORT
+from tests.support import accord
 
 CUSTOMERS, WITH_BILLING = 30, 10
 RATE_PER_S = 10.0
@@ -179,6 +182,8 @@ def settle(
 
     ok = wait_until(converged, CONVERGE_S, interval_s=2.0)
     took = time.monotonic() - load_ended
+    if not ok:
+        state["stuck"] = where_stuck(run)
     if ok:
         # The check can fail: one value the systems do not hold is counted as lost.
         tampered = run.load.expected(load_rules(run.settings.worker.rules_file))
@@ -199,6 +204,7 @@ def settle(
         "converged_s": round(took, 1) if ok else None,
         "load_errors": len(run.load.errors),
         "lost_detail": state.get("why", [])[:20],
+        "stuck": state.get("stuck"),
         "fields_checked": sum(
             v is not None
             for values in run.load.expected(load_rules(run.settings.worker.rules_file)).values()
@@ -209,6 +215,30 @@ def settle(
         result |= probe.figures()
     record(result)
     return result
+
+
+def where_stuck(run: Run) -> dict[str, Any]:
+    """What a run that did not converge was waiting on: each worker's /health, and the
+    lag of every consumer group of the app, for the report."""
+    found: dict[str, Any] = {"health": [], "lag": {}}
+    for worker in run.workers:
+        url = f"http://{worker.settings.worker.web_host}:{worker.port}/health"
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                found["health"].append(json.loads(response.read()))
+        except urllib.error.HTTPError as exc:  # a 503 is an answer too
+            found["health"].append(exc.read().decode(errors="replace")[:500])
+        except OSError as exc:
+            found["health"].append(f"no answer: {exc}")
+    monitor = accord(run.settings, "monitor", "--once", "--json")
+    if monitor.returncode == 0:
+        app = run.settings.worker.app_id
+        for group in json.loads(monitor.stdout).get("groups", []):
+            if group["group"].startswith(app):
+                found["lag"][group["group"]] = sum(p.get("lag") or 0 for p in group["partitions"])
+    else:
+        found["lag"] = monitor.stderr[-500:]
+    return found
 
 
 def record(result: dict[str, Any]) -> None:
