@@ -27,6 +27,9 @@ from streams.errors import StackError
 from streams.settings import AccordSettings
 from streams.stack.process import ProcessSpec
 
+# How long Connect waits for a worker that left its group before handing its tasks on.
+CONNECT_REBALANCE_DELAY_MS = 10_000
+
 
 @dataclass(frozen=True)
 class StackPaths:
@@ -1045,6 +1048,10 @@ class Connect(Component):
             f"offset.storage.replication.factor={replication}\n"
             f"status.storage.replication.factor={replication}\n"
             f"offset.flush.interval.ms={self.stack.connect_offset_flush_interval_ms}\n"
+            # A worker that dropped out of its group (a broker paused past the session
+            # timeout) gets its tasks back after this, not Connect's default 5 minutes of
+            # waiting for it to return (no capture meanwhile: make chaos, Kafka paused).
+            f"scheduled.rebalance.max.delay.ms={CONNECT_REBALANCE_DELAY_MS}\n"
             f"listeners=http://{self.stack.host}:{self.port}\n"
             f"rest.advertised.host.name={self.stack.host}\n"
             f"rest.advertised.port={self.port}\n"
