@@ -64,6 +64,8 @@ _ROW_DUMPS = (
     ("near '", _MARIADB_NEAR, rf"\1'{REDACTED}'"),
 )
 _SQL_VALUES = re.compile(r"\bVALUES\s*\(", re.I)
+_PLACEHOLDER = r"\s*(?:\$\d+|%s|%\(\w+\)s|\?|:\w+)\s*"
+_PLACEHOLDERS = re.compile(rf"\({_PLACEHOLDER}(?:,{_PLACEHOLDER})*\)(?:\s*,\s*\(.*?\))*", re.S)
 
 # 2. Fields whose value is personal whatever it looks like. Groups: the key with its
 # separator, then the quote (if any); the value is dropped.
@@ -80,32 +82,34 @@ _FIELD_KINDS = {
     "phone": r"phone(?:_number)?|mobile|telephone|tel|fax",
     "tax-id": r"vat(?:_id|_number)?|tax_id|tax_number|tin|ein|ssn",
 }
-# Substrings one of the keys has, to skip the field patterns on most lines.
-_FIELD_HINTS = ("name", "company", "street", "address", "city", "post", "zip", "mail")
-_FIELD_HINTS += ("phone", "mobile", "tel", "fax", "vat", "tax", "tin", "ein", "ssn")
-_KEY = "|".join(f"(?P<{kind.replace('-', '_')}>{keys})" for kind, keys in _FIELD_KINDS.items())
-_FIELD = re.compile(
-    rf"(?P<head>(?<![\w.-])(?P<kq>[\"'`])?(?:{_KEY})(?(kq)(?P=kq))\s*(?P<sep>[:=])(?![:=])\s*)"
-    r"(?:(?P<quote>[\"'])(?:\\.|(?!(?P=quote)).)*(?P=quote)?"
-    # Unquoted: up to a delimiter or the next `key=`; not a nested `{` or `[`.
-    r"|(?![{\[\s])(?:(?!\s+[\w\"'`]+\s*[:=])[^,;&}\])\n])+)",
+# The key before a `:` or `=` is read backwards from each separator (few per line),
+# which is several times faster than trying a pattern of all keys at every position.
+_KIND = re.compile(
+    "|".join(f"(?P<{kind.replace('-', '_')}>{keys})" for kind, keys in _FIELD_KINDS.items())
+    + "|(?P<bare_name>name)",  # too common to redact unquoted (`connector name=accord-crm`)
     re.I,
 )
+_SEPARATOR = re.compile(r"[:=]")
+_VALUE = re.compile(
+    r"(?P<quote>[\"'])(?:\\.|(?!(?P=quote)).)*(?P=quote)?"
+    # Unquoted: up to a delimiter or the next `key=`; not a nested `{` or `[`.
+    r"|(?![{\[\s])(?:(?!\s+[\w\"'`]+\s*[:=])[^,;&}\])\n])+"
+)
 _SERVER = re.compile(r"(?:[\w.-]*:\d{1,5}|\d{1,3}(?:\.\d{1,3}){3}|\[[\da-fA-F:]+\](?::\d+)?)(?!\S)")
-# A bare `name` is too common to redact unquoted (`connector name=accord-crm`).
-_NAME = re.compile(r"(?P<head>(?<![\w.-])[\"']?name[\"']?\s*[:=]\s*)(?P<quote>['\"]).*?(?P=quote)")
 
 # 3. Emails. The local part: what RFC 5322 allows bar `=`, `/`, `{`, `|`, `}`, `?`
 # (which would swallow `key=` or paths), `'` only inside; unicode letters via \w.
-_LOCAL = (
-    r"(?:\"[^\"\n]{1,64}\"|(?<![\w.!#$%&*+^~-])[\w!#$%&*+^~-](?:[\w.!#$%&'*+^~-]*[\w!#$%&*+^~-])?)"
-)
+_LOCAL = r"(?:\"[^\"\n]{1,64}\"|[\w!#$%&*+^~-](?:[\w.!#$%&'*+^~-]*[\w!#$%&*+^~-])?)"
 _AT = r"(?:@+|%40|&#0*64;)"
 _DOMAIN = r"(?:\[[^\]\s]{1,64}\]|[\w-]+(?:\.[\w-]+)*)"
 _DOTTED = r"[\w-]+(?:\.[\w-]+)+"
 _EMAIL = re.compile(
     rf"{_LOCAL}(?:{_AT}{_DOMAIN}(?:@+{_DOMAIN})*|[ \t]@+[ \t]?{_DOTTED}|@+[ \t]{_DOTTED})"
 )
+_AT_SIGN = re.compile(r"@|%40|&#")
+_LOCAL_PUNCTUATION = frozenset("!#$%&'*+^~-._")
+# `Class@6ba7383d`, `(1@0x7f5960267b90)`: Java's and Python's object references.
+_OBJECT = re.compile(r"(?=[0-9a-fx]*\d)(?:0x)?[0-9a-f]{5,16}")
 # The display name that goes with an address: `"Ada Lovelace" <…>`, `Ada Lovelace <…>`.
 _DISPLAY = re.compile(
     r"(?:\"[^\"\n]*\"|'[^'\n]*'|(?:[A-ZÀ-Þ][\w'\u2019.-]*[ \t]+){1,3})[ \t]*<<email>>"
@@ -127,14 +131,18 @@ _VAT = re.compile(r"(?<![\w-])[A-Za-z]{2}[0-9A-Za-z]{8,12}(?![\w-])")
 _ELEMENT = r"(?:\(\d{1,6}\)|\d{1,6})"
 _SEP = r"(?:[ \t]?[.-][ \t]?|[ \t]|(?<=\))(?=\d)|(?<=\d)(?=\())"
 _PHONE = (
-    rf"(?<![\w.+])(?<!\d[:/,-])(?:\+[ \t]?)?{_ELEMENT}(?:{_SEP}{_ELEMENT})+"
+    rf"(?<![\w.+])(?<!\d[:/,])(?<!\w-)(?:\+[ \t]?)?{_ELEMENT}(?:{_SEP}{_ELEMENT})+"
     r"(?:[ \t]*(?:[Ee][Xx][Tt]\.?|[Ee]xtension|[xX]|\#)[ \t]*\d{1,6})?"
-    r"(?![\w]|[.:/,-]\d)"
+    r"(?![\w]|[.:/,]\d|-\w)"
     # Written without separators: a +, a 0 trunk prefix, or 00 and a country code.
-    r"|(?<![\w.+-])(?:\+[ \t]?\d{7,17}|0(?:0[1-9]\d{8,13}|[1-9]\d{8,9}))(?![\w]|[.:/,-]\d)"
+    r"|(?<![\w.+-])(?:\+[ \t]?\d{7,17}|0(?:0[1-9]\d{8,13}|[1-9]\d{8,9}))(?![\w]|[.:/,]\d|-\w)"
 )
-# Led by a lookahead for the characters a match can start with: several times faster.
-_NUMBERS = re.compile(rf"(?=[\d+(])(?:(?P<keep>{_KEEP})|(?P<tax>{_TAX})|(?P<phone>{_PHONE}))")
+# Led by what a match starts with (a digit, + or parenthesis, not inside a word), which
+# makes it several times faster. A UUID led by a letter needs no step over: a phone
+# cannot start after `x-`.
+_NUMBERS = re.compile(
+    rf"(?=[\d+(])(?<!\w)(?:(?P<keep>{_KEEP})|(?P<tax>{_TAX})|(?P<phone>{_PHONE}))"
+)
 _DIGIT = re.compile(r"\d")
 _EXTENSION = re.compile(r"[ \t]*(?:ext\.?|extension|x|#)[ \t]*\d+$", re.I)
 
@@ -153,11 +161,10 @@ def redact(text: str) -> str:
             text = pattern.sub(replacement, text)
     if "values" in lower:
         text = _redact_values(text)
-    if any(hint in lower for hint in _FIELD_HINTS):
-        text = _FIELD.sub(_field, text)
-        text = _NAME.sub(lambda m: f"{m['head']}{m['quote']}<name>{m['quote']}", text)
+    if "=" in text or ":" in text:
+        text = _redact_fields(text)
     if "@" in text or "%40" in text or "&#" in text:
-        text = _EMAIL.sub("<email>", text)
+        text = _redact_emails(text)
         if "<<email>>" in text:
             text = _DISPLAY.sub("<email>", text)
     if not _DIGIT.search(text):
@@ -166,14 +173,18 @@ def redact(text: str) -> str:
 
 
 def _redact_values(text: str) -> str:
-    """Every `VALUES (…)[, (…)]` list becomes `VALUES (<redacted>)`, quotes respected."""
+    """Every `VALUES (…)[, (…)]` list becomes `VALUES (<redacted>)`, quotes respected;
+    a statement's placeholders (`VALUES ($1, $2)`) stay."""
     pieces: list[str] = []
     position = 0
     while match := _SQL_VALUES.search(text, position):
         end = _tuple_end(text, match.end() - 1)
         while (after := re.match(r"\s*,\s*\(", text[end:])) is not None:
             end = _tuple_end(text, end + after.end() - 1)
-        pieces.append(f"{text[position : match.end()]}{REDACTED})")
+        if _PLACEHOLDERS.fullmatch(text, match.end() - 1, end):
+            pieces.append(text[position:end])
+        else:
+            pieces.append(f"{text[position : match.end()]}{REDACTED})")
         position = end
     pieces.append(text[position:])
     return "".join(pieces)
@@ -201,15 +212,96 @@ def _tuple_end(text: str, opening: int) -> int:
     return len(text)
 
 
-def _field(match: re.Match[str]) -> str:
-    kind = next(kind for kind in _FIELD_KINDS if match[kind.replace("-", "_")] is not None)
-    quote = match["quote"] or ""
-    if not quote and match["sep"] == ":" and not match["kq"]:
-        return match[0]  # `email: max_length must be…`: Accord's words about a field
-    value = match[0][len(match["head"]) :].lstrip("'\"")
-    if kind == "address" and match["address"].lower() == "address" and _SERVER.match(value):
-        return match[0]  # `address=127.0.0.1:16066` is a server's, not a customer's
-    return f"{match['head']}{quote}<{kind}>{quote}"
+def _redact_fields(text: str) -> str:
+    """Values of personal fields: `key=value`, `key: 'value'`, `"key": value`."""
+    pieces: list[str] = []
+    position = 0
+    for separator in _SEPARATOR.finditer(text):
+        at = separator.start()
+        if at < position or text[at - 1 : at] in (":", "=") or text[at + 1 : at + 2] in (":", "="):
+            continue  # inside a value already replaced, or `::` / `==`
+        if (key := _key_before(text, at)) is None:
+            continue
+        kind, quoted_key = key
+        start = separator.end()
+        while start < len(text) and text[start] in " \t":
+            start += 1
+        value = _VALUE.match(text, start)
+        if value is None:
+            continue
+        quote = value["quote"] or ""
+        if not quote and (kind == "bare_name" or (separator[0] == ":" and not quoted_key)):
+            continue  # `email: max_length must be…`: Accord's words about a field
+        if kind == "address" and _SERVER.match(value[0].lstrip("'\"")):
+            continue  # `address=127.0.0.1:16066` is a server's, not a customer's
+        placeholder = "name" if kind == "bare_name" else kind.replace("_", "-")
+        pieces.append(f"{text[position:start]}{quote}<{placeholder}>{quote}")
+        position = value.end()
+    pieces.append(text[position:])
+    return "".join(pieces)
+
+
+def _key_before(text: str, end: int) -> tuple[str, bool] | None:
+    """The kind of personal field whose key ends at `end` (spaces and a quote allowed
+    between), and whether the key was quoted; None when the key is not one."""
+    stop = end
+    while stop and text[stop - 1] in " \t":
+        stop -= 1
+    quote = text[stop - 1] if stop and text[stop - 1] in "\"'`" else ""
+    stop -= len(quote)
+    last = text[stop - 1 : stop]
+    if not (last.isalpha() or (last.isdigit() and text[stop - 2 : stop - 1] in ("e", "_"))):
+        return None  # most separators: `08:04`, `]:`; keys end in a letter or `line1`
+    begin = stop
+    while begin and (text[begin - 1].isalnum() or text[begin - 1] == "_") and stop - begin < 40:
+        begin -= 1
+    match = _KIND.fullmatch(text, begin, stop)
+    if match is None:
+        return None
+    if quote:
+        if not begin or text[begin - 1] != quote:
+            return None
+        begin -= 1
+    if begin and (text[begin - 1].isalnum() or text[begin - 1] in "_.-"):
+        return None
+    return str(match.lastgroup), bool(quote)
+
+
+def _redact_emails(text: str) -> str:
+    """Emails, each matched from where its local part starts, read back from its `@`
+    (or `%40`, `&#64;`): much faster than trying a local part at every position."""
+    pieces: list[str] = []
+    position = 0
+    for at in _AT_SIGN.finditer(text):
+        if at.start() < position:
+            continue
+        start = _local_start(text, at.start(), position)
+        match = _EMAIL.match(text, start) if start is not None else None
+        if match is None or match.end() <= at.start():
+            continue
+        pieces.append(text[position:start] + _email(match))
+        position = match.end()
+    pieces.append(text[position:])
+    return "".join(pieces)
+
+
+def _local_start(text: str, at: int, floor: int) -> int | None:
+    """Where the local part before the `@` at `at` starts (None: there is none)."""
+    end = at - 1 if text[at - 1 : at] in (" ", "\t") else at  # `ada @example.com`
+    if text[end - 1 : end] == '"':  # `"ada lovelace"@example.com`
+        opening = text.rfind('"', floor, end - 1)
+        return opening if opening >= 0 else None
+    start = end
+    while start > floor and (text[start - 1].isalnum() or text[start - 1] in _LOCAL_PUNCTUATION):
+        start -= 1
+    while start < end and text[start] in ".'":  # a local part starts with neither
+        start += 1
+    return start if start < end else None
+
+
+def _email(match: re.Match[str]) -> str:
+    address = match[0]
+    return address if _OBJECT.fullmatch(address.rpartition("@")[2]) else "<email>"
 
 
 def _number(match: re.Match[str]) -> str:
@@ -230,7 +322,8 @@ def _phone_shaped(candidate: str) -> bool:
     7 to 17 digits (E.164 allows 15; a little slack for trunk prefixes). With a `+` or
     a 0 trunk prefix that is enough, bar a signed decimal (`+0.1234567`). Otherwise the
     groups must look like a number split for reading: a one-digit group only first,
-    and then with four groups or more (`1 800 555 0199`); dots not mixed with other
+    and then with four groups or more (`1 800 555 0199`); two groups joined by a dash,
+    not a space (`555-0193`; `200 90734` is two numbers); dots not mixed with other
     separators and used for three groups or more (`1234.567` is a decimal).
     """
     number = _EXTENSION.sub("", candidate)
@@ -245,6 +338,8 @@ def _phone_shaped(candidate: str) -> bool:
         return False
     if len(groups[0]) == 1 and len(groups) < 4 and not number.startswith("("):
         return False
+    if len(groups) == 2 and separators == {" "} and not number.startswith(("(", "0")):
+        return False  # `200 90734`: two numbers (a phone in two groups has a 0 or a dash)
     return "." not in separators or (separators == {"."} and len(groups) >= 3)
 
 
