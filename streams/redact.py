@@ -17,7 +17,8 @@ What is replaced, in this order (each step sees the previous one's output):
    `key=value`, `key: 'value'` and `"key": "value"` forms (`first_name`, `street`,
    `city`, `postal_code`, `phone`, `vat_id`, ...), whatever the value looks like.
 3. Anything shaped like an email, valid or not (`ada@example`, `ada@@x.com`,
-   `ada%40x.com`, `"Ada" <ada@x.com>`).
+   `ada%40x.com`, `"Ada" <ada@x.com>` with its display name), but not an object
+   reference (`Loader@6ba7383d`, `(1@0x7f5960267b90)`).
 4. Tax ids (VAT-like `GB123456789`, US EIN `12-3456789`, SSN-shaped `123-45-6789`) and
    anything shaped like a phone number (`+44 20 7946 0018`, `(212) 555-0193 ext. 7`,
    `020 7946 0018`, `07700900123`), in one pass that first steps over the numbers
@@ -42,11 +43,12 @@ REDACTED = "<redacted>"
 
 # 1. Row dumps. Each pattern keeps its group 1 (the words around the values) and
 # replaces the values. A dump cut short (a truncated message) is redacted to its end.
-_PG_ROW = re.compile(r"(Failing row contains )\((?s:.*?)(?:\)(?=\.?[ \t]*$)|\Z)", re.M)
+# The row ends at a `)` that ends the line, or the line of Accord's `… (detail.)`.
+_PG_ROW = re.compile(r"(Failing row contains )\((?s:.*?)(?:\)(?=\.?\)?[ \t]*$)|\Z)", re.M)
 _PG_KEY = re.compile(
     r"(\b[Kk]ey \([^\n]*?\)=)\((?s:.*?)"
     r"(?:\)(?=\s+(?:already exists|is not present|is still referenced|conflicts with)"
-    r"|\.?[ \t]*$)|\Z)",
+    r"|\.?\)?[ \t]*$)|\Z)",
     re.M,
 )
 _MARIADB_ENTRY = re.compile(r"(Duplicate entry )'(?:.*?'(?=\s+for key)|[^\n]*)")
@@ -67,8 +69,7 @@ _SQL_VALUES = re.compile(r"\bVALUES\s*\(", re.I)
 _PLACEHOLDER = r"\s*(?:\$\d+|%s|%\(\w+\)s|\?|:\w+)\s*"
 _PLACEHOLDERS = re.compile(rf"\({_PLACEHOLDER}(?:,{_PLACEHOLDER})*\)(?:\s*,\s*\(.*?\))*", re.S)
 
-# 2. Fields whose value is personal whatever it looks like. Groups: the key with its
-# separator, then the quote (if any); the value is dropped.
+# 2. Fields whose value is personal whatever it looks like, by kind (the placeholder).
 _FIELD_KINDS = {
     "name": (
         r"first_name|last_name|display_name|legal_name|full_name|given_name|family_name"

@@ -68,6 +68,18 @@ ROW_DUMPS = {
         "DETAIL:  Failing row contains (7, Ada Lovelace, 10 Downi",
         "DETAIL:  Failing row contains (<redacted>)",
     ),
+    "a postgres applier's error line": (
+        'CheckViolation [23514]: new row for relation "c" violates check constraint "k" '
+        "(Failing row contains (7, Ada, null).)",
+        'CheckViolation [23514]: new row for relation "c" violates check constraint "k" '
+        "(Failing row contains (<redacted>).)",
+    ),
+    "a postgres applier's unique violation": (
+        'UniqueViolation [23505]: duplicate key value violates unique constraint "uq" '
+        "(Key (email)=(ada@x.com) already exists.)",
+        'UniqueViolation [23505]: duplicate key value violates unique constraint "uq" '
+        "(Key (email)=(<redacted>) already exists.)",
+    ),
     "psycopg key detail": (
         "DETAIL:  Key (email)=(ada@x.com) already exists.",
         "DETAIL:  Key (email)=(<redacted>) already exists.",
