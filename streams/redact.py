@@ -129,10 +129,10 @@ _TAX = (
 )
 # VAT-like: two letters, then 8 to 12 letters and digits (at least 6 digits: `_vat`).
 _VAT = re.compile(r"(?<![\w-])[A-Za-z]{2}[0-9A-Za-z]{8,12}(?![\w-])")
-_ELEMENT = r"(?:\(\d{1,6}\)|\d{1,6})"
-_SEP = r"(?:[ \t]?[.-][ \t]?|[ \t]|(?<=\))(?=\d)|(?<=\d)(?=\())"
+_ELEMENT = r"(?:\(\d{1,6}\)|\d{1,8})"
+_SEP = r"(?:[ \t]?[./-][ \t]?|[ \t]|(?<=\))(?=\d)|(?<=\d)(?=\())"
 _PHONE = (
-    rf"(?<![\w.+])(?<!\d[:/,])(?<!\w-)(?:\+[ \t]?)?{_ELEMENT}(?:{_SEP}{_ELEMENT})+"
+    rf"(?<![\w.+/])(?<!\d[:,])(?<!\w-)(?:\+[ \t]?)?{_ELEMENT}(?:{_SEP}{_ELEMENT})+"
     r"(?:[ \t]*(?:[Ee][Xx][Tt]\.?|[Ee]xtension|[xX]|\#)[ \t]*\d{1,6})?"
     r"(?![\w]|[.:/,]\d|-\w)"
     # Written without separators: a +, a 0 trunk prefix, or 00 and a country code.
@@ -322,7 +322,9 @@ def _phone_shaped(candidate: str) -> bool:
 
     7 to 17 digits (E.164 allows 15; a little slack for trunk prefixes). With a `+` or
     a 0 trunk prefix that is enough, bar a signed decimal (`+0.1234567`). Otherwise the
-    groups must look like a number split for reading: a one-digit group only first,
+    groups must look like a number split for reading: a slash or a group of 7 or 8
+    digits only after a 0 area code (`089/12345678`, `0170 1234567`); a one-digit group
+    only first,
     and then with four groups or more (`1 800 555 0199`); two groups joined by a dash,
     not a space (`555-0193`; `200 90734` is two numbers); dots not mixed with other
     separators and used for three groups or more (`1234.567` is a decimal).
@@ -335,6 +337,8 @@ def _phone_shaped(candidate: str) -> bool:
     separators = set(re.sub(r"[\d()+]", "", number))
     if number.startswith("+") or (number.startswith("0") and number.isdigit()):
         return not (separators == {"."} and len(groups) == 2)
+    if ("/" in separators or max(map(len, groups)) > 6) and not re.match(r"\(?0\d", number):
+        return False  # `089/12345678`, `0170 1234567`: only after a 0 area code
     if any(len(group) == 1 for group in groups[1:]):
         return False
     if len(groups[0]) == 1 and len(groups) < 4 and not number.startswith("("):
