@@ -476,8 +476,9 @@ class AccordSettings(BaseSettings):
     connect_basic_auth_file: Path | None = None
     redact_pii: bool = Field(
         True,
-        description="Replace emails, phone numbers and names in log lines and error messages "
-        "with placeholders (dead letters keep their original bytes).",
+        description="Replace emails, phone numbers, names, addresses, tax ids and the rows "
+        "database errors quote in log lines and error messages with placeholders (dead "
+        "letters keep their original bytes).",
     )
 
     @classmethod
