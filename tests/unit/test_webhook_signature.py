@@ -168,3 +168,34 @@ def test_a_secret_env_unset_or_empty_stops_the_applier(
         monkeypatch.setenv(SECRET_ENV, value)
     with pytest.raises(ConfigError, match=rf"sink 'partner': secret_env '{SECRET_ENV}' is unset"):
         WebhookApplier(spec_of(secret_env=SECRET_ENV), MagicMock(), "t:")
+
+
+# -- the receiver example in connectors/README.md -----------------------------------------
+
+
+def readme_receiver(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """The README's `verified` function, executed as documented."""
+    readme = (Path(__file__).resolve().parents[2] / "connectors" / "README.md").read_text()
+    [block] = [b for b in readme.split("```python\n")[1:] if "def verified(" in b]
+    namespace: dict[str, Any] = {}
+    exec(compile(block.split("```")[0], "connectors/README.md", "exec"), namespace)
+    monkeypatch.setenv("ACCORD_PARTNER_WEBHOOK_SECRET", SECRET)
+    return namespace
+
+
+def test_the_documented_receiver_accepts_a_delivery_and_refuses_a_replay(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    receiver = readme_receiver(monkeypatch)
+    now = [NOW]
+    monkeypatch.setattr(receiver["time"], "time", lambda: now[0])
+    headers = signature_headers(SECRET, BODY, now=NOW, legacy=True)
+    timestamp, signature = headers[TIMESTAMP_HEADER], headers[SIGNATURE_HEADER]
+    verified = receiver["verified"]
+    assert verified(BODY, timestamp, signature)
+    assert not verified(BODY + b" ", timestamp, signature)
+    assert not verified(BODY, str(int(NOW) + 1), signature)
+    assert not verified(BODY, timestamp, headers[LEGACY_HEADER])
+    assert not verified(BODY, None, signature)
+    now[0] = NOW + 6 * 60  # the same request, six minutes later
+    assert not verified(BODY, timestamp, signature)
