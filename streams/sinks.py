@@ -1235,6 +1235,8 @@ class WebhookApplier(Applier):
         super().__init__(spec, backoff, PauseReport(spec.target, client, prefix), pause_backoff)
         if spec.kind is not SinkKind.WEBHOOK or not spec.url:
             raise ConfigError(f"sink {spec.target!r}: not a webhook target with a url")
+        if not spec.url.startswith("https://") and not spec.insecure_http:
+            raise ConfigError(f"sink {spec.target!r}: url is not https (see insecure_http)")
         self.deadline_s = deadline_s
         self.url = spec.url
         self._secret = _webhook_secret(spec)
@@ -1327,8 +1329,10 @@ def _webhook_secret(spec: SinkSpec) -> str | None:
     if spec.unsigned:
         log.warning("sink %r: unsigned: true, its requests carry no signature", spec.target)
         return None
-    secret = os.environ.get(spec.secret_env or "")
-    if not spec.secret_env or not secret:
+    if not spec.secret_env:
+        raise ConfigError(f"sink {spec.target!r}: needs secret_env, or unsigned: true")
+    secret = os.environ.get(spec.secret_env)
+    if not secret:
         raise ConfigError(
             f"sink {spec.target!r}: secret_env {spec.secret_env!r} is unset or empty; set it "
             "to the receiver's shared secret (or make the sink `unsigned: true`)"

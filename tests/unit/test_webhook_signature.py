@@ -199,3 +199,14 @@ def test_the_documented_receiver_accepts_a_delivery_and_refuses_a_replay(
     assert not verified(BODY, None, signature)
     now[0] = NOW + 6 * 60  # the same request, six minutes later
     assert not verified(BODY, timestamp, signature)
+
+
+def test_a_spec_made_in_code_is_held_to_the_same_rules(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(SECRET_ENV, SECRET)
+    signed = spec_of(secret_env=SECRET_ENV)
+    plain = SinkSpec(**{**signed.__dict__, "url": "http://partner.example/hook"})
+    with pytest.raises(ConfigError, match=r"sink 'partner': url is not https"):
+        WebhookApplier(plain, MagicMock(), "t:")
+    no_secret = SinkSpec(**{**signed.__dict__, "secret_env": None})
+    with pytest.raises(ConfigError, match=r"sink 'partner': needs secret_env, or unsigned"):
+        WebhookApplier(no_secret, MagicMock(), "t:")
