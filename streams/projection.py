@@ -43,6 +43,13 @@ class SinkKind(StrEnum):
 
 # Options a sink of another kind refuses rather than ignores.
 OPTION_KINDS = {"adopt_by": SinkKind.SQL}
+WEBHOOK_OPTIONS = (
+    "url", "secret_env", "timeout_s", "unsigned", "legacy_signature", "insecure_http",
+    "log_maxlen",
+)  # fmt: skip
+OPTION_KINDS.update(dict.fromkeys(WEBHOOK_OPTIONS, SinkKind.WEBHOOK))
+# Entries the webhook's applied-events stream (`<prefix>sinklog:<target>`) keeps, about.
+DEFAULT_LOG_MAXLEN = 100_000
 
 
 class KeyGeneration(StrEnum):
@@ -84,6 +91,10 @@ class SinkSpec:
     url: str | None = None  # webhook
     secret_env: str | None = None  # webhook: environment variable holding the HMAC key
     timeout_s: float = 10.0  # webhook
+    unsigned: bool = False  # webhook: no secret, requests unsigned (chosen explicitly)
+    legacy_signature: bool = False  # webhook: also the body-only signature, for one release
+    insecure_http: bool = False  # webhook: a plain http:// url allowed
+    log_maxlen: int = DEFAULT_LOG_MAXLEN  # webhook: MAXLEN ~ of the applied-events stream
 
     @cached_property  # read for every sink of every merged change
     def fields(self) -> tuple[str, ...]:
@@ -128,6 +139,7 @@ def parse_sink(target: str, raw: Any, path: Path, line: int = 1) -> SinkSpec:
         "kind", "table", "key", "create", "adopt_by", "delete", "columns", "fields", "url",
         "secret_env", "timeout_s",
     }  # fmt: skip
+    allowed.update(WEBHOOK_OPTIONS)
     for key in raw:
         if key not in allowed:
             problems.add(at(key), f"sink: unknown option {key!r}{did_you_mean(key, allowed)}")
@@ -250,18 +262,49 @@ def _adopt_by(
 
 
 def _webhook(spec: SinkSpec, raw: Mapping[str, Any], problems: Problems, at: Any) -> SinkSpec:
+    """Secure unless said otherwise: signed (`secret_env`) unless `unsigned: true`, https
+    unless `insecure_http: true`; each exception is written in the sink, never implied."""
+    name = f"sink {spec.target!r}"
+    unsigned = _bool(raw, "unsigned", problems, at)
+    legacy = _bool(raw, "legacy_signature", problems, at)
+    insecure_http = _bool(raw, "insecure_http", problems, at)
     url = raw.get("url")
     if not isinstance(url, str) or not url.startswith(("http://", "https://")):
-        problems.add(at("url"), "sink: a webhook needs `url: http(s)://...`")
+        problems.add(at("url"), f"{name}: a webhook needs `url: https://...`")
+    elif url.startswith("http://") and not insecure_http:
+        problems.add(
+            at("url"),
+            f"{name}: url {url!r} is plain http, which sends customer data and the signature "
+            "in clear: use https://, or set `insecure_http: true` for a receiver on a "
+            "trusted network",
+        )
     secret_env = raw.get("secret_env")
-    if secret_env is not None and not isinstance(secret_env, str):
-        problems.add(at("secret_env"), "sink: secret_env names an environment variable")
+    if secret_env is not None and (not isinstance(secret_env, str) or not secret_env):
+        problems.add(at("secret_env"), f"{name}: secret_env names an environment variable")
+    elif secret_env is None and not unsigned:
+        problems.add(
+            at("kind"),
+            f"{name}: a webhook needs `secret_env` (the environment variable holding its "
+            "HMAC secret), or `unsigned: true` to send requests anyone could forge",
+        )
+    elif secret_env is not None and unsigned:
+        problems.add(at("unsigned"), f"{name}: unsigned: true contradicts secret_env")
+    if legacy and unsigned:
+        problems.add(at("legacy_signature"), f"{name}: legacy_signature needs a secret")
+    maxlen = raw.get("log_maxlen", DEFAULT_LOG_MAXLEN)
+    if isinstance(maxlen, bool) or not isinstance(maxlen, int) or maxlen < 1:
+        problems.add(at("log_maxlen"), f"{name}: log_maxlen must be a positive whole number")
+        maxlen = DEFAULT_LOG_MAXLEN
     return SinkSpec(
         **{
             **spec.__dict__,
             "url": url,
             "secret_env": secret_env,
             "timeout_s": float(raw.get("timeout_s", 10.0)),
+            "unsigned": unsigned,
+            "legacy_signature": legacy,
+            "insecure_http": insecure_http,
+            "log_maxlen": maxlen,
         }
     )
 

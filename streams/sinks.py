@@ -38,8 +38,6 @@ offsets committed after each batch. Options and behaviour: connectors/README.md,
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
-import hmac
 import json
 import logging
 import os
@@ -62,7 +60,7 @@ import redis
 from confluent_kafka import Consumer, KafkaException, Producer
 from prometheus_client import Counter, Gauge, Histogram
 
-from streams import redact
+from streams import redact, webhook_signature
 from streams.codec import AvroCodec, DecodeError, RegistryUnavailable, SchemaCache, registry_fetcher
 from streams.dedupe import RedisUnavailable, redis_errors
 from streams.dlq import DeadLetter, DeadLetterWriter
@@ -1189,13 +1187,16 @@ def _close(conn: Any) -> None:
 # --------------------------------------------------------------------------- webhook
 
 # KEYS: last-version key, log stream. ARGV: version, event id, golden id, op, status,
-# applied at (us). Records the version and appends to the log only if it is newer.
+# applied at (us), the log's MAXLEN. Records the version and appends to the log only if
+# it is newer; the log keeps about MAXLEN entries (`~`: Redis trims whole nodes, so it
+# may hold up to one node, `stream-node-max-entries`, more).
 RECORD_SCRIPT = """
 local last = tonumber(redis.call('GET', KEYS[1]) or '-1')
 if tonumber(ARGV[1]) <= last then return 0 end
 redis.call('SET', KEYS[1], ARGV[1])
-redis.call('XADD', KEYS[2], '*', 'event_id', ARGV[2], 'golden_id', ARGV[3],
-  'golden_version', ARGV[1], 'op', ARGV[4], 'status', ARGV[5], 'applied_at_us', ARGV[6])
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[7], '*', 'event_id', ARGV[2],
+  'golden_id', ARGV[3], 'golden_version', ARGV[1], 'op', ARGV[4], 'status', ARGV[5],
+  'applied_at_us', ARGV[6])
 return 1
 """
 
@@ -1216,6 +1217,9 @@ class WebhookApplier(Applier):
 
     Delivery is at least once: if the process dies after the receiver accepted an event
     but before Redis recorded it, the event is sent again with the same Idempotency-Key.
+    Signing: `streams.webhook_signature` (timestamp and body). The secret is read once,
+    here: a sink whose `secret_env` is unset or empty does not start, since it would
+    send requests its receiver cannot verify.
     """
 
     def __init__(
@@ -1231,8 +1235,11 @@ class WebhookApplier(Applier):
         super().__init__(spec, backoff, PauseReport(spec.target, client, prefix), pause_backoff)
         if spec.kind is not SinkKind.WEBHOOK or not spec.url:
             raise ConfigError(f"sink {spec.target!r}: not a webhook target with a url")
+        if not spec.url.startswith("https://") and not spec.insecure_http:
+            raise ConfigError(f"sink {spec.target!r}: url is not https (see insecure_http)")
         self.deadline_s = deadline_s
         self.url = spec.url
+        self._secret = _webhook_secret(spec)
         self._redis = client
         self._prefix = prefix
         self._http = http or httpx.Client(timeout=spec.timeout_s, follow_redirects=False)
@@ -1263,16 +1270,17 @@ class WebhookApplier(Applier):
         }
         return json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode()
 
-    def headers(self, event: SinkEvent, body: bytes) -> dict[str, str]:
-        headers = {
-            "Content-Type": "application/json",
-            "Idempotency-Key": event.event_id,
-            "X-Accord-Timestamp": str(int(time.time())),
-        }
-        secret = os.environ.get(self.spec.secret_env) if self.spec.secret_env else None
-        if secret:
-            headers["X-Accord-Signature"] = "sha256=" + sign(secret, body)
-        return headers
+    def headers(self, event: SinkEvent, body: bytes, now: float | None = None) -> dict[str, str]:
+        """The headers of one attempt at `now` (default: the clock); signed unless the
+        sink is `unsigned: true`."""
+        now = time.time() if now is None else now
+        headers = {"Content-Type": "application/json", "Idempotency-Key": event.event_id}
+        if self._secret is None:
+            headers[webhook_signature.TIMESTAMP_HEADER] = str(int(now))
+            return headers
+        return headers | webhook_signature.signature_headers(
+            self._secret, body, now, legacy=self.spec.legacy_signature
+        )
 
     def _attempt(self, event: SinkEvent) -> Outcome:
         with _redis_transient(f"reading the last version of {event.golden_id}"):
@@ -1305,6 +1313,7 @@ class WebhookApplier(Applier):
                     event.op,
                     status,
                     _now_us(),
+                    self.spec.log_maxlen,
                 ],
             )
         if not recorded:  # another applier recorded it meanwhile
@@ -1315,9 +1324,26 @@ class WebhookApplier(Applier):
         self._http.close()
 
 
-def sign(secret: str, body: bytes) -> str:
-    """Hex HMAC-SHA256 of the exact body bytes: the X-Accord-Signature after `sha256=`."""
-    return hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+def _webhook_secret(spec: SinkSpec) -> str | None:
+    """The sink's HMAC secret from its `secret_env`; None for an `unsigned: true` sink."""
+    if spec.unsigned:
+        log.warning("sink %r: unsigned: true, its requests carry no signature", spec.target)
+        return None
+    if not spec.secret_env:
+        raise ConfigError(f"sink {spec.target!r}: needs secret_env, or unsigned: true")
+    secret = os.environ.get(spec.secret_env)
+    if not secret:
+        raise ConfigError(
+            f"sink {spec.target!r}: secret_env {spec.secret_env!r} is unset or empty; set it "
+            "to the receiver's shared secret (or make the sink `unsigned: true`)"
+        )
+    if spec.legacy_signature:
+        log.warning(
+            "sink %r: legacy_signature: true also sends the body-only X-Accord-Signature, "
+            "which a captured request can replay; turn it off once the receiver verifies v1",
+            spec.target,
+        )
+    return secret
 
 
 def _json_value(value: Any) -> Any:

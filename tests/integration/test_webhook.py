@@ -1,5 +1,7 @@
 """The webhook applier against a real HTTP server on loopback, with the real Redis ledger
-and (for dead letters) real Kafka: retries, signatures, rejections, replays."""
+and (for dead letters) real Kafka: retries, signatures, rejections, replays, the capped
+log. The receiver verifies every request as connectors/README.md tells receivers to
+(`streams.webhook_signature.verify`), on a clock the test can move."""
 
 from __future__ import annotations
 
@@ -8,14 +10,16 @@ import hashlib
 import hmac
 import json
 import threading
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from decimal import Decimal
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import redis
 from confluent_kafka import Producer
@@ -29,6 +33,7 @@ from streams.registry import registry_client
 from streams.settings import AccordSettings
 from streams.sinks import Backoff, SinkRunner, Status, WebhookApplier
 from streams.stack.process import wait_until
+from streams.webhook_signature import SIGNATURE_HEADER, SignatureError, verify
 from tests.support import TopicTail, isolated
 
 pytestmark = pytest.mark.integration
@@ -40,15 +45,26 @@ TARGET = "hooks"
 
 @dataclass
 class Receiver:
-    """A webhook endpoint that answers with scripted statuses, then 200."""
+    """A webhook endpoint that verifies each request's signature on its clock (401 with
+    the reason when it does not verify; unsigned requests only when `signed` is off),
+    then answers with scripted statuses, then 200."""
 
     statuses: list[tuple[int, str]] = field(default_factory=list)
     requests: list[tuple[dict[str, str], bytes]] = field(default_factory=list)
     accepted: list[str] = field(default_factory=list)  # idempotency keys it processed
+    refused: list[str] = field(default_factory=list)  # reasons of requests that failed
     url: str = ""
+    signed: bool = True
+    clock: Callable[[], float] = time.time
 
     def answer(self, headers: dict[str, str], body: bytes) -> tuple[int, str]:
         self.requests.append((headers, body))
+        if self.signed:
+            try:
+                verify(SECRET, headers, body, now=self.clock())
+            except SignatureError as exc:
+                self.refused.append(exc.reason)
+                return 401, f"signature: {exc.reason}"
         status, text = self.statuses.pop(0) if self.statuses else (200, "ok")
         if status == 200 and headers["Idempotency-Key"] not in self.accepted:
             self.accepted.append(headers["Idempotency-Key"])
@@ -96,14 +112,18 @@ def env(stack: AccordSettings) -> Iterator[AccordSettings]:
 @pytest.fixture
 def spec(receiver: Receiver, monkeypatch: pytest.MonkeyPatch) -> SinkSpec:
     monkeypatch.setenv(SECRET_ENV, SECRET)
+    return spec_of(receiver, secret_env=SECRET_ENV)
+
+
+def spec_of(receiver: Receiver, **options: Any) -> SinkSpec:
     raw = {
         "kind": "webhook",
         "url": receiver.url,
-        "secret_env": SECRET_ENV,
+        "insecure_http": True,  # the receiver is on loopback, without a certificate
         "fields": ["email", "phone", "credit_limit", "marketing_opt_in"],
         "timeout_s": 5,
     }
-    return parse_sink(TARGET, raw, Path("connectors/hooks/sink.yaml"))
+    return parse_sink(TARGET, raw | options, Path("connectors/hooks/sink.yaml"))
 
 
 def applier_for(settings: AccordSettings, spec: SinkSpec, **options: Any) -> WebhookApplier:
@@ -125,12 +145,6 @@ def sink_event(golden_id: str, version: int, **values: Any) -> dict[str, Any]:
         "emitted_at": now,
         "source_ts": now,
     }
-
-
-def valid_signature(headers: dict[str, str], body: bytes) -> bool:
-    """How a receiver verifies a delivery (connectors/README.md, "Sinks")."""
-    expected = "sha256=" + hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()
-    return hmac.compare_digest(headers.get("X-Accord-Signature", ""), expected)
 
 
 def test_a_flaky_receiver_gets_the_event_exactly_once(
@@ -156,7 +170,8 @@ def test_a_flaky_receiver_gets_the_event_exactly_once(
     assert applier.retries == 3
     assert len(receiver.requests) == 4
     assert {h["Idempotency-Key"] for h, _ in receiver.requests} == {event["event_id"]}
-    assert all(valid_signature(h, body) for h, body in receiver.requests)
+    assert receiver.refused == []  # every attempt verified, each with its own timestamp
+    assert "X-Accord-Signature" not in receiver.requests[0][0]  # legacy_signature is off
     assert receiver.accepted == [event["event_id"]]
     headers, body = receiver.requests[-1]
     assert headers["Content-Type"] == "application/json"
@@ -206,18 +221,90 @@ def test_a_replayed_event_is_skipped(
     assert len(receiver.requests) == 1
 
 
-def test_without_a_secret_nothing_is_signed(
-    env: AccordSettings, spec: SinkSpec, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+def test_a_captured_request_replayed_six_minutes_later_is_refused(
+    env: AccordSettings, spec: SinkSpec, receiver: Receiver
 ) -> None:
-    monkeypatch.delenv(SECRET_ENV)
+    applier = applier_for(env, spec)
+    event = sink_event(str(uuid.uuid4()), 1, email="ada@example.test")
+    try:
+        assert applier.apply(event).status is Status.APPLIED
+    finally:
+        applier.close()
+    [(headers, body)] = receiver.requests
+    assert headers[SIGNATURE_HEADER].startswith("v1=")
+
+    later = int(headers["X-Accord-Timestamp"]) + 6 * 60
+    receiver.clock = lambda: later
+
+    def replay(headers: dict[str, str]) -> int:
+        return httpx.post(receiver.url, content=body, headers=headers, timeout=5).status_code
+
+    assert replay(headers) == 401  # the same bytes and headers, six minutes later
+    assert replay({**headers, "X-Accord-Timestamp": str(later)}) == 401  # a fresh time
+    assert receiver.refused == ["too_old", "mismatch"]
+    assert receiver.accepted == [event["event_id"]]  # once, by the applier
+
+
+def test_legacy_signature_keeps_the_previous_receivers_working(
+    env: AccordSettings, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(SECRET_ENV, SECRET)
+    spec = spec_of(receiver, secret_env=SECRET_ENV, legacy_signature=True)
     applier = applier_for(env, spec)
     try:
         outcome = applier.apply(sink_event(str(uuid.uuid4()), 1, email="ada@example.test"))
     finally:
         applier.close()
     assert outcome.status is Status.APPLIED
+    [(headers, body)] = receiver.requests
+    # The previous release's receiver example, verbatim: the body-only HMAC.
+    expected = "sha256=" + hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()
+    assert hmac.compare_digest(headers["X-Accord-Signature"], expected)
+    assert receiver.refused == []  # and v1 beside it
+
+
+def test_an_unsigned_sink_sends_no_signature(
+    env: AccordSettings, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(SECRET_ENV, raising=False)
+    receiver.signed = False
+    applier = applier_for(env, spec_of(receiver, unsigned=True))
+    try:
+        outcome = applier.apply(sink_event(str(uuid.uuid4()), 1, email="ada@example.test"))
+    finally:
+        applier.close()
+    assert outcome.status is Status.APPLIED
     [(headers, _)] = receiver.requests
-    assert "X-Accord-Signature" not in headers
+    assert SIGNATURE_HEADER not in headers and "X-Accord-Signature" not in headers
+
+
+def test_the_log_of_applied_events_stays_capped(
+    env: AccordSettings, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(SECRET_ENV, SECRET)
+    cap, events = 5, 300
+    applier = applier_for(env, spec_of(receiver, secret_env=SECRET_ENV, log_maxlen=cap))
+    golden_id = str(uuid.uuid4())
+    try:
+        for version in range(1, events + 1):
+            event = sink_event(golden_id, version, email=f"v{version}@example.test")
+            assert applier.apply(event).status is Status.APPLIED
+    finally:
+        applier.close()
+    client = redis.Redis.from_url(env.redis, decode_responses=True)
+    try:
+        log = f"{env.worker.redis_prefix}sinklog:{TARGET}"
+        # MAXLEN ~ trims whole nodes of the stream: at most one node over the cap.
+        try:
+            node = int(client.config_get("stream-node-max-entries")["stream-node-max-entries"])
+        except redis.ResponseError:  # CONFIG refused to this user: Redis's default
+            node = 100
+        length = client.xlen(log)
+        assert cap <= length <= cap + node < events
+        [(_, newest)] = client.xrevrange(log, count=1)
+        assert newest["event_id"] == f"{TARGET}:{golden_id}:{events}:+"
+    finally:
+        client.close()
 
 
 def test_a_receiver_down_past_the_deadline_fails_the_event(

@@ -163,6 +163,7 @@ def test_targets_without_a_schema_or_of_another_kind_bound_nothing(tmp_path: Pat
     (tmp_path / "partner").mkdir()
     (tmp_path / "partner" / "sink.yaml").write_text(
         "sink:\n  kind: webhook\n  url: https://partner.example/hook\n  fields: [company]\n"
+        "  unsigned: true\n"
     )
     assert field_limits(tmp_path) == {}
     assert load_mappings(tmp_path)["ledger"].fields["company"].limit.length == DEFAULT_MAX_LENGTH

@@ -56,7 +56,7 @@ def test_adopt_by_is_refused_on_a_webhook(tmp_path: Path) -> None:
     (tmp_path / "hooks").mkdir()
     (tmp_path / "hooks" / "sink.yaml").write_text(
         "sink:\n  kind: webhook\n  url: https://example.test/hook\n"
-        "  fields: [email]\n  adopt_by: [email]\n"
+        "  fields: [email]\n  adopt_by: [email]\n  secret_env: HOOKS_SECRET\n"
     )
     with pytest.raises(ConfigError, match=r"sink.yaml:5: sink: adopt_by applies to kind sql"):
         load_sinks(tmp_path)
