@@ -41,7 +41,7 @@ __all__ = [
 
 COOKIE_NAME = "accord_status"
 MIN_TOKEN_CHARS = 16
-# Always answered to: loopback names, and `worker`, the compose service Prometheus scrapes.
+# The default allow-list: loopback names, and `worker`, the compose service Prometheus scrapes.
 DEFAULT_HOSTS = ("127.0.0.1", "localhost", "::1", "worker")
 WILDCARD_BINDS = {"", "0.0.0.0", "::"}  # interfaces, not names a client would send
 VALUES_HIDDEN = (
