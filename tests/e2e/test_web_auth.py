@@ -99,7 +99,7 @@ def test_the_web_port_serves_customer_values_only_with_the_token(
     # With the token: the drift, values and all, once the scheduled reconcile saw it.
     def drift_seen() -> bool:
         drifts = billing_drifts(get(settings, "/status.json", headers=BEARER))
-        return any(d["key"] == account_no and d["field"] == "email" for d in drifts)
+        return any(d["key"] == account_no and d["field"] == "contact_email" for d in drifts)
 
     assert wait_until(drift_seen, 120)
     full = get(settings, "/status.json", headers=BEARER)
