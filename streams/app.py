@@ -26,6 +26,7 @@ from typing import Any
 import faust
 import mode
 import redis
+from aiohttp import web as aioweb
 from confluent_kafka import KafkaException, Producer
 from faust.sensors.monitor import Monitor as FaustMonitor
 from faust.stores.rocksdb import Store as RocksDBStore
@@ -74,6 +75,7 @@ from streams.topology import (
     ingest_group,
     internal_replication,
 )
+from streams.web_auth import COOKIE_NAME, Access, WebGuard, strip_values
 from streams.workerhost import (
     DataDirLock,
     check_port_free,
@@ -430,6 +432,93 @@ def redis_client(settings: AccordSettings) -> redis.Redis:
     )
 
 
+NO_STORE = {"Cache-Control": "no-store", "Referrer-Policy": "no-referrer"}
+# Faust's own web views: /table serves table values (golden states), /router the
+# cluster's addresses, /, /graph and /performance internals. Accord serves its own only.
+FAUST_VIEWS = ("tables", "router", "stats", "graph", "metrics")
+FAUST_VIEWS_OFF = {f"web_{view}_enabled": False for view in FAUST_VIEWS}
+
+
+def _faust_views_off(app: faust.App) -> None:
+    """Faust reads APP_WEB_<VIEW>_ENABLED from the environment over the App's own
+    arguments: one set would serve its view (/table: golden states) to anyone."""
+    on = [view for view in FAUST_VIEWS if getattr(app.conf, f"web_{view}_enabled")]
+    if on:
+        names = ", ".join(f"APP_WEB_{view.upper()}_ENABLED" for view in on)
+        raise ConfigError(
+            f"{names} set in the environment: Faust would serve its own web views (/table "
+            "holds golden records) to anyone who reaches the port; unset it"
+        )
+
+
+def _unauthorized(web: Any) -> Any:
+    return web.json(
+        {
+            "error": "unauthorized",
+            "detail": "this page needs worker.web_token: send 'Authorization: Bearer <token>', "
+            "or open /status?token=<token> once in a browser",
+        },
+        status=401,
+        headers={"WWW-Authenticate": 'Bearer realm="accord"', **NO_STORE},
+    )
+
+
+def _host_check(guard: WebGuard) -> Any:
+    """aiohttp middleware: every path (Faust's too) refuses a Host header that is
+    neither an allowed name nor an IP address (`WebGuard.host_ok`), before any handler."""
+
+    @aioweb.middleware
+    async def check_host(request: aioweb.Request, handler: Any) -> Any:
+        host = request.headers.get("Host")
+        if guard.host_ok(host):
+            return await handler(request)
+        detail = (
+            f"Host {host!r} is not one this worker answers to: add it to "
+            "worker.web_allowed_hosts (ACCORD_WORKER__WEB_ALLOWED_HOSTS, a JSON list)"
+        )
+        return aioweb.json_response({"error": "host not allowed", "detail": detail}, status=403)
+
+    return check_host
+
+
+def faust_web_options(guard: WebGuard) -> dict[str, Any]:
+    """The App's web arguments: Faust's own views off, the Host check on every path."""
+    return {**FAUST_VIEWS_OFF, "web_application_options": {"middlewares": [_host_check(guard)]}}
+
+
+def add_status_pages(app: faust.App, guard: WebGuard, status: Callable[[], dict]) -> None:
+    """`/status` and `/status.json`, guarded by `guard` (`streams.web_auth`). `status`
+    gives the board's dict (`StatusBoard.as_dict`)."""
+
+    def access(request: Any) -> Access:
+        return guard.access(request.headers.get("Authorization"), request.cookies.get(COOKIE_NAME))
+
+    @app.page("/status")
+    async def status_page(web: Any, request: Any) -> Any:
+        """Topics and lag, throughput, DLQ, drift and latency; refreshes itself.
+        `?token=` (the right one) sets the session cookie and reloads without it."""
+        given = request.query.get("token")
+        if given is not None:
+            if guard.token is not None and not guard.token_ok(given):
+                return _unauthorized(web)
+            headers = {"Location": "status", **NO_STORE}
+            if guard.token is not None:
+                headers["Set-Cookie"] = guard.set_cookie()
+            return web.text("", status=303, headers=headers)
+        if access(request) is Access.DENIED:
+            return _unauthorized(web)
+        return web.text(page(), content_type="text/html", headers=NO_STORE)
+
+    @app.page("/status.json")
+    async def status_json(web: Any, request: Any) -> Any:
+        """The board; without a configured token, counts and names only."""
+        seen = access(request)
+        if seen is Access.DENIED:
+            return _unauthorized(web)
+        body = status()
+        return web.json(body if seen is Access.FULL else strip_values(body), headers=NO_STORE)
+
+
 def create_app(settings: AccordSettings, rules: Rules | None = None) -> faust.App:
     worker = settings.worker
     rules = rules or load_rules(worker.rules_file)
@@ -438,6 +527,9 @@ def create_app(settings: AccordSettings, rules: Rules | None = None) -> faust.Ap
     registry = registry_client(settings)
     redis_conn = redis_client(settings)
 
+    guard = WebGuard.of(worker.web_token_value(), worker.web_allowed_hosts, worker.web_host)
+    if guard.token is None:
+        log.info("worker.web_token is not set: /status shows counts and names, no values")
     app = faust.App(
         worker.app_id,
         broker=f"kafka://{settings.kafka}",
@@ -452,6 +544,7 @@ def create_app(settings: AccordSettings, rules: Rules | None = None) -> faust.Ap
         web_host=worker.web_host,
         web_bind=worker.web_host,
         web_port=worker.port,
+        **faust_web_options(guard),
         producer_acks=-1,
         # Faust's (aiokafka's) producer writes the changelog only under exactly_once
         # (at-least-once: `streams.changelog`). Let it gather a few ms of writes into one
@@ -468,6 +561,7 @@ def create_app(settings: AccordSettings, rules: Rules | None = None) -> faust.Ap
         processing_guarantee=worker.processing_guarantee,
         Monitor=PerEventStatsOff,
     )
+    _faust_views_off(app)
 
     # Before anything creates the consumer: see `streams.offsets` for why.
     app.transport.Consumer = guarded_consumer(
@@ -663,6 +757,8 @@ def create_app(settings: AccordSettings, rules: Rules | None = None) -> faust.Ap
         for progress in stages.values():
             problems += progress.problems(worker.stall_after_s)
         # The pid tells a launcher this answer is its worker's, not a neighbour's.
+        # Open to anyone who reaches the port: no customer value in a problem.
+        problems = [redact.redact(problem) for problem in problems]
         body = {"ready": not problems, "problems": problems, "pid": os.getpid()}
         return web.json(body, status=200 if not problems else 503)
 
@@ -673,14 +769,7 @@ def create_app(settings: AccordSettings, rules: Rules | None = None) -> faust.Ap
         text = generate_latest() + generate_latest(board_metrics)
         return web.text(text.decode(), content_type="text/plain")
 
-    @app.page("/status")
-    async def status_page(web: Any, request: Any) -> Any:
-        """Topics and lag, throughput, DLQ, drift and latency; refreshes itself."""
-        return web.text(page(), content_type="text/html")
-
-    @app.page("/status.json")
-    async def status_json(web: Any, request: Any) -> Any:
-        return web.json(board.as_dict())
+    add_status_pages(app, guard, board.as_dict)
 
     return app
 

@@ -314,6 +314,21 @@ class WorkerSettings(BaseModel):
         "16066 + n - 1 for a numeric instance n, 16066 for any other; 0: a free port, which "
         "the worker prints and writes to <data dir>.port.",
     )
+    web_token: SecretStr | None = Field(
+        None,
+        description="Token for /status and /status.json (at least 16 characters): "
+        "'Authorization: Bearer <token>', or /status?token=<token> once in a browser. "
+        "Unset: those pages show counts and names only, no customer values.",
+    )
+    web_token_file: Path | None = Field(
+        None, description="A file holding worker.web_token (a mounted secret); not both."
+    )
+    web_allowed_hosts: list[str] | None = Field(
+        None,
+        description="Host names the web port answers to, against DNS rebinding (any other "
+        "Host header gets 403; IP addresses are always accepted). None: localhost, worker "
+        "(the compose service Prometheus scrapes) and web_host.",
+    )
     stall_after_s: float = Field(
         120.0,
         gt=0,
@@ -362,6 +377,16 @@ class WorkerSettings(BaseModel):
         from streams.workerhost import default_web_port
 
         return default_web_port(self.instance) if self.web_port is None else self.web_port
+
+    @model_validator(mode="after")
+    def _one_web_token(self) -> WorkerSettings:
+        if self.web_token is not None and self.web_token_file is not None:
+            raise ValueError("worker: set web_token or web_token_file, not both")
+        return self
+
+    def web_token_value(self) -> str | None:
+        """The web token, from the setting or its file; None when neither is set."""
+        return _secret(self.web_token, self.web_token_file, "worker.web_token")
 
 
 def _secret(value: SecretStr | None, file: Path | None, name: str) -> str | None:

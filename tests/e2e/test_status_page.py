@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import secrets
 import shutil
 import subprocess
 import urllib.request
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import SecretStr
 
 from streams.settings import AccordSettings
 from streams.sources import postgres
@@ -40,14 +42,22 @@ def chromium(stack: AccordSettings) -> str:
     return path
 
 
+TOKEN = secrets.token_urlsafe(32)
+
+
 @pytest.fixture
 def worker(connectors: AccordSettings) -> Iterator[tuple[AccordSettings, WorkerProcess]]:
-    """A worker whose board refreshes every second and reconciles every 3 seconds."""
+    """A worker with a web token, whose board refreshes every second and reconciles every
+    3 seconds."""
     settings = isolated(connectors)
     settings = settings.model_copy(
         update={
             "worker": settings.worker.model_copy(
-                update={"status_interval_s": 1.0, "reconcile_interval_s": 3.0}
+                update={
+                    "status_interval_s": 1.0,
+                    "reconcile_interval_s": 3.0,
+                    "web_token": SecretStr(TOKEN),
+                }
             )
         }
     )
@@ -57,7 +67,8 @@ def worker(connectors: AccordSettings) -> Iterator[tuple[AccordSettings, WorkerP
 
 def status(settings: AccordSettings) -> dict[str, Any]:
     url = f"http://{settings.worker.web_host}:{settings.worker.web_port}/status.json"
-    with urllib.request.urlopen(url, timeout=5) as response:
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {TOKEN}"})
+    with urllib.request.urlopen(request, timeout=5) as response:
         return json.load(response)
 
 
@@ -130,7 +141,9 @@ def test_the_status_page_shows_lag_throughput_dlq_drift_and_latency(
     assert metrics['accord_reconcile_rows{state="in_accord",target="crm"}'] >= 1
     assert metrics["accord_dlq_messages"] == 0
 
-    url = f"http://{settings.worker.web_host}:{settings.worker.web_port}/status"
+    # As a person would: the token once in the URL; the cookie it sets carries the
+    # redirected page and its own requests for /status.json.
+    url = f"http://{settings.worker.web_host}:{settings.worker.web_port}/status?token={TOKEN}"
     dom = headless(chromium, "--dump-dom", url)
     assert dom.returncode == 0, dom.stderr[-2000:]
     html = dom.stdout
@@ -144,6 +157,7 @@ def test_the_status_page_shows_lag_throughput_dlq_drift_and_latency(
     assert f"<td>{settings.worker.app_id}-sink-support</td>" in lag, lag
     assert re.search(r'<div id="dlq">[\d,]+ entries', html)
     assert '<span id="error"></span>' in html  # the page reached its worker
+    assert '<div id="hidden" class="meta"></div>' in html  # with the token: nothing hidden
 
     screenshot = tmp_path / "status.png"
     shot = headless(chromium, f"--screenshot={screenshot}", url)
