@@ -39,6 +39,7 @@ from streams.health import StageProgress
 from streams.identity import Hold, IdentityLost, IdentityResolver
 from streams.mapping import Mapper, Rejected
 from streams.model import Change
+from streams.refusal import PRODUCE_REFUSED, refusal_of
 from streams.registry import registry_client, writer_schemas
 from streams.settings import AccordSettings
 from streams.topics import first_offsets, next_offsets, usable
@@ -62,25 +63,6 @@ HELD_ROWS = Gauge(
 )
 NOT_AN_ENVELOPE = "not_a_debezium_envelope"
 VALIDATION_FAILED = "validation_failed"
-PRODUCE_REFUSED = "produce_refused"
-
-# Errors with which a broker (or librdkafka, before sending) refuses one record for good:
-# sending it again gets the same answer. Any other error concerns the connection, the
-# topic or the producer, and the batch is tried again.
-RECORD_REFUSALS = frozenset(
-    {
-        KafkaError.MSG_SIZE_TOO_LARGE,
-        KafkaError.RECORD_LIST_TOO_LARGE,
-        KafkaError.INVALID_RECORD,
-        KafkaError.INVALID_TIMESTAMP,
-    }
-)
-
-
-def refuses_record(error: KafkaError) -> bool:
-    """True when `error` refuses this one record whatever is retried: dead-letter it.
-    A fatal producer error never is (the producer, not the record, is broken)."""
-    return not error.fatal() and error.code() in RECORD_REFUSALS
 
 
 class ProduceRefused(AccordError):
@@ -251,7 +233,7 @@ class IngestLoop:
     is harmless: the dedupe lets a message's own origin through again and the merge is
     idempotent. While Redis or the registry is down, the batch is read again after a
     backoff and nothing is committed past it. A change the broker refuses for good (too
-    large, an invalid record: `refuses_record`) dead-letters its raw message with reason
+    large, an invalid record: `refusal_of`) dead-letters its raw message with reason
     `produce_refused` and the batch is committed; any other delivery failure reads the
     batch again.
     """
@@ -364,7 +346,7 @@ class IngestLoop:
         def delivered(error: Any, _message: Any) -> None:
             if error is None:
                 return
-            if not refuses_record(error):
+            if refusal_of(error) is None:
                 self._undelivered.append(str(error))
             elif alone:
                 self._refuse(origin, error)
@@ -381,7 +363,7 @@ class IngestLoop:
                 self.producer.poll(0.1)
             except KafkaException as exc:
                 error = exc.args[0]
-                if not refuses_record(error):
+                if refusal_of(error) is None:
                     raise
                 self._refuse(origin, error)
                 return

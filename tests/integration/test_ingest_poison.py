@@ -26,7 +26,7 @@ from streams.app import redis_client
 from streams.codec import AvroCodec, SchemaCache, registry_fetcher
 from streams.dedupe import Deduplicator
 from streams.identity import IdentityResolver
-from streams.ingest import PRODUCE_REFUSED, IngestPipeline, RawDecoder
+from streams.ingest import IngestPipeline, RawDecoder
 from streams.mapping import Mapper
 from streams.missing_columns import (
     MissingColumns,
@@ -34,6 +34,7 @@ from streams.missing_columns import (
     missing_columns,
     read_missing_columns,
 )
+from streams.refusal import PRODUCE_REFUSED
 from streams.registry import registry_codec
 from streams.rules import load_rules
 from streams.settings import AccordSettings

@@ -13,7 +13,8 @@ import pytest
 from confluent_kafka import KafkaError, KafkaException
 
 from streams.dlq import DeadLetter
-from streams.ingest import PRODUCE_REFUSED, IngestBatch, IngestLoop
+from streams.ingest import IngestBatch, IngestLoop
+from streams.refusal import PRODUCE_REFUSED
 from tests import vectors
 
 

@@ -22,7 +22,8 @@ from streams.codec import (
     SchemaNotFound,
     registry_fetcher,
 )
-from streams.ingest import RawDecoder, refuses_record
+from streams.ingest import RawDecoder
+from streams.refusal import refusal_of
 from tests import vectors
 
 SCHEMA = json.dumps({"type": "record", "name": "R", "fields": [{"name": "a", "type": "long"}]})
@@ -234,4 +235,4 @@ def test_the_fetcher_returns_the_schema_text() -> None:
 def test_only_a_refusal_of_the_record_itself_dead_letters_it(
     error: KafkaError, refused: bool
 ) -> None:
-    assert refuses_record(error) is refused
+    assert (refusal_of(error) is not None) is refused
