@@ -69,6 +69,7 @@ class WriterSchema:
 SchemaFetcher = Callable[[int], str]
 
 MAX_REMEMBERED_FAILURES = 10_000
+SANE_REGISTRY_TRUSTED_S = 5.0  # how long a sane answer to the probe below is trusted
 
 
 class SchemaCache:
@@ -238,11 +239,19 @@ def registry_fetcher(client: Any) -> SchemaFetcher:
             )
         raise garbage
 
+    sane_until = 0.0  # a sane answer stands for a while: a batch of bad ids asks once
+
     def answers_sanely() -> bool:
+        nonlocal sane_until
+        if time.monotonic() < sane_until:
+            return True
         try:
-            return isinstance(client.get_compatibility(), str)
+            sane = isinstance(client.get_compatibility(), str)
         except Exception:
             return False
+        if sane:
+            sane_until = time.monotonic() + SANE_REGISTRY_TRUSTED_S
+        return sane
 
     return fetch
 

@@ -212,6 +212,23 @@ def test_garbage_for_every_question_is_an_outage_not_a_bad_schema(outcome: Any) 
         registry_fetcher(Client(outcome, sane=False))(9)
 
 
+def test_a_batch_of_bad_ids_probes_the_registry_once() -> None:
+    """The sanity probe answers for the registry, not for one id: a batch of 50 ids it
+    answers garbage for costs one extra request, not 50."""
+    probes: list[str] = []
+
+    class Counting(Client):
+        def get_compatibility(self) -> str:
+            probes.append("compatibility")
+            return super().get_compatibility()
+
+    fetch = registry_fetcher(Counting(Answer(None)))
+    for schema_id in range(50):
+        with pytest.raises(RegistryGarbage):
+            fetch(schema_id)
+    assert probes == ["compatibility"]
+
+
 def test_the_fetcher_returns_the_schema_text() -> None:
     assert registry_fetcher(Client(Answer(SCHEMA)))(9) == SCHEMA
 
