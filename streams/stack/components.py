@@ -23,6 +23,7 @@ from pathlib import Path
 
 import httpx
 
+from streams.dbtls import connector_env
 from streams.errors import StackError
 from streams.settings import AccordSettings
 from streams.stack.process import ProcessSpec
@@ -1078,7 +1079,7 @@ class Connect(Component):
             env[f"{prefix}_DB_PORT"] = str(port)
             env[f"{prefix}_DB_USER"] = source.cdc_user
             env[f"{prefix}_DB_PASSWORD"] = source.cdc_password.get_secret_value()
-        return env
+        return env | connector_env(self.settings)  # keystore passwords of TLS settings
 
     def process(self) -> ProcessSpec:
         return self._spec(
