@@ -40,6 +40,7 @@ __all__ = [
     "connector_env",
     "debezium_properties",
     "is_loopback",
+    "is_tls_refusal",
     "psycopg_options",
     "pymysql_options",
     "tls_warning",
@@ -250,3 +251,23 @@ def tls_warnings(settings: AccordSettings) -> list[str]:
         if warning is not None:
             warnings.append(warning)
     return warnings
+
+
+# What libpq and Python's ssl (under PyMySQL) say when TLS refuses a connection.
+_TLS_REFUSALS = (
+    "certificate verify failed",  # the CA does not sign it, or (Python) another host name
+    "does not match host name",  # libpq, verify-full: the certificate names another host
+    "certificate file",  # libpq: a root or client certificate file missing or unreadable
+    "private key file",  # libpq: the client key
+    "server does not support ssl",  # libpq: require or stricter, a server without TLS
+    "ssl is required but the server",  # PyMySQL: the same
+    "may not be used with sslrootcert",  # libpq: sslrootcert=system below verify-full
+)
+
+
+def is_tls_refusal(exc: BaseException) -> bool:
+    """Whether a connection failed because TLS refused it: a server certificate that does
+    not verify, a certificate or key file that cannot be read, a server without TLS where
+    it is required. Waiting does not fix these: the settings or the server must change."""
+    text = str(exc).lower()
+    return any(refusal in text for refusal in _TLS_REFUSALS)

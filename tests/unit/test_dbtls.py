@@ -7,6 +7,8 @@ import ssl
 import subprocess
 from pathlib import Path
 
+import psycopg
+import pymysql
 import pytest
 from pydantic import SecretStr, ValidationError
 
@@ -15,6 +17,7 @@ from streams.dbtls import (
     connector_env,
     debezium_properties,
     is_loopback,
+    is_tls_refusal,
     psycopg_options,
     pymysql_options,
     tls_warning,
@@ -23,6 +26,7 @@ from streams.dbtls import (
 )
 from streams.errors import ConfigError
 from streams.settings import AccordSettings, DatabaseTls, load_settings
+from streams.sinks import ErrorKind, mariadb_error_kind, pg_error_kind
 
 PG = "io.debezium.connector.postgresql.PostgresConnector"
 MARIADB = "io.debezium.connector.mariadb.MariaDbConnector"
@@ -329,3 +333,50 @@ def test_load_settings_logs_the_warnings(
         tls_warning("support", "postgres.internal", "prefer"),
     ]
     assert any("support.tls.mode is prefer" in r.getMessage() for r in caplog.records)
+
+
+# ------------------------------------------------------------ TLS refusals at connect
+
+
+PG_REFUSALS = [
+    'connection failed: connection to server at "10.0.0.5", port 5432 failed: '
+    "SSL error: certificate verify failed",
+    'connection failed: server certificate for "db.example.com" does not match host name '
+    '"10.0.0.5"',
+    'connection failed: root certificate file "/etc/accord/ca.pem" does not exist',
+    "connection failed: server does not support SSL, but SSL was required",
+    'connection failed: could not load private key file "k.pem": No such file',
+]
+
+
+@pytest.mark.parametrize("message", PG_REFUSALS)
+def test_a_tls_refusal_pauses_a_postgres_target(message: str) -> None:
+    assert is_tls_refusal(psycopg.OperationalError(message))
+    assert pg_error_kind(psycopg.OperationalError(message)) is ErrorKind.TARGET
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        pymysql.OperationalError(
+            2003,
+            "Can't connect to MySQL server on '10.0.0.6' ([SSL: CERTIFICATE_VERIFY_FAILED] "
+            "certificate verify failed: unable to get local issuer certificate (_ssl.c:1006))",
+        ),
+        pymysql.OperationalError(2026, "SSL is required but the server doesn't support it"),
+    ],
+)
+def test_a_tls_refusal_pauses_a_mariadb_target(error: Exception) -> None:
+    assert mariadb_error_kind(error) is ErrorKind.TARGET
+
+
+def test_other_connection_failures_stay_transient() -> None:
+    refused = "connection failed: Connection refused\n\tIs the server running on that host?"
+    assert pg_error_kind(psycopg.OperationalError(refused)) is ErrorKind.TRANSIENT
+    lost = pymysql.OperationalError(2003, "Can't connect to MySQL server on '10.0.0.6' (timed out)")
+    assert mariadb_error_kind(lost) is ErrorKind.TRANSIENT
+
+
+def test_a_row_error_quoting_tls_words_stays_the_row_s() -> None:
+    error = pymysql.IntegrityError(1062, "Duplicate entry 'certificate verify failed' for key")
+    assert mariadb_error_kind(error) is ErrorKind.ROW
