@@ -1,6 +1,7 @@
 """TLS to the databases against the local stack's PostgreSQL, which serves a certificate
 signed by the stack's CA: the crm applier writes over verify-full and its connection is
-encrypted; a wrong CA or a host name the certificate does not name is refused."""
+encrypted; a wrong CA or a host name the certificate does not name is refused; the crm
+Debezium connector's TLS properties connect (Connect's validation, nothing created)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import datetime as dt
 import subprocess
 import uuid
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +17,8 @@ import psycopg
 import pytest
 
 from streams.app import redis_client
-from streams.dbtls import psycopg_options
+from streams.connect import ConnectClient, ConnectorFile, load_connector
+from streams.dbtls import psycopg_options, with_tls
 from streams.identity import IdentityResolver
 from streams.model import FIELDS
 from streams.projection import load_sinks
@@ -173,3 +176,35 @@ def test_verify_ca_accepts_the_stack_s_certificate_under_any_name(
             "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()"
         ).fetchall()
     assert ssl is True
+
+
+def connector_to(settings: AccordSettings, tls: DatabaseTls) -> ConnectorFile:
+    """The crm connector file with `tls`, reaching the stack's PostgreSQL by literal values
+    (the file's ${env:...} name the Connect worker's own database)."""
+    source = settings.crm
+    connector = with_tls(load_connector(settings.connectors_dir, "crm"), tls)
+    return replace(
+        connector,
+        name=f"test-tls-{uuid.uuid4().hex[:8]}",
+        config={
+            **connector.config,
+            "database.hostname": settings.stack.host,
+            "database.port": str(settings.stack.postgres_port),
+            "database.user": source.cdc_user,
+            "database.password": source.cdc_password.get_secret_value(),
+        },
+    )
+
+
+def test_the_crm_connector_connects_over_verify_full_and_refuses_a_wrong_ca(
+    verified: AccordSettings, other_ca: Path
+) -> None:
+    """Debezium checks a config by connecting to the database; nothing is created."""
+    client = ConnectClient.of(verified)
+    try:
+        assert client.validate(connector_to(verified, verified.crm.tls)) == []
+        wrong = DatabaseTls(mode="verify-full", ca_file=other_ca)
+        [problem] = client.validate(connector_to(verified, wrong))
+        assert "SSL error: PKIX path" in problem, problem  # Java: not signed by the CA
+    finally:
+        client.http.close()
