@@ -327,6 +327,9 @@ def test_load_settings_logs_the_warnings(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setenv("ACCORD_SUPPORT__HOST", "postgres.internal")
+    # Not the code's default passwords, which a non-loopback host may not use.
+    monkeypatch.setenv("ACCORD_SUPPORT__APP_PASSWORD", "a-support-app-password")
+    monkeypatch.setenv("ACCORD_SUPPORT__CDC_PASSWORD", "a-support-cdc-password")
     with caplog.at_level(logging.WARNING, logger="streams.settings"):
         settings = load_settings()
     assert tls_warnings(settings) == [
