@@ -94,19 +94,26 @@ class ConnectClient:
             raise AccordError(f"Kafka Connect {method} {path}: {response.status_code} {message}")
         return response
 
-    def apply(self, connector: ConnectorFile) -> None:
-        """Create or update: PUT of the config is idempotent in Connect's REST API."""
+    def validate(self, connector: ConnectorFile) -> list[str]:
+        """What Connect and the connector find wrong with a config, one line per setting;
+        nothing is created. Debezium's check includes connecting to the database (TLS too)."""
         validation = self._request(
             "PUT",
             f"/connector-plugins/{connector.config['connector.class']}/config/validate",
             json={**connector.config, "name": connector.name},
         ).json()
-        if validation.get("error_count"):
-            problems = [
-                f"{item['value']['name']}: {'; '.join(item['value']['errors'])}"
-                for item in validation.get("configs", [])
-                if item["value"].get("errors")
-            ]
+        if not validation.get("error_count"):
+            return []
+        return [
+            f"{item['value']['name']}: {'; '.join(item['value']['errors'])}"
+            for item in validation.get("configs", [])
+            if item["value"].get("errors")
+        ]
+
+    def apply(self, connector: ConnectorFile) -> None:
+        """Create or update: PUT of the config is idempotent in Connect's REST API."""
+        problems = self.validate(connector)
+        if problems:
             raise ConfigError(f"connector {connector.name} is invalid: " + " | ".join(problems))
         self._request("PUT", f"/connectors/{connector.name}/config", json=connector.config)
 

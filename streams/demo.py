@@ -17,6 +17,7 @@ from typing import Any
 from psycopg import sql
 
 from streams.connect import SYSTEMS, ConnectClient, load_connector
+from streams.dbtls import with_tls
 from streams.errors import AccordError
 from streams.samples import SampleGenerator
 from streams.settings import AccordSettings
@@ -35,7 +36,10 @@ def apply_connectors(
 ) -> list[dict[str, object]]:
     """Create or update each connector from its file and wait until its task runs."""
     client = ConnectClient.of(settings)
-    files = [load_connector(settings.connectors_dir, system) for system in systems or SYSTEMS]
+    files = [
+        with_tls(load_connector(settings.connectors_dir, system), settings.source(system).tls)
+        for system in systems or SYSTEMS
+    ]
     for connector in files:
         client.apply(connector)
         state = client.state(connector.name)

@@ -7,6 +7,7 @@ Precedence, highest first: explicit arguments, environment variables (``ACCORD_`
 
 from __future__ import annotations
 
+import logging
 import os
 import ssl
 from pathlib import Path
@@ -94,8 +95,71 @@ class StackSettings(BaseModel):
         return self
 
 
+TlsMode = Literal["disable", "prefer", "require", "verify-ca", "verify-full"]
+
+
+class DatabaseTls(BaseModel):
+    """TLS of every connection to one system's database: Accord's own (appliers, seeding,
+    reconcile) and its Debezium connector's, which `accord connectors apply` configures from
+    these (`streams.dbtls`). Modes are libpq's. The connector's files are read by the Kafka
+    Connect worker, at these paths.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    mode: TlsMode = Field(
+        "prefer",
+        description="disable; prefer (TLS when the server offers it, unchecked); require "
+        "(TLS, unchecked); verify-ca (the certificate is signed by ca_file); verify-full "
+        "(and names the host). A non-loopback host below verify-ca loads with a warning.",
+    )
+    ca_file: Path | None = Field(
+        None,
+        description="CA bundle (PEM) the server's certificate is checked against; unset, "
+        "verify-full uses the system's CAs.",
+    )
+    cert_file: Path | None = Field(
+        None, description="Client certificate (PEM) for a server that asks for one."
+    )
+    key_file: Path | None = Field(None, description="The client certificate's key (PEM).")
+    connector_key_file: Path | None = Field(
+        None,
+        description="PostgreSQL sources: the client key as PKCS-8 DER for Debezium, whose "
+        "JDBC driver reads no PEM key (needed with cert_file).",
+    )
+    truststore_file: Path | None = Field(
+        None,
+        description="MariaDB sources: ca_file as a PKCS-12 truststore for Debezium, which "
+        "reads no PEM (needed with ca_file).",
+    )
+    truststore_password: SecretStr | None = None
+    keystore_file: Path | None = Field(
+        None,
+        description="MariaDB sources: cert_file and key_file as a PKCS-12 keystore for "
+        "Debezium (needed with cert_file).",
+    )
+    keystore_password: SecretStr | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DatabaseTls:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("tls: cert_file and key_file go together")
+        if self.cert_file is not None and self.mode in ("disable", "prefer"):
+            raise ValueError(
+                f"tls: a client certificate needs mode require or stricter, not {self.mode}"
+            )
+        if self.mode == "disable" and self.ca_file is not None:
+            raise ValueError("tls: ca_file with mode disable: choose verify-full (or verify-ca)")
+        if self.mode == "verify-ca" and self.ca_file is None:
+            raise ValueError(
+                "tls: verify-ca needs ca_file (against the system's CAs only verify-full, "
+                "which checks the host name, means anything)"
+            )
+        return self
+
+
 class SourceDatabase(BaseModel):
-    """Credentials of one sample source system's database."""
+    """Credentials and TLS of one sample source system's database."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -106,6 +170,7 @@ class SourceDatabase(BaseModel):
     app_password: SecretStr = SecretStr("accord")
     cdc_user: str = "debezium"
     cdc_password: SecretStr = SecretStr("debezium")
+    tls: DatabaseTls = DatabaseTls()
 
 
 class CrmDatabase(SourceDatabase):
@@ -583,6 +648,11 @@ def load_settings(config_file: Path | None = None) -> AccordSettings:
             raise ConfigError(f"config file {config_file} does not exist")
         os.environ["ACCORD_CONFIG"] = str(config_file)
     try:
-        return AccordSettings()
+        settings = AccordSettings()
     except ValueError as exc:
         raise ConfigError(f"invalid configuration: {exc}") from exc
+    from streams.dbtls import tls_warnings
+
+    for warning in tls_warnings(settings):
+        logging.getLogger(__name__).warning("%s", warning)
+    return settings

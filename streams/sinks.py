@@ -62,6 +62,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from streams import redact, webhook_signature
 from streams.codec import AvroCodec, DecodeError, RegistryUnavailable, SchemaCache, registry_fetcher
+from streams.dbtls import is_tls_refusal
 from streams.dedupe import RedisUnavailable, redis_errors
 from streams.dlq import DeadLetter, DeadLetterWriter
 from streams.errors import AccordError, ConfigError
@@ -625,12 +626,13 @@ MARIADB_CODES: dict[int, ErrorKind] = {
 def pg_error_kind(exc: BaseException) -> ErrorKind:
     """The kind of a psycopg error, by SQLSTATE.
 
-    No SQLSTATE: the client failed to reach or keep the server (transient). A SQLSTATE
+    No SQLSTATE: the client failed to reach or keep the server (transient), unless TLS
+    refused the connection (the target's: its certificate or the TLS settings). A SQLSTATE
     in neither table pauses the target: the retry goes on, and an operator sees why.
     """
     state = getattr(exc, "sqlstate", None)
     if not state:
-        return _TRANSIENT
+        return _TARGET if is_tls_refusal(exc) else _TRANSIENT
     return PG_CODES.get(state) or PG_CLASSES.get(state[:2], _TARGET)
 
 
@@ -639,9 +641,11 @@ def mariadb_error_kind(exc: BaseException) -> ErrorKind:
 
     A number in no table is judged by PyMySQL's class: IntegrityError and DataError are
     the row's; ProgrammingError, NotSupportedError and other server errors pause the
-    target; an error without a number (the connection) is transient.
+    target; an error without a number (the connection) is transient, unless TLS refused it.
     """
     code = exc.args[0] if exc.args and isinstance(exc.args[0], int) else None
+    if (not code or code >= 2000) and is_tls_refusal(exc):
+        return _TARGET
     if code in MARIADB_CODES:
         return MARIADB_CODES[code]
     if isinstance(exc, (pymysql.IntegrityError, pymysql.DataError)):

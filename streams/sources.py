@@ -8,6 +8,7 @@ import psycopg
 import pymysql
 from psycopg import sql
 
+from streams.dbtls import psycopg_options, pymysql_options
 from streams.settings import AccordSettings
 
 TABLES = {"crm": "customers", "support": "users", "billing": "accounts"}
@@ -15,6 +16,7 @@ PRIMARY_KEYS = {"crm": "id", "support": "id", "billing": "account_no"}
 
 
 def postgres(settings: AccordSettings, system: str) -> psycopg.Connection:
+    """A connection to a PostgreSQL system as its app user, with its TLS settings."""
     source = settings.source(system)
     return psycopg.connect(
         host=source.host or settings.stack.host,
@@ -24,10 +26,12 @@ def postgres(settings: AccordSettings, system: str) -> psycopg.Connection:
         dbname=source.database,
         autocommit=True,
         connect_timeout=5,
+        **psycopg_options(source.tls),
     )
 
 
 def mariadb(settings: AccordSettings) -> pymysql.connections.Connection:
+    """A connection to billing's MariaDB as its app user, with its TLS settings."""
     source = settings.billing
     return pymysql.connect(
         host=source.host or settings.stack.host,
@@ -37,6 +41,7 @@ def mariadb(settings: AccordSettings) -> pymysql.connections.Connection:
         database=source.database,
         autocommit=True,
         connect_timeout=5,
+        **pymysql_options(source.tls),
     )
 
 

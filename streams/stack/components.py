@@ -23,6 +23,7 @@ from pathlib import Path
 
 import httpx
 
+from streams.dbtls import connector_env
 from streams.errors import StackError
 from streams.settings import AccordSettings
 from streams.stack.process import ProcessSpec
@@ -187,6 +188,53 @@ def run_checked(component: str, argv: list[str], log: Path, **kwargs: object) ->
         raise StackError(component, f"`{' '.join(argv[:2])}` failed ({result.returncode})", log)
 
 
+def stack_ca(paths: StackPaths, component: str, log: Path) -> Path:
+    """The folder of the stack's one CA (`ca.pem`, `ca.key`, under Kafka's `tls`), made
+    by whichever component needs it first. It signs the broker's and PostgreSQL's server
+    certificates; clients trust `ca.pem`."""
+    tls = paths.home("kafka") / "tls"
+    if (tls / "ca.pem").exists() and (tls / "ca.key").exists():
+        return tls
+    tls.mkdir(parents=True, exist_ok=True)
+    run_checked(
+        component,
+        [_openssl(component), "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "3650",
+         "-subj", "/CN=Accord local stack CA", "-keyout", "ca.key", "-out", "ca.pem"],
+        log,
+        cwd=tls,
+    )  # fmt: skip
+    return tls
+
+
+def sign_certificate(
+    ca: Path, folder: Path, name: str, host: str, component: str, log: Path
+) -> tuple[Path, Path]:
+    """`<name>.key` and `<name>.crt` in `folder`: a server certificate for `host`,
+    localhost and 127.0.0.1, signed by the CA in `ca`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    names = "subjectAltName=DNS:localhost,IP:127.0.0.1"
+    if host not in ("localhost", "127.0.0.1"):
+        names += f",DNS:{host}"
+    (folder / f"{name}.ext").write_text(names + "\n")
+    openssl = _openssl(component)
+    for argv in (
+        ["req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={host}",
+         "-keyout", f"{name}.key", "-out", f"{name}.csr"],
+        ["x509", "-req", "-in", f"{name}.csr", "-CA", str(ca / "ca.pem"),
+         "-CAkey", str(ca / "ca.key"), "-CAcreateserial", "-days", "3650",
+         "-extfile", f"{name}.ext", "-out", f"{name}.crt"],
+    ):  # fmt: skip
+        run_checked(component, [openssl, *argv], log, cwd=folder)
+    return folder / f"{name}.key", folder / f"{name}.crt"
+
+
+def _openssl(component: str) -> str:
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        raise StackError(component, "openssl not found (package openssl)")
+    return openssl
+
+
 # --------------------------------------------------------------------------- PostgreSQL
 
 
@@ -214,11 +262,17 @@ class Postgres(Component):
     def version(self) -> str:
         return self.bin_dir.parent.name
 
+    @property
+    def tls(self) -> Path:
+        """The server's certificate (`server.crt`) and key, signed by the stack's CA."""
+        return self.home / "tls"
+
     def prepare(self) -> None:
         user = service_user("postgres")
         (self.home / "run").mkdir(parents=True, exist_ok=True)
         check_reachable(self.name, self.home, user)
         chown_tree(self.home, user)
+        self._make_certificate(user)
         if (self.data / "PG_VERSION").exists():
             return
         pwfile = self.home / ".pw"
@@ -259,9 +313,37 @@ class Postgres(Component):
                 "fsync = on\n"
             )
 
+    def _make_certificate(self, user: str | None) -> None:
+        """The server certificate, made once and again when it no longer verifies against
+        the stack's CA (a CA made anew). PostgreSQL refuses a key that is not its own
+        user's or that others can read."""
+        ca = stack_ca(self.paths, self.name, self.log)
+        certificate, key = self.tls / "server.crt", self.tls / "server.key"
+        verify = [_openssl(self.name), "verify", "-CAfile", str(ca / "ca.pem"), str(certificate)]
+        if not (
+            key.exists()
+            and certificate.exists()
+            and subprocess.run(verify, capture_output=True, check=False).returncode == 0
+        ):
+            sign_certificate(ca, self.tls, "server", self.stack.host, self.name, self.log)
+        self.tls.chmod(0o700)
+        key.chmod(0o600)
+        chown_tree(self.tls, user)
+
     def process(self) -> ProcessSpec:
         return self._spec(
-            [str(self.bin_dir / "postgres"), "-D", str(self.data)],
+            [
+                str(self.bin_dir / "postgres"),
+                "-D",
+                str(self.data),
+                # TLS on every start, so a data folder made before it serves TLS too.
+                "-c",
+                "ssl=on",
+                "-c",
+                f"ssl_cert_file={self.tls / 'server.crt'}",
+                "-c",
+                f"ssl_key_file={self.tls / 'server.key'}",
+            ],
             user=service_user("postgres"),
             stop_signal=signal.SIGINT,  # "fast" shutdown
         )
@@ -747,25 +829,11 @@ class Kafka(Component):
         """A CA of the stack's own and a broker certificate for its host, made once."""
         if (self.tls / "broker.pem").exists():
             return
-        self.tls.mkdir(parents=True, exist_ok=True)
-        names = "subjectAltName=DNS:localhost,IP:127.0.0.1"
-        if self.stack.host not in ("localhost", "127.0.0.1"):
-            names += f",DNS:{self.stack.host}"
-        (self.tls / "broker.ext").write_text(names + "\n")
-        openssl = shutil.which("openssl")
-        if openssl is None:
-            raise StackError(self.name, "openssl not found (package openssl)")
-        for argv in (
-            ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "3650",
-             "-subj", "/CN=Accord local stack CA", "-keyout", "ca.key", "-out", "ca.pem"],
-            ["req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={self.stack.host}",
-             "-keyout", "broker.key", "-out", "broker.csr"],
-            ["x509", "-req", "-in", "broker.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-             "-CAcreateserial", "-days", "3650", "-extfile", "broker.ext", "-out", "broker.crt"],
-        ):  # fmt: skip
-            run_checked(self.name, [openssl, *argv], self.log, cwd=self.tls)
-        key, certificate = (self.tls / "broker.key").read_text(), (self.tls / "broker.crt")
-        (self.tls / "broker.pem").write_text(key + certificate.read_text())
+        ca = stack_ca(self.paths, self.name, self.log)  # PostgreSQL may have made it
+        key, certificate = sign_certificate(
+            ca, self.tls, "broker", self.stack.host, self.name, self.log
+        )
+        (self.tls / "broker.pem").write_text(key.read_text() + certificate.read_text())
 
     def _cluster_id(self) -> str:
         """The id every broker of the cluster is formatted with, made by the first one."""
@@ -1078,7 +1146,7 @@ class Connect(Component):
             env[f"{prefix}_DB_PORT"] = str(port)
             env[f"{prefix}_DB_USER"] = source.cdc_user
             env[f"{prefix}_DB_PASSWORD"] = source.cdc_password.get_secret_value()
-        return env
+        return env | connector_env(self.settings)  # keystore passwords of TLS settings
 
     def process(self) -> ProcessSpec:
         return self._spec(
