@@ -26,6 +26,7 @@ from streams.settings import AccordSettings
 pytestmark = pytest.mark.integration
 
 RULES = (MatchRule("email"), MatchRule("tax_id", ("billing",)))
+SECRET = b"integration-test-match-key-secret"
 _positions = itertools.count(1)
 
 
@@ -70,7 +71,7 @@ def keys(client: redis.Redis, prefix: str) -> set[str]:
 def test_a_guarded_resolve_or_link_creates_nothing_without_the_epoch(
     client: redis.Redis, prefix: str
 ) -> None:
-    guarded = IdentityResolver(client, prefix, RULES, guarded=True)
+    guarded = IdentityResolver(client, prefix, RULES, guarded=True, key_secret=SECRET)
     row = change("crm", "1", email="a@example.com")
     with pytest.raises(IdentityLost, match="ACCORD_IDENTITY_LOST"):
         guarded.resolve([row])
@@ -85,7 +86,7 @@ def test_a_guarded_resolve_or_link_creates_nothing_without_the_epoch(
     assert guarded.links(golden_id) == [("crm", "1"), ("support", "u-1")]
     # Unguarded (tools and tests on a private prefix): no epoch needed.
     other = f"{prefix}unguarded:"
-    assert IdentityResolver(client, other, RULES).resolve([row]) == [golden_id]
+    assert IdentityResolver(client, other, RULES, key_secret=SECRET).resolve([row]) == [golden_id]
 
 
 def sources(states: list[GoldenState], ledger: list[tuple[str, str, str]]) -> RelinkSources:
@@ -100,7 +101,7 @@ def sources(states: list[GoldenState], ledger: list[tuple[str, str, str]]) -> Re
 def relinker(
     client: redis.Redis, prefix: str, src: RelinkSources, every: int = 1000, interval_s: float = 5
 ) -> Relinker:
-    resolver = IdentityResolver(client, prefix, RULES, guarded=True)
+    resolver = IdentityResolver(client, prefix, RULES, guarded=True, key_secret=SECRET)
     return Relinker(
         client, resolver, src, {"email", "tax_id"}, "test-owner", interval_s, every=every
     )
@@ -232,7 +233,9 @@ def test_accord_identity_rebuild_restores_links_from_the_changelog_and_ledgers(
     )
     with postgres(settings, "support") as conn:
         conn.execute(ledger, (settings.worker.app_id, states[0].golden_id, created, created))
-    resolver = IdentityResolver(client, prefix, RULES, guarded=True)
+    resolver = IdentityResolver(
+        client, prefix, RULES, guarded=True, key_secret=settings.match_key_secret()
+    )
     try:
         result = accord(settings, "identity", "rebuild", "--yes")
         assert result.returncode == 0, result.stderr
