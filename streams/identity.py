@@ -478,9 +478,14 @@ class IdentityResolver:
         """Check the key secret against the one the keys were made with, and migrate
         clear-text match keys left by an earlier version (logged when there are any).
         Runs once, before the first batch or rebuild; None for a resolver without
-        match rules. Raises `MatchKeySecretChanged` or `RedisUnavailable`."""
+        match rules. A guarded resolver writes nothing while the epoch key is missing
+        (it tries again next time). Raises `MatchKeySecretChanged` or `RedisUnavailable`."""
         if self._prepared or self._match_keys is None:
             return None
+        if self._guarded:
+            with redis_errors("reading the identity epoch"):
+                if not self._client.exists(self.epoch_key):
+                    return None
         check_secret(self._client, self._match_keys)
         report = migrate_legacy_keys(self._client, self._match_keys, log.info)
         if report.scanned:
