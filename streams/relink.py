@@ -488,6 +488,8 @@ def rebuild_now(
         if not sources.has_state():
             write_epoch(client, resolver.epoch_key, owner, Plan.FRESH)
             return RelinkReport(Plan.FRESH)
+        if not rekey:  # another secret than the keys were made with stops here, untouched
+            resolver.prepare()
         with redis_errors("removing the identity epoch"):
             client.delete(resolver.epoch_key)
         progress("identity epoch removed: workers hold ingest until the rebuild is done")

@@ -15,13 +15,14 @@ from collections.abc import Callable, Iterator
 
 import pytest
 import redis
+from pydantic import SecretStr
 
 from streams.identity import IdentityLost, IdentityResolver, MatchRule
 from streams.merge import GoldenState, dumps, fold
 from streams.model import Change, Op, Value
 from streams.relink import LOCK_KEY, LOST_REASON, Plan, Relinker, RelinkSources
 from streams.rules import default_rules
-from streams.settings import AccordSettings
+from streams.settings import AccordSettings, IdentitySettings
 
 pytestmark = pytest.mark.integration
 
@@ -249,6 +250,23 @@ def test_accord_identity_rebuild_restores_links_from_the_changelog_and_ledgers(
         # The keys are whole again: a known customer keeps its golden id.
         again = change("support", f"{prefix}new", email=f"1@{prefix}x")
         assert resolver.resolve([again]) == [states[1].golden_id]
+
+        # Another key secret: refused until re-keyed, then every value is found again.
+        secret = SecretStr("a-new-identity-key-secret-for-this-test")
+        rekeyed = settings.model_copy(update={"identity": IdentitySettings(key_secret=secret)})
+        refused = accord(rekeyed, "identity", "rebuild", "--yes")
+        assert refused.returncode != 0
+        assert "accord identity rebuild --rekey" in refused.stderr + refused.stdout
+        assert client.exists(resolver.epoch_key)  # nothing was touched
+        old_key = resolver.match_key("email", f"2@{prefix}x")
+        result = accord(rekeyed, "identity", "rebuild", "--yes", "--rekey")
+        assert result.returncode == 0, result.stderr
+        assert not client.exists(old_key)
+        renamed = IdentityResolver(
+            client, prefix, RULES, guarded=True, key_secret=secret.get_secret_value().encode()
+        )
+        later = change("crm", f"{prefix}later", email=f"2@{prefix}x")
+        assert renamed.resolve([later]) == [states[2].golden_id]
     finally:
         with postgres(settings, "support") as conn:
             conn.execute("DELETE FROM accord_applied WHERE app = %s", (settings.worker.app_id,))
