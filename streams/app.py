@@ -959,6 +959,8 @@ def run_worker(settings: AccordSettings, loglevel: str = "info") -> None:
     """
     if settings.redact_pii:
         redact.install()
+    # A Redis off loopback without identity.key_secret: refused before anything starts.
+    settings.match_key_secret()
     directory = data_dir(settings)
     lock = DataDirLock(directory)
     lock.acquire(settings.worker.instance)  # held until this process ends

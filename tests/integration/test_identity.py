@@ -619,3 +619,15 @@ def test_another_secret_than_the_keys_were_made_with_is_refused(
         other.resolve([change("support", "u-1", email="ada@example.com")])
     assert first.lookup("support", "u-1") is None  # nothing made under the wrong names
     assert first.resolve([change("support", "u-1", email="ada@example.com")]) == [ada]
+
+
+def test_a_worker_on_a_remote_redis_without_a_key_secret_refuses_to_start(
+    stack: AccordSettings,
+) -> None:
+    from tests.support import accord, isolated
+
+    remote = isolated(stack).model_copy(update={"redis_url": "redis://redis.invalid:6379/0"})
+    result = accord(remote, "worker")
+    assert result.returncode != 0
+    assert "identity.key_secret is not set and Redis is not on loopback" in result.stderr
+    assert "ACCORD_IDENTITY__KEY_SECRET_FILE" in result.stderr
