@@ -199,6 +199,7 @@ def peer(settings: AccordSettings, topics: list[str], total: int, run: str) -> d
         "redis_url": settings.redis,
         "redis_credentials": settings.redis_credentials(),
         "redis_prefix": prefix,
+        "match_key_secret": settings.match_key_secret().decode(),
         "output_prefix": out,
         "consumer_group": group,
         "state_dir": str(work / "state"),

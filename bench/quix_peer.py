@@ -211,7 +211,12 @@ class Steps:
         client = redis.Redis.from_url(
             config["redis_url"], **(config.get("redis_credentials") or {}), socket_timeout=5
         )
-        self.identity = IdentityResolver(client, config["redis_prefix"], self.rules.match)
+        self.identity = IdentityResolver(
+            client,
+            config["redis_prefix"],
+            self.rules.match,
+            key_secret=config["match_key_secret"].encode(),
+        )
         self.counts = Counts()
         self.status_file = Path(config["status_file"])
 

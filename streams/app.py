@@ -45,7 +45,7 @@ from streams.codec import (
     schema_id_of,
 )
 from streams.connect import SYSTEMS, ConnectClient, ConnectorWatchdog, load_connector
-from streams.dedupe import Deduplicator
+from streams.dedupe import Deduplicator, RedisUnavailable
 from streams.dlq import DeadLetter, DeadLetterWriter
 from streams.emit import Emitter, EmitTopics, plan_sinks, repair
 from streams.errors import ConfigError
@@ -519,6 +519,16 @@ def add_status_pages(app: faust.App, guard: WebGuard, status: Callable[[], dict]
         return web.json(body if seen is Access.FULL else strip_values(body), headers=NO_STORE)
 
 
+def _prepare_identity(identity: IdentityResolver) -> None:
+    """Check the match key secret and migrate clear-text match keys before serving: a
+    secret other than the one the keys were made with stops the worker here
+    (`MatchKeySecretChanged`). A Redis away now is retried before the first batch."""
+    try:
+        identity.prepare()
+    except RedisUnavailable as exc:
+        log.warning("identity keys not checked yet (retried before the first batch): %s", exc)
+
+
 def create_app(settings: AccordSettings, rules: Rules | None = None) -> faust.App:
     worker = settings.worker
     rules = rules or load_rules(worker.rules_file)
@@ -681,8 +691,14 @@ def create_app(settings: AccordSettings, rules: Rules | None = None) -> faust.Ap
             acks.after(golden.last_write, event, key, payload, before)
 
     identity = IdentityResolver(
-        redis_conn, worker.redis_prefix, rules.match, rules.identity, guarded=True
+        redis_conn,
+        worker.redis_prefix,
+        rules.match,
+        rules.identity,
+        guarded=True,
+        key_secret=settings.match_key_secret(),
     )
+    _prepare_identity(identity)
     relinker = worker_relinker(settings, redis_conn, identity)
     ingest = partial(
         IngestLoop,
@@ -943,6 +959,8 @@ def run_worker(settings: AccordSettings, loglevel: str = "info") -> None:
     """
     if settings.redact_pii:
         redact.install()
+    # A Redis off loopback without identity.key_secret: refused before anything starts.
+    settings.match_key_secret()
     directory = data_dir(settings)
     lock = DataDirLock(directory)
     lock.acquire(settings.worker.instance)  # held until this process ends

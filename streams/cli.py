@@ -489,6 +489,14 @@ def reconcile_systems(
 @identity_app.command("rebuild")
 def identity_rebuild(
     yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
+    rekey: Annotated[
+        bool,
+        typer.Option(
+            "--rekey",
+            help="Delete every match key first and remake them with the configured "
+            "identity.key_secret (after changing it; stop the workers first).",
+        ),
+    ] = False,
 ) -> None:
     """Rebuild the identity keys in Redis (xrefs, links, match keys) from the golden
     changelog and the appliers' ledgers. Workers do this by themselves when Redis lost
@@ -509,8 +517,29 @@ def identity_rebuild(
             "Ingest pauses until it is done.",
             abort=True,
         )
-    report = rebuild_now(current, _progress)
+    report = rebuild_now(current, _progress, rekey=rekey)
     console.print(report.describe())
+
+
+@identity_app.command("migrate-keys")
+def identity_migrate_keys() -> None:
+    """Rename the clear-text match keys of earlier versions (`<prefix>match:{field}:{value}`)
+    to keyed hashes (`<prefix>hmatch:{field}:{digest}`). Safe to rerun and to run beside
+    workers (each key moves atomically); workers also do it when they start."""
+    from streams.app import redis_client
+    from streams.matchkeys import MatchKeys, check_secret, migrate_legacy_keys
+
+    current = settings()
+    keys = MatchKeys(current.worker.redis_prefix, current.match_key_secret())
+    client = redis_client(current)
+    check_secret(client, keys)
+    _progress(f"scanning for clear-text match keys under {keys.prefix!r}")
+    report = migrate_legacy_keys(client, keys, _progress)
+    console.print(
+        report.describe() if report.scanned else "no clear-text match keys: nothing to do"
+    )
+    if report.conflicts:
+        raise typer.Exit(1)
 
 
 def _quiet(_message: str) -> None:
@@ -660,9 +689,8 @@ def explain_record(
 
     current = settings()
     rules = load_rules(current.worker.rules_file)
-    identity = IdentityResolver(
-        redis_client(current), current.worker.redis_prefix, rules.match, rules.identity
-    )
+    # Reads xrefs and holds only: never a match key, so no match rules (nor their secret).
+    identity = IdentityResolver(redis_client(current), current.worker.redis_prefix, ())
 
     def print_held(holds: tuple[Any, ...]) -> None:
         if json_out:

@@ -203,7 +203,6 @@ def run_sync_demo(
     from streams.app import redis_client
     from streams.identity import IdentityResolver
     from streams.projection import load_sinks
-    from streams.rules import load_rules
     from streams.workers import WorkerProcess
 
     seeded = seed(settings, count)
@@ -216,11 +215,8 @@ def run_sync_demo(
     try:
         await_caught_up(settings, progress, stall_s=timeout_s)
         sinks = load_sinks(settings.connectors_dir)
-        identity = IdentityResolver(
-            redis_client(settings),
-            settings.worker.redis_prefix,
-            load_rules(settings.worker.rules_file).match,
-        )
+        # Looks up xrefs only: no match keys, so no match rules (nor their secret).
+        identity = IdentityResolver(redis_client(settings), settings.worker.redis_prefix, ())
         progress("waiting until every system holds the sample customers (reconcile)")
         ours = _seeded_golden_ids(settings, identity, count, timeout_s)
         wait_converged(settings, sinks, timeout_s, ours)

@@ -9,7 +9,9 @@ emails before this), or else gets a new golden id. The new id is derived from th
 Key layout, under the configured prefix (`WorkerSettings.redis_prefix`):
 
     xref:{system}:{key}      -> golden id of that source row (string)
-    match:{field}:{value}    -> golden id first indexed for that value (string)
+    hmatch:{field}:{digest}  -> golden id first indexed for that value (string); the
+                                digest is a keyed hash of the value (`streams.matchkeys`)
+    match-key-check          -> which secret made the hmatch keys (string)
     links:{golden_id}        -> every source row linked to it, as "system:key" (set)
     held                     -> "system:key" -> JSON of why that row is held (hash)
     identity-epoch           -> when these keys were first made or last rebuilt (string)
@@ -29,14 +31,16 @@ the golden records and writes it again.
 
 Resolution runs as one Lua script per batch, so it is atomic: two workers resolving
 rows of the same new customer from different systems at the same time end with one
-golden id, two workers cannot both pass the cap, and a batch costs one round trip. The
-script computes key names from the prefix instead of declaring them, so it needs a single
-Redis node, not a cluster.
+golden id, two workers cannot both pass the cap, and a batch costs one round trip. Match
+key names are computed here (their hashes need the secret) and passed as KEYS; xref, link
+and hold names the script still computes from the prefix, so it needs a single Redis node,
+not a cluster.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -48,7 +52,16 @@ import redis
 
 from streams.dedupe import RedisUnavailable, redis_errors
 from streams.errors import ConfigError
+from streams.matchkeys import (
+    MatchKeys,
+    MigrationReport,
+    check_secret,
+    drop_match_keys,
+    migrate_legacy_keys,
+)
 from streams.model import FIELDS, SYSTEMS, Change, Op
+
+log = logging.getLogger(__name__)
 
 # Fixed forever: golden records store ids derived from it, and replays must recreate them.
 GOLDEN_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "urn:accord:golden")
@@ -57,15 +70,16 @@ REBUILD_BATCH = 500
 EPOCH_KEY = "identity-epoch"
 LOST_MARKER = "ACCORD_IDENTITY_LOST"
 
-# KEYS[1] (guarded resolvers only): the epoch key; the guard below refuses a batch without it.
+# KEYS[1]: the epoch key; ARGV[5] "1" (guarded resolvers) refuses a batch without it.
+# KEYS[2..]: the match keys the batch reads or writes (`MatchKeys.key`).
 # ARGV[1]: key prefix. ARGV[2]: JSON list, one entry per change, in batch order:
-# [system, key, is_delete, new_golden_id, [[field, value], ...match candidates in rule
-# order, role addresses left out], role address carried ("" for none)].
+# [system, key, is_delete, new_golden_id, [[field, value, index in KEYS], ...match
+# candidates in rule order, role addresses left out], role address carried ("" for none)].
 # ARGV[3]: max rows per record. ARGV[4]: now, ms since the epoch.
 # Returns JSON [[outcome per change], rows held]; an outcome is ["golden", id],
 # ["unknown"] (a delete of an unknown row), ["held", hold JSON] or ["released"].
 RESOLVE_SCRIPT = """
-if KEYS[1] and redis.call('EXISTS', KEYS[1]) == 0 then
+if ARGV[5] == '1' and redis.call('EXISTS', KEYS[1]) == 0 then
   return redis.error_reply('ACCORD_IDENTITY_LOST ' .. KEYS[1] .. ' is missing')
 end
 local prefix = ARGV[1]
@@ -96,9 +110,9 @@ for i, c in ipairs(cjson.decode(ARGV[2])) do
       else
         local via = nil
         for _, m in ipairs(c[5]) do
-          gid = redis.call('GET', prefix .. 'match:' .. m[1] .. ':' .. m[2])
+          gid = redis.call('GET', KEYS[m[3]])
           if gid then
-            via = m
+            via = {m[1], m[2]}
             break
           end
         end
@@ -129,7 +143,7 @@ for i, c in ipairs(cjson.decode(ARGV[2])) do
     else
       redis.call('SADD', prefix .. 'links:' .. gid, link)
       for _, m in ipairs(c[5]) do
-        redis.call('SET', prefix .. 'match:' .. m[1] .. ':' .. m[2], gid, 'NX')
+        redis.call('SET', KEYS[m[3]], gid, 'NX')
       end
       out[i] = {'golden', gid}
     end
@@ -398,6 +412,12 @@ class IdentityResolver:
     `guarded`: `resolve` and `link` raise `IdentityLost` instead of creating anything
     while the epoch key is missing (workers and appliers run guarded; a tool or test on
     a private prefix of its own may not).
+
+    `key_secret` names the match keys (`streams.matchkeys`); a resolver with match rules
+    needs it. Before its first batch (or rebuild) such a resolver checks that the keys
+    under its prefix were made with that secret (`MatchKeySecretChanged` if not) and
+    renames clear-text match keys an earlier version left, so no row misses the record
+    its value was indexed to and founds a duplicate.
     """
 
     def __init__(
@@ -407,12 +427,18 @@ class IdentityResolver:
         rules: Sequence[MatchRule],
         policy: IdentityPolicy | None = None,
         guarded: bool = False,
+        key_secret: bytes | None = None,
     ) -> None:
+        if rules and not key_secret:
+            raise ConfigError("identity: match rules need a key secret (identity.key_secret)")
         self._client = client
         self._prefix = prefix
         self._rules = tuple(rules)
         self._policy = policy or IdentityPolicy()
+        self._guarded = guarded
         self._guard = [self.epoch_key] if guarded else []
+        self._match_keys = MatchKeys(prefix, key_secret) if key_secret else None
+        self._prepared = not self._rules
         self._resolve = client.register_script(RESOLVE_SCRIPT)
         self._link = client.register_script(LINK_SCRIPT)
 
@@ -435,7 +461,41 @@ class IdentityResolver:
         return f"{self._prefix}links:{golden_id}"
 
     def match_key(self, field: str, value: str) -> str:
-        return f"{self._prefix}match:{field}:{value}"
+        """The key a match value is indexed under: a keyed hash, no value in the name."""
+        if self._match_keys is None:
+            raise ConfigError("identity: match keys need a key secret (identity.key_secret)")
+        return self._match_keys.key(field, value)
+
+    def drop_match_keys(self) -> int:
+        """Delete every match key and the secret's check value (`accord identity rebuild
+        --rekey`, before the rebuild): the next `prepare` records this resolver's secret."""
+        if self._match_keys is None:
+            return 0
+        self._prepared = False
+        return drop_match_keys(self._client, self._match_keys)
+
+    def prepare(self) -> MigrationReport | None:
+        """Check the key secret against the one the keys were made with, and migrate
+        clear-text match keys left by an earlier version (logged when there are any).
+        Runs once, before the first batch or rebuild; None for a resolver without
+        match rules. A guarded resolver writes nothing while the epoch key is missing
+        (it tries again next time). Raises `MatchKeySecretChanged` or `RedisUnavailable`."""
+        if self._prepared or self._match_keys is None:
+            return None
+        if self._guarded:
+            with redis_errors("reading the identity epoch"):
+                if not self._client.exists(self.epoch_key):
+                    return None
+        check_secret(self._client, self._match_keys)
+        report = migrate_legacy_keys(self._client, self._match_keys, log.info)
+        if report.scanned:
+            log.warning(
+                "identity: migrated clear-text match keys under %r: %s",
+                self._prefix,
+                report.describe(),
+            )
+        self._prepared = True
+        return report
 
     @property
     def held_key(self) -> str:
@@ -461,26 +521,33 @@ class IdentityResolver:
         """
         if not changes:
             return BatchResolution([], 0)
+        self.prepare()
         batch = []
+        keys = [self.epoch_key]
         for change in changes:
             trusted, role = self._policy.split(
                 match_candidates(change.system, change.values, self._rules)
             )
+            candidates = []
+            for name, text in trusted:
+                keys.append(self.match_key(name, text))
+                candidates.append([name, text, len(keys)])
             batch.append(
                 [
                     change.system,
                     change.source_key,
                     change.op is Op.DELETE,
                     golden_id_for(change.system, change.source_key),
-                    trusted,
+                    candidates,
                     role,
                 ]
             )
         payload = json.dumps(batch, ensure_ascii=False, separators=(",", ":"))
         now_ms = int(time.time() * 1000)
         cap = self._policy.max_rows_per_record
+        guard = "1" if self._guarded else "0"
         with redis_errors(f"resolving identities of {len(changes)} changes"), _lost_identities():
-            reply = self._resolve(keys=self._guard, args=[self._prefix, payload, cap, now_ms])
+            reply = self._resolve(keys=keys, args=[self._prefix, payload, cap, now_ms, guard])
         outcomes, held_rows = json.loads(_decoded(reply) or "[[], 0]")
         results = []
         for change, outcome in zip(changes, outcomes, strict=True):
@@ -540,6 +607,7 @@ class IdentityResolver:
         two records share stays with whichever was indexed first. Returns how many
         golden records were restored.
         """
+        self.prepare()
         restored = 0
         pending = 0
         pipe = self._client.pipeline(transaction=False)

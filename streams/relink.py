@@ -454,21 +454,31 @@ class Relinker:
 
 
 def rebuild_now(
-    settings: AccordSettings, progress: Callable[[str], None], owner: str | None = None
+    settings: AccordSettings,
+    progress: Callable[[str], None],
+    owner: str | None = None,
+    rekey: bool = False,
 ) -> RelinkReport:
     """What `accord identity rebuild` does, whether or not the keys look intact.
 
     Takes the lock (`RelinkBusy` if a worker or another command holds it), removes the
     epoch (so workers stop resolving until it is back), rebuilds, writes the epoch. A
     run that dies half-way leaves the epoch missing: a worker rebuilds once the lock's
-    TTL has run out.
+    TTL has run out. `rekey` first deletes every match key, so they are made again with
+    the configured `identity.key_secret` (after changing it; workers stopped).
     """
     from streams.app import redis_client
     from streams.rules import load_rules
 
     client = redis_client(settings)
     rules = load_rules(settings.worker.rules_file)
-    resolver = IdentityResolver(client, settings.worker.redis_prefix, rules.match, rules.identity)
+    resolver = IdentityResolver(
+        client,
+        settings.worker.redis_prefix,
+        rules.match,
+        rules.identity,
+        key_secret=settings.match_key_secret(),
+    )
     owner = owner or owner_name("accord identity rebuild")
     sources = sources_of(settings)
     lock = RebuildLock(client, resolver.key(LOCK_KEY), owner)
@@ -478,9 +488,14 @@ def rebuild_now(
         if not sources.has_state():
             write_epoch(client, resolver.epoch_key, owner, Plan.FRESH)
             return RelinkReport(Plan.FRESH)
+        if not rekey:  # another secret than the keys were made with stops here, untouched
+            resolver.prepare()
         with redis_errors("removing the identity epoch"):
             client.delete(resolver.epoch_key)
         progress("identity epoch removed: workers hold ingest until the rebuild is done")
+        if rekey:
+            dropped = resolver.drop_match_keys()
+            progress(f"deleted {dropped:,} match keys: remade with the configured secret")
         report = rebuild(
             resolver, sources, {rule.field for rule in resolver.rules}, progress, lock.refresh
         )

@@ -464,6 +464,36 @@ def _secret(value: SecretStr | None, file: Path | None, name: str) -> str | None
         raise ConfigError(f"{name}_file {file}: cannot read: {exc.strerror}") from exc
 
 
+class IdentitySettings(BaseModel):
+    """The secret Redis match key names are hashed with (`streams.matchkeys`).
+
+    Every worker, applier and command of an app needs the same one. Changing it means
+    re-keying (`accord identity rebuild --rekey`).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    key_secret: SecretStr | None = Field(
+        None,
+        description="At least 16 characters. Unset: with Redis on loopback, one generated "
+        "once in <state_dir>/identity-key-secret (mode 0600); with any other Redis the "
+        "worker refuses to start.",
+    )
+    key_secret_file: Path | None = Field(
+        None, description="A file holding identity.key_secret (a mounted secret); not both."
+    )
+
+    @model_validator(mode="after")
+    def _one_key_secret(self) -> IdentitySettings:
+        if self.key_secret is not None and self.key_secret_file is not None:
+            raise ValueError("identity: set key_secret or key_secret_file, not both")
+        return self
+
+    def key_secret_value(self) -> str | None:
+        """The configured secret, from the setting or its file; None when neither is set."""
+        return _secret(self.key_secret, self.key_secret_file, "identity.key_secret")
+
+
 class KafkaSecurity(BaseModel):
     """How every Kafka client of Accord authenticates: TLS and SASL, as librdkafka names them.
 
@@ -545,6 +575,7 @@ class AccordSettings(BaseSettings):
     durability: DurabilitySettings = DurabilitySettings()
     schemas: SchemaSettings = SchemaSettings()
     worker: WorkerSettings = WorkerSettings()
+    identity: IdentitySettings = IdentitySettings()
     connectors_dir: Path = Path("connectors")
     kafka_bootstrap: str | None = Field(None, description="Defaults to the local stack's broker.")
     schema_registry_url: str | None = Field(
@@ -634,6 +665,14 @@ class AccordSettings(BaseSettings):
             return None
         user, _, password = secret.partition(":")
         return user, password
+
+    def match_key_secret(self) -> bytes:
+        """The secret match keys are made with (`streams.matchkeys.key_secret`): the
+        configured one, or for a loopback Redis one generated in the state dir; a
+        `ConfigError` saying how to set one otherwise."""
+        from streams.matchkeys import key_secret
+
+        return key_secret(self.identity.key_secret_value(), self.redis, self.stack.state_dir)
 
     def source(self, system: str) -> SourceDatabase:
         if system not in ("crm", "billing", "support"):

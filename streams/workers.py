@@ -32,7 +32,7 @@ def _env_text(value: Any) -> str:
 def worker_env(settings: AccordSettings) -> dict[str, str]:
     """The settings a child worker must share with its parent, as ACCORD_ variables."""
     env = {}
-    for section in ("topics", "worker", "stack", "kafka_security"):
+    for section in ("topics", "worker", "stack", "kafka_security", "identity"):
         for name, value in getattr(settings, section).model_dump().items():
             if value is None:
                 continue

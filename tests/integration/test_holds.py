@@ -74,7 +74,13 @@ def _pipeline(settings: AccordSettings, raw: RawTopics, policy: IdentityPolicy) 
         RawDecoder(AvroCodec(SchemaCache(registry_fetcher(raw.registry)))),
         Mapper(raw.mappings),
         Deduplicator(store, worker.redis_prefix, worker.dedupe_ttl_s),
-        IdentityResolver(store, worker.redis_prefix, load_rules(worker.rules_file).match, policy),
+        IdentityResolver(
+            store,
+            worker.redis_prefix,
+            load_rules(worker.rules_file).match,
+            policy,
+            key_secret=settings.match_key_secret(),
+        ),
     )
 
 

@@ -16,12 +16,14 @@ from redis.retry import Retry
 
 from streams.dedupe import RedisUnavailable
 from streams.identity import HoldReason, IdentityPolicy, IdentityResolver, MatchRule, golden_id_for
+from streams.matchkeys import MatchKeys, MatchKeySecretChanged, migrate_legacy_keys
 from streams.model import SYSTEMS, Change, Op, Value
 from streams.settings import AccordSettings
 
 pytestmark = pytest.mark.integration
 
 RULES = (MatchRule("email"), MatchRule("tax_id", ("billing",)))
+SECRET = b"integration-test-match-key-secret"
 
 
 def change(system: str, key: str, op: Op = Op.UPSERT, **values: Value) -> Change:
@@ -59,7 +61,7 @@ def delete_prefix(client: redis.Redis, prefix: str) -> None:
 
 @pytest.fixture
 def resolver(client: redis.Redis, prefix: str) -> IdentityResolver:
-    return IdentityResolver(client, prefix, RULES)
+    return IdentityResolver(client, prefix, RULES, key_secret=SECRET)
 
 
 def test_a_new_row_founds_a_deterministic_golden_record(resolver: IdentityResolver) -> None:
@@ -104,8 +106,8 @@ def test_tax_id_matches_billing_rows_only(resolver: IdentityResolver, client: re
 
 
 def test_the_first_rule_that_finds_a_record_wins(client: redis.Redis, prefix: str) -> None:
-    by_email = IdentityResolver(client, prefix, RULES)
-    by_tax_id = IdentityResolver(client, prefix, tuple(reversed(RULES)))
+    by_email = IdentityResolver(client, prefix, RULES, key_secret=SECRET)
+    by_tax_id = IdentityResolver(client, prefix, tuple(reversed(RULES)), key_secret=SECRET)
     email_owner, tax_owner = by_email.resolve(
         [change("crm", "1", email="ada@example.com"), change("billing", "A-1", tax_id="DE123")]
     )
@@ -227,7 +229,7 @@ def test_concurrent_resolvers_agree_on_one_golden_id(stack: AccordSettings, pref
 
     def worker(system: str) -> None:
         client = redis.Redis.from_url(stack.redis)
-        resolver = IdentityResolver(client, prefix, RULES)
+        resolver = IdentityResolver(client, prefix, RULES, key_secret=SECRET)
         resolved: list[str | None] = []
         try:
             for i in range(customers):
@@ -261,7 +263,7 @@ def test_one_round_trip_per_batch(stack: AccordSettings, prefix: str) -> None:
 
     client = redis.Redis.from_url(stack.redis, connection_class=Counting)
     try:
-        resolver = IdentityResolver(client, prefix, RULES)
+        resolver = IdentityResolver(client, prefix, RULES, key_secret=SECRET)
         resolver.resolve([change("crm", "warm-up")])  # loads the script if Redis lacks it
         sent = 0
         batch = [change("crm", str(i), email=f"c{i % 50}@x.io") for i in range(500)]
@@ -283,18 +285,19 @@ def closed_port() -> int:
 @pytest.mark.parametrize(
     ("call", "action"),
     [
-        (lambda r: r.resolve([change("crm", "1")]), "resolving identities of 1 changes"),
+        # A resolver with match rules first checks its key secret (once, then resolves).
+        (lambda r: r.resolve([change("crm", "1")]), "checking the identity key secret"),
         (lambda r: r.lookup("crm", "1"), "looking up crm:1"),
         (lambda r: r.link("crm", "1", "g"), "linking crm:1"),
         (lambda r: r.links("g"), "reading the links of g"),
-        (lambda r: r.rebuild([("g", [("crm", "1")], {})]), "rebuilding identities"),
+        (lambda r: r.rebuild([("g", [("crm", "1")], {})]), "checking the identity key secret"),
     ],
 )
 def test_redis_down_is_a_clear_error(
     call: Callable[[IdentityResolver], object], action: str
 ) -> None:
     client = redis.Redis(host="127.0.0.1", port=closed_port(), retry=Retry(NoBackoff(), 0))
-    resolver = IdentityResolver(client, "test-down:", RULES)
+    resolver = IdentityResolver(client, "test-down:", RULES, key_secret=SECRET)
     with pytest.raises(
         RedisUnavailable, match=f"Redis unavailable while {action}.*ConnectionError"
     ):
@@ -305,7 +308,9 @@ def test_redis_down_is_a_clear_error(
 
 
 def capped(client: redis.Redis, prefix: str, cap: int = 20) -> IdentityResolver:
-    return IdentityResolver(client, prefix, RULES, IdentityPolicy(max_rows_per_record=cap))
+    return IdentityResolver(
+        client, prefix, RULES, IdentityPolicy(max_rows_per_record=cap), key_secret=SECRET
+    )
 
 
 def link_sets(client: redis.Redis, prefix: str) -> list[bytes]:
@@ -351,7 +356,7 @@ def test_two_hundred_rows_sharing_a_role_address_are_all_held(
     assert batch.held_rows == 200
     assert link_sets(client, prefix) == []  # not one golden record, so nothing to send
     assert list(client.scan_iter(match=f"{prefix}xref:*")) == []
-    assert list(client.scan_iter(match=f"{prefix}match:*")) == []  # never indexed
+    assert list(client.scan_iter(match=f"{prefix}hmatch:*")) == []  # never indexed
     # A later row with the same address is held too: nothing was indexed for it.
     [later] = resolver.resolve_batch([change("crm", "9", email="info@acme.example")]).results
     assert later.hold is not None and later.hold.reason is HoldReason.ROLE_ADDRESS
@@ -493,3 +498,136 @@ def test_the_cap_holds_for_any_arrival_order(
     finally:
         delete_prefix(client, prefix)
         client.close()
+
+
+# -- match keys: hashed names, migration of the clear-text ones of earlier versions ---------
+
+
+def write_legacy(client: redis.Redis, prefix: str, golden_id: str, rows: list[Change]) -> None:
+    """What a worker of an earlier version left for these rows of one golden record:
+    xrefs, the link set, and clear-text match keys `<prefix>match:{field}:{value}`."""
+    for row in rows:
+        client.set(f"{prefix}xref:{row.link}", golden_id)
+        client.sadd(f"{prefix}links:{golden_id}", row.link)
+        for field, value in row.values.items():
+            if field == "email" or (field == "tax_id" and row.system == "billing"):
+                client.set(f"{prefix}match:{field}:{value}", golden_id, nx=True)
+
+
+def keyspace(client: redis.Redis, prefix: str) -> dict[bytes, object]:
+    """Every key of the prefix with its value (strings and sets)."""
+    found: dict[bytes, object] = {}
+    for key in client.scan_iter(match=f"{prefix}*", count=1000):
+        kind = client.type(key)
+        found[key] = client.get(key) if kind == b"string" else sorted(client.smembers(key))
+    return found
+
+
+def test_clear_text_match_keys_migrate_to_hashes_keeping_every_golden_id(
+    client: redis.Redis, prefix: str
+) -> None:
+    ada = change("crm", "1", email="ada@example.com")
+    acme = change("billing", "A-1", email="ap@acme.example", tax_id="DE123456789")
+    bob = change("crm", "2", email="bob@example.com")
+    write_legacy(client, prefix, golden_id_for("crm", "1"), [ada])
+    write_legacy(client, prefix, golden_id_for("billing", "A-1"), [acme])
+    write_legacy(client, prefix, golden_id_for("crm", "2"), [bob])
+    keys = MatchKeys(prefix, SECRET)
+    # Bob's value was indexed by a new worker already, to the same record: no conflict.
+    client.set(keys.key("email", "bob@example.com"), golden_id_for("crm", "2"))
+    assert client.exists(f"{prefix}match:tax_id:DE123456789")
+
+    report = migrate_legacy_keys(client, keys)
+    assert (report.scanned, report.moved, report.same, report.conflicts) == (4, 3, 1, [])
+    names = b" ".join(keyspace(client, prefix))
+    for clear in (b"ada@example.com", b"ap@acme.example", b"DE123456789", b"bob@example.com"):
+        assert clear not in names
+    assert list(client.scan_iter(match=f"{prefix}match:*")) == []
+
+    # Resolution finds the same golden records by the values they were indexed by.
+    resolver = IdentityResolver(client, prefix, RULES, key_secret=SECRET)
+    assert resolver.resolve(
+        [
+            change("support", "u-1", email="ada@example.com"),
+            change("billing", "B-9", tax_id="DE123456789"),
+            change("support", "u-2", email="bob@example.com"),
+            change("crm", "1", email="ada@example.com"),
+        ]
+    ) == [golden_id_for("crm", "1"), golden_id_for("billing", "A-1"), golden_id_for("crm", "2"),
+          golden_id_for("crm", "1")]  # fmt: skip
+
+    # A rerun finds nothing to do and changes nothing.
+    before = keyspace(client, prefix)
+    again = migrate_legacy_keys(client, keys)
+    assert (again.scanned, again.changed) == (0, 0)
+    assert keyspace(client, prefix) == before
+
+
+def test_a_hashed_key_of_another_record_wins_and_the_conflict_is_reported(
+    client: redis.Redis, prefix: str
+) -> None:
+    keys = MatchKeys(prefix, SECRET)
+    client.set(f"{prefix}match:email:ada@example.com", "g-old")
+    client.set(keys.key("email", "ada@example.com"), "g-new")
+    report = migrate_legacy_keys(client, keys)
+    assert report.conflicts == [(keys.key("email", "ada@example.com"), "g-new", "g-old")]
+    assert "kept golden g-new, dropped g-old" in report.describe()
+    assert "ada@" not in report.describe()
+    assert client.get(keys.key("email", "ada@example.com")) == b"g-new"
+    assert not client.exists(f"{prefix}match:email:ada@example.com")
+
+
+def test_a_resolver_migrates_left_over_clear_keys_before_its_first_batch(
+    client: redis.Redis, prefix: str
+) -> None:
+    """No duplicate golden record for a customer an earlier version indexed."""
+    write_legacy(client, prefix, "g-ada", [change("crm", "1", email="ada@example.com")])
+    resolver = IdentityResolver(client, prefix, RULES, key_secret=SECRET)
+    assert resolver.resolve([change("support", "u-1", email="ada@example.com")]) == ["g-ada"]
+    assert list(client.scan_iter(match=f"{prefix}match:*")) == []
+    assert client.get(resolver.match_key("email", "ada@example.com")) == b"g-ada"
+
+
+def test_the_accord_command_migrates_and_a_rerun_is_a_no_op(
+    stack: AccordSettings, client: redis.Redis
+) -> None:
+    from tests.support import accord, isolated
+
+    settings = isolated(stack)
+    prefix = settings.worker.redis_prefix
+    try:
+        write_legacy(client, prefix, "g-ada", [change("crm", "1", email="ada@example.com")])
+        first = accord(settings, "identity", "migrate-keys")
+        assert first.returncode == 0, first.stderr
+        assert "1 clear-text match keys found: 1 renamed to hashed names" in first.stdout
+        keys = MatchKeys(prefix, settings.match_key_secret())
+        assert client.get(keys.key("email", "ada@example.com")) == b"g-ada"
+        again = accord(settings, "identity", "migrate-keys")
+        assert again.returncode == 0, again.stderr
+        assert "no clear-text match keys: nothing to do" in again.stdout
+    finally:
+        delete_prefix(client, prefix)
+
+
+def test_another_secret_than_the_keys_were_made_with_is_refused(
+    client: redis.Redis, prefix: str
+) -> None:
+    first = IdentityResolver(client, prefix, RULES, key_secret=SECRET)
+    [ada] = first.resolve([change("crm", "1", email="ada@example.com")])
+    other = IdentityResolver(client, prefix, RULES, key_secret=b"another-secret-of-enough-length")
+    with pytest.raises(MatchKeySecretChanged, match="identity rebuild --rekey"):
+        other.resolve([change("support", "u-1", email="ada@example.com")])
+    assert first.lookup("support", "u-1") is None  # nothing made under the wrong names
+    assert first.resolve([change("support", "u-1", email="ada@example.com")]) == [ada]
+
+
+def test_a_worker_on_a_remote_redis_without_a_key_secret_refuses_to_start(
+    stack: AccordSettings,
+) -> None:
+    from tests.support import accord, isolated
+
+    remote = isolated(stack).model_copy(update={"redis_url": "redis://redis.invalid:6379/0"})
+    result = accord(remote, "worker")
+    assert result.returncode != 0
+    assert "identity.key_secret is not set and Redis is not on loopback" in result.stderr
+    assert "ACCORD_IDENTITY__KEY_SECRET_FILE" in result.stderr

@@ -98,7 +98,12 @@ def _pipeline(settings: AccordSettings, raw: RawTopics, store: redis.Redis) -> I
         RawDecoder(AvroCodec(SchemaCache(registry_fetcher(raw.registry)))),
         Mapper(raw.mappings),
         Deduplicator(store, worker.redis_prefix, worker.dedupe_ttl_s),
-        IdentityResolver(store, worker.redis_prefix, load_rules(worker.rules_file).match),
+        IdentityResolver(
+            store,
+            worker.redis_prefix,
+            load_rules(worker.rules_file).match,
+            key_secret=settings.match_key_secret(),
+        ),
     )
 
 

@@ -93,7 +93,12 @@ def _pipeline(
         RawDecoder(AvroCodec(SchemaCache(registry_fetcher(client), sleep=sleep))),
         Mapper(raw.mappings),
         Deduplicator(store, worker.redis_prefix, worker.dedupe_ttl_s),
-        IdentityResolver(store, worker.redis_prefix, load_rules(worker.rules_file).match),
+        IdentityResolver(
+            store,
+            worker.redis_prefix,
+            load_rules(worker.rules_file).match,
+            key_secret=settings.match_key_secret(),
+        ),
     )
 
 

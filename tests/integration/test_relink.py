@@ -15,17 +15,19 @@ from collections.abc import Callable, Iterator
 
 import pytest
 import redis
+from pydantic import SecretStr
 
 from streams.identity import IdentityLost, IdentityResolver, MatchRule
 from streams.merge import GoldenState, dumps, fold
 from streams.model import Change, Op, Value
 from streams.relink import LOCK_KEY, LOST_REASON, Plan, Relinker, RelinkSources
 from streams.rules import default_rules
-from streams.settings import AccordSettings
+from streams.settings import AccordSettings, IdentitySettings
 
 pytestmark = pytest.mark.integration
 
 RULES = (MatchRule("email"), MatchRule("tax_id", ("billing",)))
+SECRET = b"integration-test-match-key-secret"
 _positions = itertools.count(1)
 
 
@@ -70,7 +72,7 @@ def keys(client: redis.Redis, prefix: str) -> set[str]:
 def test_a_guarded_resolve_or_link_creates_nothing_without_the_epoch(
     client: redis.Redis, prefix: str
 ) -> None:
-    guarded = IdentityResolver(client, prefix, RULES, guarded=True)
+    guarded = IdentityResolver(client, prefix, RULES, guarded=True, key_secret=SECRET)
     row = change("crm", "1", email="a@example.com")
     with pytest.raises(IdentityLost, match="ACCORD_IDENTITY_LOST"):
         guarded.resolve([row])
@@ -85,7 +87,7 @@ def test_a_guarded_resolve_or_link_creates_nothing_without_the_epoch(
     assert guarded.links(golden_id) == [("crm", "1"), ("support", "u-1")]
     # Unguarded (tools and tests on a private prefix): no epoch needed.
     other = f"{prefix}unguarded:"
-    assert IdentityResolver(client, other, RULES).resolve([row]) == [golden_id]
+    assert IdentityResolver(client, other, RULES, key_secret=SECRET).resolve([row]) == [golden_id]
 
 
 def sources(states: list[GoldenState], ledger: list[tuple[str, str, str]]) -> RelinkSources:
@@ -100,7 +102,7 @@ def sources(states: list[GoldenState], ledger: list[tuple[str, str, str]]) -> Re
 def relinker(
     client: redis.Redis, prefix: str, src: RelinkSources, every: int = 1000, interval_s: float = 5
 ) -> Relinker:
-    resolver = IdentityResolver(client, prefix, RULES, guarded=True)
+    resolver = IdentityResolver(client, prefix, RULES, guarded=True, key_secret=SECRET)
     return Relinker(
         client, resolver, src, {"email", "tax_id"}, "test-owner", interval_s, every=every
     )
@@ -232,7 +234,9 @@ def test_accord_identity_rebuild_restores_links_from_the_changelog_and_ledgers(
     )
     with postgres(settings, "support") as conn:
         conn.execute(ledger, (settings.worker.app_id, states[0].golden_id, created, created))
-    resolver = IdentityResolver(client, prefix, RULES, guarded=True)
+    resolver = IdentityResolver(
+        client, prefix, RULES, guarded=True, key_secret=settings.match_key_secret()
+    )
     try:
         result = accord(settings, "identity", "rebuild", "--yes")
         assert result.returncode == 0, result.stderr
@@ -246,6 +250,23 @@ def test_accord_identity_rebuild_restores_links_from_the_changelog_and_ledgers(
         # The keys are whole again: a known customer keeps its golden id.
         again = change("support", f"{prefix}new", email=f"1@{prefix}x")
         assert resolver.resolve([again]) == [states[1].golden_id]
+
+        # Another key secret: refused until re-keyed, then every value is found again.
+        secret = SecretStr("a-new-identity-key-secret-for-this-test")
+        rekeyed = settings.model_copy(update={"identity": IdentitySettings(key_secret=secret)})
+        refused = accord(rekeyed, "identity", "rebuild", "--yes")
+        assert refused.returncode != 0
+        assert "accord identity rebuild --rekey" in refused.stderr + refused.stdout
+        assert client.exists(resolver.epoch_key)  # nothing was touched
+        old_key = resolver.match_key("email", f"2@{prefix}x")
+        result = accord(rekeyed, "identity", "rebuild", "--yes", "--rekey")
+        assert result.returncode == 0, result.stderr
+        assert not client.exists(old_key)
+        renamed = IdentityResolver(
+            client, prefix, RULES, guarded=True, key_secret=secret.get_secret_value().encode()
+        )
+        later = change("crm", f"{prefix}later", email=f"2@{prefix}x")
+        assert renamed.resolve([later]) == [states[2].golden_id]
     finally:
         with postgres(settings, "support") as conn:
             conn.execute("DELETE FROM accord_applied WHERE app = %s", (settings.worker.app_id,))
