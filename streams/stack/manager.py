@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
+import os
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -11,7 +14,13 @@ from dataclasses import asdict, dataclass
 from streams.errors import StackError
 from streams.settings import AccordSettings
 from streams.stack import install
-from streams.stack.components import COMPONENT_TYPES, Component, StackPaths, find_java
+from streams.stack.components import (
+    COMPONENT_TYPES,
+    Component,
+    StackPaths,
+    find_java,
+    secure_tree,
+)
 from streams.stack.process import (
     ProcessSpec,
     port_in_use,
@@ -79,6 +88,7 @@ class Stack:
     def up(self, names: list[str] | None = None) -> list[ComponentStatus]:
         """Install, start and bootstrap; idempotent, waits until every component is healthy."""
         components = self.select(names)
+        require_loopback(self.settings.stack.host)
         self.paths.root.mkdir(parents=True, exist_ok=True)
         if self.settings.stack.install_missing:
             install.ensure_installed(components, self.paths, self.progress)
@@ -86,13 +96,27 @@ class Stack:
             if component.java_major:
                 find_java(component.name, component.java_major)
             component.preflight()
+        self._secure(components)  # state made by an older Accord, before anything starts
         for wave in self._waves(components):
             started = [c for c in wave if self._start(c)]
             for component in wave:
                 self._await_healthy(component, just_started=component in started)
             for component in wave:
                 self._bootstrap(component)
+        self._secure(components)  # and what starting them made
         return self.status([c.name for c in components])
+
+    def _secure(self, components: list[Component]) -> None:
+        """Logs, pid files and each component's folder: owner only (0700 / 0600).
+
+        The state folder itself is 0711 under root: the databases' system users must
+        pass through it to their own folders, but nobody else may list it.
+        """
+        os.chmod(self.paths.root, 0o711 if os.geteuid() == 0 else 0o700)
+        secure_tree(self.paths.logs)
+        secure_tree(self.paths.run)
+        for component in components:
+            component.secure()
 
     def _bootstrap(self, component: Component) -> None:
         try:
@@ -210,7 +234,23 @@ class Stack:
         return statuses
 
 
+def require_loopback(host: str) -> None:
+    """Refuse a stack host that is not loopback: the local stack serves this machine only."""
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
+    except socket.gaierror as exc:
+        raise StackError("stack", f"stack.host {host!r} does not resolve: {exc}") from exc
+    outside = sorted(a for a in addresses if not ipaddress.ip_address(a).is_loopback)
+    if outside:
+        raise StackError(
+            "stack",
+            f"stack.host {host!r} is not a loopback address ({', '.join(outside)}); the local "
+            "stack listens on loopback only: set ACCORD_STACK__HOST=127.0.0.1",
+        )
+
+
 def _fingerprint(spec: ProcessSpec, config: str) -> str:
-    """What a running component was started with: argv, environment, generated config."""
-    text = json.dumps([list(spec.argv), sorted((spec.env or {}).items()), config])
+    """What a running component was started with: argv, environment, umask, generated
+    config. A process started before the stack made its files private has another one."""
+    text = json.dumps([list(spec.argv), sorted((spec.env or {}).items()), spec.umask, config])
     return hashlib.sha256(text.encode()).hexdigest()
