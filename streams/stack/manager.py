@@ -7,9 +7,11 @@ import ipaddress
 import json
 import os
 import socket
+import stat
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from streams.errors import StackError
 from streams.settings import AccordSettings
@@ -110,9 +112,14 @@ class Stack:
         """Logs, pid files and each component's folder: owner only (0700 / 0600).
 
         The state folder itself is 0711 under root: the databases' system users must
-        pass through it to their own folders, but nobody else may list it.
+        pass through it to their own folders, but nobody else may list it. Its other
+        folders (the worker's state, reports, downloads) are closed at the top; a stack
+        of its own inside it (a test's) is left to its own `up`.
         """
         os.chmod(self.paths.root, 0o711 if os.geteuid() == 0 else 0o700)
+        for entry in self.paths.root.iterdir():
+            if entry.is_dir() and not entry.is_symlink() and not _holds_a_stack(entry):
+                entry.chmod(stat.S_IMODE(entry.stat().st_mode) & 0o700)
         secure_tree(self.paths.logs)
         secure_tree(self.paths.run)
         for component in components:
@@ -232,6 +239,12 @@ class Stack:
                 )
             )
         return statuses
+
+
+def _holds_a_stack(folder: Path) -> bool:
+    """True for the state folder of another stack (its own logs and pid files)."""
+    paths = StackPaths(folder)
+    return paths.logs.is_dir() and paths.run.is_dir()
 
 
 def require_loopback(host: str) -> None:

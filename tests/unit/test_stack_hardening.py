@@ -115,3 +115,29 @@ def test_stack_up_refuses_a_host_off_loopback_before_touching_anything(tmp_path:
         Stack(settings).up(["redis"])
     assert not (tmp_path / "state").exists()
     assert os.listdir(tmp_path) == []
+
+
+def test_up_closes_the_state_folder_but_leaves_a_stack_inside_it_to_itself(
+    tmp_path: Path,
+) -> None:
+    from streams.stack.manager import Stack
+
+    stack = Stack(AccordSettings(stack=StackSettings(state_dir=tmp_path, install_missing=False)))
+    (tmp_path / "worker" / "accord-1").mkdir(parents=True, mode=0o755)
+    (tmp_path / "logs").mkdir(mode=0o755)
+    (tmp_path / "logs" / "worker-accord-1.log").write_text("ada@example.com")
+    (tmp_path / "logs" / "worker-accord-1.log").chmod(0o644)
+    nested = tmp_path / "chaos-3brokers"
+    for folder in ("logs", "run"):
+        (nested / folder).mkdir(parents=True)
+    nested.chmod(0o711)
+    (nested / "logs").chmod(0o755)
+    tmp_path.chmod(0o755)
+
+    stack._secure([])
+
+    assert _mode(tmp_path) == (0o711 if os.geteuid() == 0 else 0o700)
+    assert _mode(tmp_path / "worker") == 0o700
+    assert _mode(tmp_path / "logs") == 0o700
+    assert _mode(tmp_path / "logs" / "worker-accord-1.log") == 0o600
+    assert _mode(nested) == 0o711 and _mode(nested / "logs") == 0o755
