@@ -32,6 +32,7 @@ from streams.stack.process import (
     stop_together,
     tail,
     wait_until,
+    write_private,
 )
 
 Progress = Callable[[str], None]
@@ -172,7 +173,7 @@ class Stack:
         component.prepare()
         self.progress(f"{component.name}: starting on port {component.port}")
         spawn(component.process())
-        fingerprint_file.write_text(fingerprint)
+        write_private(fingerprint_file, fingerprint)
         return True
 
     def _await_healthy(self, component: Component, just_started: bool) -> None:

@@ -100,12 +100,22 @@ def assert_postgres_socket_is_closed(settings: AccordSettings) -> None:
 
 
 def assert_state_is_private(settings: AccordSettings, components: list[str]) -> None:
+    """The stack's folders, each component's folder whole, its log and pid files.
+
+    (Others' files in logs/ and run/, a test worker's, are theirs to answer for.)
+    """
     stack = Stack(settings)
     root = stack.paths.root
     assert _mode(root) & 0o066 == 0, oct(_mode(root))  # at most traversable (0711)
-    loose = _loose(stack.paths.logs) + _loose(stack.paths.run)
+    assert _mode(stack.paths.logs) == 0o700 and _mode(stack.paths.run) == 0o700
+    loose = []
     for name in components:
-        loose += _loose(stack.components[name].home)
+        component = stack.components[name]
+        loose += _loose(component.home)
+        pid_file = component.process().pid_file
+        for path in (component.log, pid_file, pid_file.with_suffix(".cmdline")):
+            if _mode(path) & 0o077:
+                loose.append(f"{path} {oct(_mode(path))}")
     assert loose == []
 
 
