@@ -15,6 +15,7 @@ import pwd
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import uuid
 import zipfile
@@ -26,7 +27,7 @@ import httpx
 from streams.dbtls import connector_env
 from streams.errors import StackError
 from streams.settings import AccordSettings
-from streams.stack.process import ProcessSpec
+from streams.stack.process import PRIVATE_UMASK, ProcessSpec, open_private, write_private
 
 # How long Connect waits for a worker that left its group before handing its tasks on.
 CONNECT_REBALANCE_DELAY_MS = 10_000
@@ -118,6 +119,13 @@ class Component:
     def prepare(self) -> None:
         """One-time initialisation of data directories and config files."""
 
+    def secure(self) -> None:
+        """Make what the component keeps its owner's only (folders 0700, files 0600).
+
+        Runs on every `up`, so state made by an older Accord is brought to the same rules.
+        """
+        secure_tree(self.home)
+
     def config_text(self) -> str:
         """The generated configuration a running process was started with, if any."""
         return ""
@@ -179,11 +187,44 @@ def chown_tree(path: Path, user: str | None) -> None:
         shutil.chown(item, user, user)
 
 
+def secure_tree(top: Path) -> None:
+    """Take every group and other permission off `top` and everything below it.
+
+    Owner bits stay (folders end up 0700, files 0600, executables 0700). Symbolic links
+    are neither changed nor followed: a shared install linked into a state folder keeps
+    its modes. Files that vanish meanwhile (a broker deleting a segment) are skipped.
+    """
+    if top.is_symlink() or not top.exists():
+        return
+    _make_private(str(top))
+    for folder, folders, files in os.walk(top):
+        for name in (*folders, *files):
+            _make_private(os.path.join(folder, name))
+
+
+def _make_private(path: str) -> None:
+    try:
+        mode = os.lstat(path).st_mode
+        if not stat.S_ISLNK(mode) and mode & 0o077:
+            os.chmod(path, stat.S_IMODE(mode) & 0o700)
+    except FileNotFoundError:
+        pass
+
+
 def run_checked(component: str, argv: list[str], log: Path, **kwargs: object) -> None:
-    """Run a setup command, appending its output to the component's log."""
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "ab") as out:
-        result = subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT, check=False, **kwargs)  # type: ignore[call-overload]
+    """Run a setup command, appending its output to the component's log.
+
+    What it creates is private (umask 077), as for the stack's processes.
+    """
+    with open(open_private(log), "ab") as out:
+        result = subprocess.run(  # type: ignore[call-overload]
+            argv,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            check=False,
+            umask=PRIVATE_UMASK,
+            **kwargs,
+        )
     if result.returncode != 0:
         raise StackError(component, f"`{' '.join(argv[:2])}` failed ({result.returncode})", log)
 
@@ -195,7 +236,7 @@ def stack_ca(paths: StackPaths, component: str, log: Path) -> Path:
     tls = paths.home("kafka") / "tls"
     if (tls / "ca.pem").exists() and (tls / "ca.key").exists():
         return tls
-    tls.mkdir(parents=True, exist_ok=True)
+    tls.mkdir(mode=0o700, parents=True, exist_ok=True)
     run_checked(
         component,
         [_openssl(component), "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "3650",
@@ -211,7 +252,7 @@ def sign_certificate(
 ) -> tuple[Path, Path]:
     """`<name>.key` and `<name>.crt` in `folder`: a server certificate for `host`,
     localhost and 127.0.0.1, signed by the CA in `ca`."""
-    folder.mkdir(parents=True, exist_ok=True)
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     names = "subjectAltName=DNS:localhost,IP:127.0.0.1"
     if host not in ("localhost", "127.0.0.1"):
         names += f",DNS:{host}"
@@ -238,6 +279,21 @@ def _openssl(component: str) -> str:
 # --------------------------------------------------------------------------- PostgreSQL
 
 
+# Rewritten on every `up`: a state folder made with the socket on `trust` loses it.
+PG_HBA = """\
+# accord local stack: rewritten by `accord stack up`. Every connection gives a password,
+# over the socket too (the socket folder is the postgres user's only).
+# TYPE  DATABASE        USER            ADDRESS                 METHOD
+local   all             all                                     scram-sha-256
+host    all             all             127.0.0.1/32            scram-sha-256
+host    all             all             ::1/128                 scram-sha-256
+local   replication     all                                     scram-sha-256
+host    replication     all             127.0.0.1/32            scram-sha-256
+host    replication     all             ::1/128                 scram-sha-256
+"""
+PG_INCLUDE = "include 'accord.conf'"
+
+
 class Postgres(Component):
     name = "postgres"
     debian_packages = ("postgresql",)
@@ -259,6 +315,10 @@ class Postgres(Component):
     def data(self) -> Path:
         return self.home / "data"
 
+    @property
+    def socket_dir(self) -> Path:
+        return self.home / "run"
+
     def version(self) -> str:
         return self.bin_dir.parent.name
 
@@ -267,16 +327,43 @@ class Postgres(Component):
         """The server's certificate (`server.crt`) and key, signed by the stack's CA."""
         return self.home / "tls"
 
+    def server_config(self) -> str:
+        """`accord.conf`, included last by postgresql.conf: the settings the stack relies on."""
+        return (
+            "# accord local stack: rewritten by `accord stack up`\n"
+            f"listen_addresses = '{self.stack.host}'\n"
+            f"port = {self.port}\n"
+            f"unix_socket_directories = '{self.socket_dir}'\n"
+            "unix_socket_permissions = 0700\n"
+            "wal_level = logical\n"
+            "max_replication_slots = 16\n"
+            "max_wal_senders = 16\n"
+            "max_connections = 200\n"
+            "shared_buffers = 128MB\n"
+            "fsync = on\n"
+        )
+
+    def config_text(self) -> str:
+        return self.server_config() + PG_HBA
+
     def prepare(self) -> None:
         user = service_user("postgres")
-        (self.home / "run").mkdir(parents=True, exist_ok=True)
+        self.socket_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         check_reachable(self.name, self.home, user)
+        if not (self.data / "PG_VERSION").exists():
+            self._initdb(user)
+        write_private(self.data / "pg_hba.conf", PG_HBA)
+        write_private(self.data / "accord.conf", self.server_config())
+        conf = self.data / "postgresql.conf"
+        if PG_INCLUDE not in conf.read_text().splitlines():
+            with open(conf, "a") as out:  # after any older settings of ours, so it wins
+                out.write(f"\n{PG_INCLUDE}\n")
         chown_tree(self.home, user)
         self._make_certificate(user)
-        if (self.data / "PG_VERSION").exists():
-            return
+
+    def _initdb(self, user: str | None) -> None:
         pwfile = self.home / ".pw"
-        pwfile.write_text(self.stack.postgres_superuser_password.get_secret_value())
+        write_private(pwfile, self.stack.postgres_superuser_password.get_secret_value())
         chown_tree(self.home, user)
         try:
             run_checked(
@@ -288,7 +375,7 @@ class Postgres(Component):
                     "-U",
                     "postgres",
                     f"--pwfile={pwfile}",
-                    "--auth-local=trust",
+                    "--auth-local=scram-sha-256",
                     "--auth-host=scram-sha-256",
                     "--encoding=UTF8",
                     "--locale=C",
@@ -299,19 +386,6 @@ class Postgres(Component):
             )
         finally:
             pwfile.unlink(missing_ok=True)
-        with open(self.data / "postgresql.conf", "a") as conf:
-            conf.write(
-                "\n# accord local stack\n"
-                f"listen_addresses = '{self.stack.host}'\n"
-                f"port = {self.port}\n"
-                f"unix_socket_directories = '{self.home / 'run'}'\n"
-                "wal_level = logical\n"
-                "max_replication_slots = 16\n"
-                "max_wal_senders = 16\n"
-                "max_connections = 200\n"
-                "shared_buffers = 128MB\n"
-                "fsync = on\n"
-            )
 
     def _make_certificate(self, user: str | None) -> None:
         """The server certificate, made once and again when it no longer verifies against
@@ -435,6 +509,10 @@ class Postgres(Component):
 # --------------------------------------------------------------------------- MariaDB
 
 
+# mariadbd sets its own umask from these (by default files 0660): owner only.
+MARIADB_UMASK_ENV = {"UMASK": "0600", "UMASK_DIR": "0700"}
+
+
 class MariaDB(Component):
     name = "mariadb"
     debian_packages = ("mariadb-server",)
@@ -470,7 +548,7 @@ class MariaDB(Component):
 
     def prepare(self) -> None:
         user = service_user("mysql")
-        (self.home / "run").mkdir(parents=True, exist_ok=True)
+        (self.home / "run").mkdir(mode=0o700, parents=True, exist_ok=True)
         check_reachable(self.name, self.home, user)
         self.config.write_text(
             "[mariadbd]\n"
@@ -506,13 +584,14 @@ class MariaDB(Component):
         ]
         if user:
             argv.append(f"--user={user}")
-        run_checked(self.name, argv, self.log)
+        run_checked(self.name, argv, self.log, env={**os.environ, **MARIADB_UMASK_ENV})
         chown_tree(self.home, user)
 
     def process(self) -> ProcessSpec:
         return self._spec(
             [self._binary(), f"--defaults-file={self.config}"],
             user=service_user("mysql"),
+            env=MARIADB_UMASK_ENV,
         )
 
     def _root(self):
@@ -584,6 +663,12 @@ class MariaDB(Component):
         with conn, conn.cursor() as cur:
             for statement in statements:
                 cur.execute(statement, params)
+            # mariadb-install-db also makes root@127.0.0.1, @::1 and @<hostname> without a
+            # password: any local user would be root over TCP. Root logs in over the
+            # socket only, which is the mysql user's own.
+            cur.execute("SELECT host FROM mysql.user WHERE user = 'root' AND host <> 'localhost'")
+            for (host,) in cur.fetchall():
+                cur.execute("DROP USER 'root'@%s", (host,))
             cur.execute(f"USE `{source.database}`")
             for statement in sql_statements(
                 self.settings.connectors_dir / "billing" / "schema.sql"
@@ -622,7 +707,7 @@ class Redis(Component):
         return found
 
     def prepare(self) -> None:
-        self.home.mkdir(parents=True, exist_ok=True)
+        self.home.mkdir(mode=0o700, parents=True, exist_ok=True)
 
     def process(self) -> ProcessSpec:
         return self._spec(
@@ -833,7 +918,7 @@ class Kafka(Component):
         key, certificate = sign_certificate(
             ca, self.tls, "broker", self.stack.host, self.name, self.log
         )
-        (self.tls / "broker.pem").write_text(key.read_text() + certificate.read_text())
+        write_private(self.tls / "broker.pem", key.read_text() + certificate.read_text())
 
     def _cluster_id(self) -> str:
         """The id every broker of the cluster is formatted with, made by the first one."""
@@ -844,7 +929,7 @@ class Kafka(Component):
 
     def prepare(self) -> None:
         data = self.home / "data"
-        data.mkdir(parents=True, exist_ok=True)
+        data.mkdir(mode=0o700, parents=True, exist_ok=True)
         write_log4j2(self.home / "log4j2.properties")
         self._make_certificates()
         self.config.write_text(self.config_text())
@@ -902,7 +987,11 @@ class Kafka(Component):
             return Health(False, _short(exc))
         if self.node not in metadata.brokers:
             return Health(False, f"broker {self.node} not registered in the cluster yet")
-        return Health(True, f"{len(metadata.brokers)} broker(s), {len(metadata.topics)} topic(s)")
+        return Health(
+            True,
+            f"{len(metadata.brokers)} broker(s), {len(metadata.topics)} topic(s); "
+            f"{PLAINTEXT_NOTE.format(host=self.stack.host, port=self.port)}",
+        )
 
     def bootstrap(self) -> None:
         """The SCRAM user of the TLS + SASL listener (an upsert: safe on every `up`)."""
@@ -923,6 +1012,10 @@ class Kafka(Component):
         )
         for future in admin.alter_user_scram_credentials([upsert]).values():
             future.result(30)
+
+
+# The local stack keeps a plaintext listener for development; it says so wherever it shows.
+PLAINTEXT_NOTE = "plaintext {host}:{port} is for development only (no TLS, no login)"
 
 
 def _properties(path: Path) -> dict[str, str]:
@@ -1078,7 +1171,7 @@ class Connect(Component):
         return f"connect {kafka}, debezium {debezium}"
 
     def prepare(self) -> None:
-        self.home.mkdir(parents=True, exist_ok=True)
+        self.home.mkdir(mode=0o700, parents=True, exist_ok=True)
         write_log4j2(self.home / "log4j2.properties")
         self.config.write_text(self.config_text())
 

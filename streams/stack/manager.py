@@ -3,15 +3,26 @@
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
+import os
+import socket
+import stat
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from streams.errors import StackError
 from streams.settings import AccordSettings
 from streams.stack import install
-from streams.stack.components import COMPONENT_TYPES, Component, StackPaths, find_java
+from streams.stack.components import (
+    COMPONENT_TYPES,
+    Component,
+    StackPaths,
+    find_java,
+    secure_tree,
+)
 from streams.stack.process import (
     ProcessSpec,
     port_in_use,
@@ -21,6 +32,7 @@ from streams.stack.process import (
     stop_together,
     tail,
     wait_until,
+    write_private,
 )
 
 Progress = Callable[[str], None]
@@ -79,6 +91,7 @@ class Stack:
     def up(self, names: list[str] | None = None) -> list[ComponentStatus]:
         """Install, start and bootstrap; idempotent, waits until every component is healthy."""
         components = self.select(names)
+        require_loopback(self.settings.stack.host)
         self.paths.root.mkdir(parents=True, exist_ok=True)
         if self.settings.stack.install_missing:
             install.ensure_installed(components, self.paths, self.progress)
@@ -86,13 +99,32 @@ class Stack:
             if component.java_major:
                 find_java(component.name, component.java_major)
             component.preflight()
+        self._secure(components)  # state made by an older Accord, before anything starts
         for wave in self._waves(components):
             started = [c for c in wave if self._start(c)]
             for component in wave:
                 self._await_healthy(component, just_started=component in started)
             for component in wave:
                 self._bootstrap(component)
+        self._secure(components)  # and what starting them made
         return self.status([c.name for c in components])
+
+    def _secure(self, components: list[Component]) -> None:
+        """Logs, pid files and each component's folder: owner only (0700 / 0600).
+
+        The state folder itself is 0711 under root: the databases' system users must
+        pass through it to their own folders, but nobody else may list it. Its other
+        folders (the worker's state, reports, downloads) are closed at the top; a stack
+        of its own inside it (a test's) is left to its own `up`.
+        """
+        os.chmod(self.paths.root, 0o711 if os.geteuid() == 0 else 0o700)
+        for entry in self.paths.root.iterdir():
+            if entry.is_dir() and not entry.is_symlink() and not _holds_a_stack(entry):
+                entry.chmod(stat.S_IMODE(entry.stat().st_mode) & 0o700)
+        secure_tree(self.paths.logs)
+        secure_tree(self.paths.run)
+        for component in components:
+            component.secure()
 
     def _bootstrap(self, component: Component) -> None:
         try:
@@ -141,7 +173,7 @@ class Stack:
         component.prepare()
         self.progress(f"{component.name}: starting on port {component.port}")
         spawn(component.process())
-        fingerprint_file.write_text(fingerprint)
+        write_private(fingerprint_file, fingerprint)
         return True
 
     def _await_healthy(self, component: Component, just_started: bool) -> None:
@@ -210,7 +242,29 @@ class Stack:
         return statuses
 
 
+def _holds_a_stack(folder: Path) -> bool:
+    """True for the state folder of another stack (its own logs and pid files)."""
+    paths = StackPaths(folder)
+    return paths.logs.is_dir() and paths.run.is_dir()
+
+
+def require_loopback(host: str) -> None:
+    """Refuse a stack host that is not loopback: the local stack serves this machine only."""
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
+    except socket.gaierror as exc:
+        raise StackError("stack", f"stack.host {host!r} does not resolve: {exc}") from exc
+    outside = sorted(a for a in addresses if not ipaddress.ip_address(a).is_loopback)
+    if outside:
+        raise StackError(
+            "stack",
+            f"stack.host {host!r} is not a loopback address ({', '.join(outside)}); the local "
+            "stack listens on loopback only: set ACCORD_STACK__HOST=127.0.0.1",
+        )
+
+
 def _fingerprint(spec: ProcessSpec, config: str) -> str:
-    """What a running component was started with: argv, environment, generated config."""
-    text = json.dumps([list(spec.argv), sorted((spec.env or {}).items()), config])
+    """What a running component was started with: argv, environment, umask, generated
+    config. A process started before the stack made its files private has another one."""
+    text = json.dumps([list(spec.argv), sorted((spec.env or {}).items()), spec.umask, config])
     return hashlib.sha256(text.encode()).hexdigest()

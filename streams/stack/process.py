@@ -12,6 +12,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+# Files and folders a process creates are its owner's only: logs and data hold customer
+# records, and the stack's folders hold keys and passwords.
+PRIVATE_UMASK = 0o077
+
 
 @dataclass(frozen=True)
 class ProcessSpec:
@@ -25,6 +29,7 @@ class ProcessSpec:
     env: dict[str, str] | None = None
     user: str | None = None
     stop_signal: int = signal.SIGTERM
+    umask: int = PRIVATE_UMASK
 
 
 def read_pid(spec: ProcessSpec) -> int | None:
@@ -51,12 +56,30 @@ def _stat(pid: int) -> list[str] | None:
         return None
 
 
+def open_private(path: Path, flags: int = os.O_WRONLY | os.O_CREAT | os.O_APPEND) -> int:
+    """A file descriptor on `path`, which is (made) readable and writable by its owner only.
+
+    A folder made for it is private too; existing folders are left as they are.
+    """
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(path, flags, 0o600)
+    os.fchmod(fd, 0o600)
+    return fd
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write `path` with mode 0600 from the start: no moment when others can read it."""
+    with open(open_private(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), "w") as out:
+        out.write(text)
+
+
 def spawn(spec: ProcessSpec) -> int:
-    """Start the process in its own session, so it outlives the command that started it."""
-    spec.log.parent.mkdir(parents=True, exist_ok=True)
-    spec.pid_file.parent.mkdir(parents=True, exist_ok=True)
+    """Start the process in its own session, so it outlives the command that started it.
+
+    Its log and pid file are private, and so is everything it creates (umask 077).
+    """
     env = {**os.environ, **(spec.env or {})}
-    with open(spec.log, "ab") as log:
+    with open(open_private(spec.log), "ab") as log:
         log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} starting {spec.name}\n".encode())
         log.flush()
         proc = subprocess.Popen(
@@ -69,9 +92,10 @@ def spawn(spec: ProcessSpec) -> int:
             start_new_session=True,
             user=spec.user,
             group=spec.user,
+            umask=spec.umask,
         )
     stat = _stat(proc.pid)
-    spec.pid_file.write_text(f"{proc.pid} {stat[19] if stat else 0}")
+    write_private(spec.pid_file, f"{proc.pid} {stat[19] if stat else 0}")
     return proc.pid
 
 
