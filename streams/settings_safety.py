@@ -4,8 +4,8 @@ The local stack runs on loopback with passwords that are defaults in the code: h
 127.0.0.1, an open door anywhere else. `unsafe_settings` lists what Accord refuses to load
 with: a default or empty password for a non-loopback host, SASL PLAIN or HTTP basic auth
 sent in clear to one, a secret given twice (inline and as `_file`), a password inside a
-printed URL. `weak_settings` lists what it loads with a warning: SCRAM without TLS to a
-non-loopback broker. Each entry names the setting and how to fix it, never a secret.
+printed URL. `weak_settings` lists what it loads with a warning: SCRAM, or a Redis password,
+without TLS to a non-loopback host. Each entry names the setting and the fix, never a secret.
 
 Loopback is 127.0.0.0/8, ::1 and `localhost`; any other name counts as remote, since a
 name can resolve anywhere.
@@ -304,14 +304,27 @@ def unsafe_settings(settings: AccordSettings) -> list[str]:
 
 
 def weak_settings(settings: AccordSettings) -> list[str]:
-    """What Accord loads with but warns about: SCRAM over SASL_PLAINTEXT to a non-loopback
-    broker (the password stays off the wire; the records do not)."""
+    """What Accord loads with but warns about, for non-loopback hosts: SCRAM over
+    SASL_PLAINTEXT (the password stays off the wire, the records do not), and a Redis
+    password over redis:// rather than rediss:// (Redis without TLS on a private network,
+    as in docker-compose, is common enough not to refuse)."""
+    warnings = []
     security = settings.kafka_security
     remote = [h for h in bootstrap_hosts(settings.kafka) if not is_loopback(h)]
     if remote and security.protocol == "SASL_PLAINTEXT" and security.sasl_mechanism != "PLAIN":
-        return [
+        warnings.append(
             f"kafka_security: {security.sasl_mechanism} over SASL_PLAINTEXT to non-loopback "
             f"{_hosts(remote)}: the password is not sent, but every record crosses "
             "the network in clear; set protocol SASL_SSL (ACCORD_KAFKA_SECURITY__PROTOCOL)"
-        ]
-    return []
+        )
+    redis = settings.redis
+    has_password = _url_password(redis) is not None or (
+        settings.redis_password is not None or settings.redis_password_file is not None
+    )
+    host = url_host(redis)
+    if has_password and not is_loopback(host) and redis.lower().startswith("redis://"):
+        warnings.append(
+            f"redis_url: the Redis password crosses the network in clear to non-loopback "
+            f"{_hosts([host])}; use a rediss:// URL (ACCORD_REDIS_URL) off a private network"
+        )
+    return warnings

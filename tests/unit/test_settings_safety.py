@@ -367,6 +367,30 @@ def test_scram_over_plaintext_to_a_remote_broker_loads_with_a_warning(
     assert "scram-9d3" not in warning
 
 
+@pytest.mark.parametrize(
+    ("url", "warned"),
+    [
+        ("redis://:redis-pw-5a1@cache.internal:6379/0", True),
+        ("rediss://:redis-pw-5a1@cache.internal:6380/0", False),
+        ("redis://:redis-pw-5a1@127.0.0.1:16379/0", False),
+    ],
+)
+def test_a_redis_password_without_tls_to_a_remote_host_loads_with_a_warning(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, url: str, warned: bool
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="streams.settings"):
+        _load(monkeypatch, {"ACCORD_REDIS_URL": url})
+    warnings = [r.getMessage() for r in caplog.records]
+    assert warnings == (
+        [
+            "redis_url: the Redis password crosses the network in clear to non-loopback "
+            "host cache.internal; use a rediss:// URL (ACCORD_REDIS_URL) off a private network"
+        ]
+        if warned
+        else []
+    )
+
+
 def test_an_unreadable_secret_file_for_a_remote_host_is_an_error_at_load(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
