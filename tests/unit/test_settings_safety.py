@@ -4,15 +4,24 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import types
 import typing
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from pydantic import BaseModel, SecretStr
 
 from streams.errors import ConfigError
-from streams.settings import AccordSettings, _secret, load_settings
+from streams.settings import (
+    AccordSettings,
+    KafkaSecurity,
+    StackSettings,
+    WorkerSettings,
+    _secret,
+    load_settings,
+)
 from streams.settings_safety import (
     UnsafeSettings,
     bootstrap_hosts,
@@ -21,7 +30,8 @@ from streams.settings_safety import (
     secrets_given_twice,
     url_host,
 )
-from streams.workers import worker_env
+from streams.stack.process import spawn
+from streams.workers import WorkerProcess, worker_env
 
 
 @pytest.fixture(autouse=True)
@@ -436,7 +446,7 @@ def test_every_secret_is_masked_in_repr_and_json(
 
 def _secret_named(name: str) -> bool:
     words = ("password", "secret", "token", "basic_auth")
-    return any(word in name for word in words) and not name.endswith("_file")
+    return any(word in name for word in words) and not name.endswith(("_file", "_env"))
 
 
 def _is_secret_type(annotation: object) -> bool:
@@ -476,3 +486,37 @@ def test_a_mistyped_secret_setting_does_not_echo_its_value(
     with pytest.raises(ConfigError, match="sasl_pasword") as failed:
         load_settings()
     assert "typo-s3cret" not in str(failed.value)
+
+
+def test_a_worker_started_by_accord_gets_its_secrets_in_its_environment_not_its_log(
+    tmp_path: Path,
+) -> None:
+    """worker_env -> a real child process -> load_settings: the secrets arrive, and even
+    the child printing its settings shows none of them."""
+    url = "redis://:env-url-3b8@127.0.0.1:16379/0"
+    settings = AccordSettings(
+        stack=StackSettings(state_dir=tmp_path),
+        worker=WorkerSettings(app_id="unit-secret-env", web_port=0),
+        redis_url=SecretStr(url),
+        kafka_security=KafkaSecurity(
+            protocol="SASL_SSL", sasl_username="accord", sasl_password=SecretStr("env-sasl-3b8")
+        ),
+    )
+    process = WorkerProcess(settings)
+    code = (
+        "from streams.settings import load_settings\n"
+        "s = load_settings()\n"
+        "print(repr(s))\n"
+        f"print('redis url arrived:', s.redis == {url!r})\n"
+        "print('sasl password arrived:', s.kafka_security.password() == 'env-sasl-3b8')\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    process.spec = replace(process.spec, argv=[sys.executable, "-c", code], cwd=root)
+    pid = spawn(process.spec)
+    _, status = os.waitpid(pid, 0)
+    log = process.log.read_text()
+    assert os.waitstatus_to_exitcode(status) == 0, log
+    assert "redis url arrived: True" in log
+    assert "sasl password arrived: True" in log
+    assert "env-url-3b8" not in log
+    assert "env-sasl-3b8" not in log
