@@ -163,7 +163,7 @@ def test_a_secret_and_its_file_are_refused_where_they_are_read_too() -> None:
 def test_loopback_takes_the_local_stack_s_defaults(
     monkeypatch: pytest.MonkeyPatch, env: dict[str, str]
 ) -> None:
-    _load(monkeypatch, env)
+    _load(monkeypatch, env)  # raises UnsafeSettings if refused
 
 
 def test_remote_hosts_with_their_own_secrets_load(
@@ -304,6 +304,8 @@ def test_unsafe_settings_for_a_non_loopback_host_are_refused_with_the_fix(
     refused = _refused(monkeypatch, env)
     assert message in str(refused)
     assert all("ACCORD_" in problem for problem in refused.problems)  # each says how to fix
+    secrets = [v for k, v in env.items() if v and ("PASSWORD" in k or k.endswith(("AUTH", "URL")))]
+    assert not [secret for secret in secrets if secret in str(refused)]
 
 
 @pytest.mark.parametrize(
