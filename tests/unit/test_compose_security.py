@@ -18,9 +18,8 @@ import os
 import re
 import stat
 import subprocess
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import jsonschema
 import pytest
@@ -28,85 +27,21 @@ import yaml
 
 from streams.settings import AccordSettings, WorkerSettings, load_settings
 from streams.settings_safety import UnsafeSettings, default_secrets
+from tests.compose_env import (
+    BRACED,
+    COMPOSE,
+    HOW_TO,
+    MAKE_ENV,
+    MissingVariable,
+    interpolate,
+    interpolate_all,
+    make_env,
+    references,
+    required_reference,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
-COMPOSE = ROOT / "docker-compose.yml"
 SCHEMA = Path(__file__).parent / "data" / "compose-spec.json"
-MAKE_ENV = ROOT / "docker" / "make-env.sh"
-HOW_TO = "docker/make-env.sh"  # every required variable's message names it
-
-# ------------------------------------------------------------ compose's interpolation
-
-# `$$` is a literal `$` (left to the container's shell); `${NAME...}` and `$NAME` read the
-# environment (with `.env`); inside braces `:-`/`-` give a default, `:?`/`?` an error
-# message when unset (`:` also when empty), `:+`/`+` an alternative.
-_REFERENCE = re.compile(r"\$(?:(?P<escaped>\$)|\{(?P<braced>[^}]*)\}|(?P<bare>[A-Za-z_]\w*))")
-_BRACED = re.compile(r"(?P<name>[A-Za-z_]\w*)(?:(?P<op>:?[-?+])(?P<arg>.*))?", re.DOTALL)
-
-
-class MissingVariable(Exception):
-    def __init__(self, name: str, message: str) -> None:
-        self.name, self.message = name, message
-        super().__init__(f"required variable {name} is missing a value: {message}")
-
-
-def interpolate(value: str, env: Mapping[str, str]) -> str:
-    """`value` as compose interpolates it from `env`; MissingVariable for a `?` form."""
-
-    def replace(match: re.Match[str]) -> str:
-        if match["escaped"]:
-            return "$"
-        if match["bare"]:
-            return env.get(match["bare"], "")
-        braced = _BRACED.fullmatch(match["braced"])
-        if braced is None:
-            raise ValueError(f"invalid interpolation format: ${{{match['braced']}}}")
-        name, op, arg = braced["name"], braced["op"], braced["arg"] or ""
-        given = env.get(name)
-        unset = given is None or (op is not None and op.startswith(":") and given == "")
-        if op is None:
-            return given or ""
-        if op.endswith("?"):
-            if unset:
-                raise MissingVariable(name, arg)
-            return given or ""
-        if op.endswith("-"):
-            return arg if unset else (given or "")
-        return "" if unset else arg  # `+`
-
-    return _REFERENCE.sub(replace, value)
-
-
-def interpolate_all(node: Any, env: Mapping[str, str]) -> Any:
-    """Every string value of a loaded compose file, interpolated (keys stay as they are)."""
-    if isinstance(node, dict):
-        return {key: interpolate_all(value, env) for key, value in node.items()}
-    if isinstance(node, list):
-        return [interpolate_all(value, env) for value in node]
-    if isinstance(node, str):
-        return interpolate(node, env)
-    return node
-
-
-def references(node: Any) -> list[str]:
-    """The body of every `${...}` in the string values of `node` (`$$` excluded)."""
-    if isinstance(node, dict):
-        return [ref for value in node.values() for ref in references(value)]
-    if isinstance(node, list):
-        return [ref for value in node for ref in references(value)]
-    if isinstance(node, str):
-        return [m["braced"] for m in _REFERENCE.finditer(node) if m["braced"] is not None]
-    return []
-
-
-def _required_reference(value: object) -> str | None:
-    """The variable of a value that is exactly `${NAME:?message}`, else None."""
-    if not isinstance(value, str):
-        return None
-    whole = re.fullmatch(r"\$\{([^}]*)\}", value)
-    braced = whole and _BRACED.fullmatch(whole[1])
-    return braced["name"] if braced and braced["op"] == ":?" else None
-
 
 # ------------------------------------------------------------ what makes the file unsafe
 
@@ -133,7 +68,7 @@ def _port_problems(service: str, spec: dict) -> list[str]:
 def _variable_problems(compose: dict) -> list[str]:
     problems = []
     for body in references(compose):
-        braced = _BRACED.fullmatch(body)
+        braced = BRACED.fullmatch(body)
         if braced is None or braced["op"] != ":?" or HOW_TO not in (braced["arg"] or ""):
             problems.append(
                 f"${{{body}}}: every variable must be ${{NAME:?...{HOW_TO}...}} (no default)"
@@ -142,7 +77,7 @@ def _variable_problems(compose: dict) -> list[str]:
         environment = spec.get("environment") or {}
         for name, value in environment.items():
             secret = _SECRET_NAME.search(name) and not name.endswith("_FILE")
-            if secret and _required_reference(value) is None:
+            if secret and required_reference(value) is None:
                 problems.append(f"{service}: {name} must be ${{NAME:?...}} from .env, not a value")
     return problems
 
@@ -170,7 +105,7 @@ def _grafana_problems(compose: dict) -> list[str]:
     problems = []
     if str(env.get("GF_AUTH_ANONYMOUS_ENABLED", "")).lower() != "false":
         problems.append("grafana: GF_AUTH_ANONYMOUS_ENABLED must be false (a login)")
-    if _required_reference(env.get("GF_SECURITY_ADMIN_PASSWORD")) is None:
+    if required_reference(env.get("GF_SECURITY_ADMIN_PASSWORD")) is None:
         problems.append("grafana: GF_SECURITY_ADMIN_PASSWORD must come from .env")
     return problems
 
@@ -192,7 +127,7 @@ def _redis_problems(compose: dict) -> list[str]:
     env = redis.get("environment") or {}
     problems = []
     requirepass = re.search(r"--requirepass\s+\"?\$\$(\w+)", command)
-    if requirepass is None or _required_reference(env.get(requirepass[1])) is None:
+    if requirepass is None or required_reference(env.get(requirepass[1])) is None:
         problems.append("redis: --requirepass must take a password from .env ($$VARIABLE)")
     worker = _environment(compose, "worker")
     user = worker.get("ACCORD_REDIS_USERNAME")
@@ -203,7 +138,7 @@ def _redis_problems(compose: dict) -> list[str]:
     variable = re.fullmatch(r">\$\$(\w+)", secret)
     if "on" not in rules or variable is None:
         problems.append(f"redis: ACL user {user} must be on with a >$$VARIABLE password")
-    elif _required_reference(env.get(variable[1])) is None:
+    elif required_reference(env.get(variable[1])) is None:
         problems.append(f"redis: {variable[1]} must come from .env")
     elif worker.get("ACCORD_REDIS_PASSWORD") != env.get(variable[1]):
         problems.append("worker: ACCORD_REDIS_PASSWORD is not the ACL user's password")
@@ -247,19 +182,9 @@ def validator() -> jsonschema.protocols.Validator:
     return jsonschema.Draft7Validator(schema)
 
 
-def _make_env(path: Path) -> dict[str, str]:
-    subprocess.run([str(MAKE_ENV), str(path)], check=True, capture_output=True)
-    return _read_env(path)
-
-
-def _read_env(path: Path) -> dict[str, str]:
-    pairs = (line.split("=", 1) for line in path.read_text().splitlines())
-    return {name: value for name, value in (p for p in pairs if len(p) == 2)}
-
-
 @pytest.fixture
 def dot_env(tmp_path: Path) -> dict[str, str]:
-    return _make_env(tmp_path / ".env")
+    return make_env(tmp_path / ".env")
 
 
 def _example_names() -> list[str]:
@@ -439,14 +364,14 @@ def test_interpolation_follows_compose(compose: dict) -> None:
 
 def test_make_env_writes_every_variable_randomly_and_privately(tmp_path: Path) -> None:
     target = tmp_path / ".env"
-    env = _make_env(target)
+    env = make_env(target)
     assert list(env) == _example_names()
     assert stat.S_IMODE(target.stat().st_mode) == 0o600
     values = list(env.values())
     assert len(set(values)) == len(values)
     assert all(re.fullmatch(r"[0-9a-f]{48}", value) for value in values)
     assert not set(values) & default_secrets(AccordSettings)
-    again = _make_env(tmp_path / "other.env")
+    again = make_env(tmp_path / "other.env")
     assert not set(again.values()) & set(values)
 
 
@@ -518,7 +443,7 @@ def test_the_passwords_reach_the_services_that_set_them(compose: dict) -> None:
     """Each database, Redis and Grafana gets the variables its init script or option reads,
     and the init scripts write no password of their own."""
     variables = {
-        service: {_required_reference(v) for v in _environment(compose, service).values()}
+        service: {required_reference(v) for v in _environment(compose, service).values()}
         for service in compose["services"]
     }
     assert {"POSTGRES_PASSWORD", "ACCORD_DB_PASSWORD", "DEBEZIUM_DB_PASSWORD"} <= variables[
