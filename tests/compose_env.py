@@ -81,13 +81,14 @@ def interpolate_all(node: Any, env: Mapping[str, str]) -> Any:
 
 
 def references(node: Any) -> list[str]:
-    """The body of every `${...}` in the string values of `node` (`$$` excluded)."""
+    """What every reference in the string values of `node` reads: the body of `${...}`,
+    or NAME for a bare `$NAME` (`$$` excluded)."""
     if isinstance(node, dict):
         return [ref for value in node.values() for ref in references(value)]
     if isinstance(node, list):
         return [ref for value in node for ref in references(value)]
     if isinstance(node, str):
-        return [m["braced"] for m in REFERENCE.finditer(node) if m["braced"] is not None]
+        return [m["braced"] or m["bare"] for m in REFERENCE.finditer(node) if not m["escaped"]]
     return []
 
 

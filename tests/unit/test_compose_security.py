@@ -265,6 +265,10 @@ BROKEN = {
         _set("services.worker.environment.ACCORD_REDIS_PASSWORD", "${REDIS_WORKER_PASSWORD}"),
         "worker: ACCORD_REDIS_PASSWORD must be ${NAME:?...} from .env, not a value",
     ),
+    "a bare variable that may be unset": (
+        _set("services.worker.environment.ACCORD_REDIS_PASSWORD", "$REDIS_WORKER_PASSWORD"),
+        "${REDIS_WORKER_PASSWORD}: every variable must be",
+    ),
     "a required variable that does not say how to make it": (
         _set("services.grafana.environment.GF_SECURITY_ADMIN_PASSWORD", "${GRAFANA_PW:?unset}"),
         "${GRAFANA_PW:?unset}: every variable must be",
