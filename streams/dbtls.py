@@ -25,11 +25,11 @@ with less than asked. Keystore passwords reach the connector as ``${env:NAME}`` 
 
 from __future__ import annotations
 
-import ipaddress
 import ssl
 from typing import TYPE_CHECKING, Any
 
 from streams.errors import ConfigError
+from streams.settings_safety import is_loopback
 
 if TYPE_CHECKING:
     from streams.connect import ConnectorFile
@@ -39,7 +39,6 @@ __all__ = [
     "CONNECTOR_TLS_KEYS",
     "connector_env",
     "debezium_properties",
-    "is_loopback",
     "is_tls_refusal",
     "psycopg_options",
     "pymysql_options",
@@ -209,20 +208,6 @@ def with_tls(connector: ConnectorFile, tls: DatabaseTls) -> ConnectorFile:
         )
     properties = debezium_properties(connector.config["connector.class"], tls, connector.system)
     return ConnectorFile(connector.system, connector.name, {**connector.config, **properties})
-
-
-def is_loopback(host: str) -> bool:
-    """127.0.0.0/8, ::1 or `localhost`; any other name may resolve anywhere."""
-    name = host.strip().lower().removeprefix("[").removesuffix("]").rstrip(".")
-    if name == "localhost":
-        return True
-    try:
-        address = ipaddress.ip_address(name.partition("%")[0])
-    except ValueError:
-        return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return address.is_loopback
 
 
 def tls_warning(system: str, host: str, mode: str) -> str | None:

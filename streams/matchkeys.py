@@ -30,7 +30,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import ipaddress
 import logging
 import os
 import secrets
@@ -43,6 +42,7 @@ import redis
 
 from streams.dedupe import redis_errors
 from streams.errors import AccordError, ConfigError
+from streams.settings_safety import is_loopback
 
 __all__ = [
     "CHECK_KEY",
@@ -282,13 +282,8 @@ def is_loopback_redis(url: str) -> bool:
     parts = urlsplit(url)
     if parts.scheme in ("unix", "redis+unix"):
         return True
-    host = (parts.hostname or "").strip("[]").lower()
-    if host == "localhost" or host.endswith(".localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    host = (parts.hostname or "").lower()
+    return host.endswith(".localhost") or is_loopback(host)
 
 
 def key_secret(configured: str | None, redis_url: str, state_dir: Path) -> bytes:

@@ -22,6 +22,7 @@ from pydantic_settings import (
 )
 
 from streams.errors import ConfigError
+from streams.settings_safety import UnsafeSettings, unsafe_settings, weak_settings
 
 DEFAULT_CONFIG_FILE = Path("accord.toml")
 KAFKA_NODE_PORT_STEP = 10  # broker N of the local stack: each Kafka port + 10 * (N - 1)
@@ -456,6 +457,8 @@ class WorkerSettings(BaseModel):
 
 def _secret(value: SecretStr | None, file: Path | None, name: str) -> str | None:
     """A secret from its setting or from a file (a mounted secret); never both."""
+    if value is not None and file is not None:
+        raise ConfigError(f"set {name} or {name}_file, not both")
     if file is None:
         return value.get_secret_value() if value is not None else None
     try:
@@ -517,8 +520,6 @@ class KafkaSecurity(BaseModel):
 
     @model_validator(mode="after")
     def _complete(self) -> KafkaSecurity:
-        if self.sasl_password is not None and self.sasl_password_file is not None:
-            raise ValueError("kafka_security: set sasl_password or sasl_password_file, not both")
         if self.protocol.startswith("SASL") and not self.sasl_username:
             raise ValueError(f"kafka_security: {self.protocol} needs sasl_username")
         return self
@@ -563,8 +564,9 @@ class KafkaSecurity(BaseModel):
 class AccordSettings(BaseSettings):
     """Everything Accord reads from its environment, in one place."""
 
+    # hide_input_in_errors: a mistyped secret setting must not echo its value.
     model_config = SettingsConfigDict(
-        env_prefix="ACCORD_", env_nested_delimiter="__", extra="forbid"
+        env_prefix="ACCORD_", env_nested_delimiter="__", extra="forbid", hide_input_in_errors=True
     )
 
     stack: StackSettings = StackSettings()
@@ -582,7 +584,11 @@ class AccordSettings(BaseSettings):
         None, description="Confluent-compatible API; defaults to the local registry's ccompat."
     )
     connect_url: str | None = Field(None, description="Defaults to the local Kafka Connect.")
-    redis_url: str | None = Field(None, description="Defaults to the local Redis.")
+    redis_url: SecretStr | None = Field(
+        None,
+        description="Defaults to the local Redis. A secret: it may hold a password "
+        "(redis://:password@host), which is then never printed; or use redis_password.",
+    )
     kafka_security: KafkaSecurity = KafkaSecurity()
     redis_username: str | None = Field(None, description="Redis ACL user (default: none).")
     redis_password: SecretStr | None = None
@@ -637,7 +643,10 @@ class AccordSettings(BaseSettings):
 
     @property
     def redis(self) -> str:
-        return self.redis_url or f"redis://{self.stack.host}:{self.stack.redis_port}/0"
+        """The Redis URL, password included if it holds one: never print it."""
+        if self.redis_url is not None:
+            return self.redis_url.get_secret_value()
+        return f"redis://{self.stack.host}:{self.stack.redis_port}/0"
 
     def kafka_config(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         """librdkafka settings for one client: the brokers, security, then `extra`."""
@@ -679,6 +688,16 @@ class AccordSettings(BaseSettings):
             raise ConfigError(f"unknown system {system!r}; expected crm, billing or support")
         return getattr(self, system)
 
+    @model_validator(mode="after")
+    def _safe(self) -> AccordSettings:
+        """Refuse what is unsafe for a non-loopback host (`streams.settings_safety`); the
+        local stack's defaults on loopback pass. UnsafeSettings is not a ValueError, so
+        pydantic passes it on as it is."""
+        problems = unsafe_settings(self)
+        if problems:
+            raise UnsafeSettings(problems)
+        return self
+
 
 def load_settings(config_file: Path | None = None) -> AccordSettings:
     """Load settings; an explicitly named config file must exist."""
@@ -692,6 +711,6 @@ def load_settings(config_file: Path | None = None) -> AccordSettings:
         raise ConfigError(f"invalid configuration: {exc}") from exc
     from streams.dbtls import tls_warnings
 
-    for warning in tls_warnings(settings):
+    for warning in (*weak_settings(settings), *tls_warnings(settings)):
         logging.getLogger(__name__).warning("%s", warning)
     return settings

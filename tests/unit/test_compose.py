@@ -37,17 +37,20 @@ def test_every_component_and_the_worker_are_services(services: dict) -> None:
 
 
 def test_host_ports_match_the_local_stack(services: dict) -> None:
+    """On loopback, as the local stack's; the registry and Connect publish none (they have
+    no auth: tests/unit/test_compose_security.py)."""
     defaults = StackSettings()
     expected = {
-        "postgres": {f"{defaults.postgres_port}:5432"},
-        "mariadb": {f"{defaults.mariadb_port}:3306"},
-        "redis": {f"{defaults.redis_port}:6379"},
-        "kafka": {f"{defaults.kafka_port}:{defaults.kafka_port}"},
-        "registry": {f"{defaults.registry_port}:8080", f"{defaults.registry_management_port}:9000"},
-        "connect": {f"{defaults.connect_port}:8083"},
+        "postgres": {f"127.0.0.1:{defaults.postgres_port}:5432"},
+        "mariadb": {f"127.0.0.1:{defaults.mariadb_port}:3306"},
+        "redis": {f"127.0.0.1:{defaults.redis_port}:6379"},
+        "kafka": {f"127.0.0.1:{defaults.kafka_port}:{defaults.kafka_port}"},
+        "worker": {f"127.0.0.1:{load_settings().worker.port}:{load_settings().worker.port}"},
     }
     for service, ports in expected.items():
         assert set(services[service]["ports"]) == ports, service
+    assert "ports" not in services["registry"]
+    assert "ports" not in services["connect"]
     advertised = services["kafka"]["environment"]["KAFKA_ADVERTISED_LISTENERS"]
     assert f"127.0.0.1:{defaults.kafka_port}" in advertised
 
@@ -69,10 +72,21 @@ def test_databases_are_configured_for_cdc(services: dict) -> None:
 
 
 def test_connect_provides_what_the_connector_files_reference(services: dict) -> None:
+    """Every variable a connector file reads is set, and the env provider's allow-list lets
+    a connector read those and nothing else of Connect's environment."""
     env = services["connect"]["environment"]
+    allowed = re.compile(
+        env["CONNECT_CONFIG_PROVIDERS_ENV_PARAM_ALLOWLIST_PATTERN"].replace("$$", "$")
+    )
+    referenced = set()
     for source in (ROOT / "connectors").glob("*/source.json"):
         for name in re.findall(r"\$\{env:([A-Z0-9_]+)\}", source.read_text()):
             assert name in env, f"{source}: {name} not set for the connect service"
+            assert allowed.search(name), f"{source}: {name} not in the env allow-list"
+            referenced.add(name)
+    assert "CRM_DB_PASSWORD" in referenced
+    for name in set(env) - referenced | {"PATH", "HOME", "CRM_DB_PASSWORD_X", "X_CRM_DB_HOST"}:
+        assert not allowed.search(name), name
 
 
 def test_connect_matches_the_local_worker_config(services: dict, tmp_path: Path) -> None:

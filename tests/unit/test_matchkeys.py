@@ -147,6 +147,7 @@ def test_settings_give_the_secret_from_a_file_and_mask_it(
     (tmp_path / "key").write_text("from-a-mounted-secret-file\n")
     monkeypatch.setenv("ACCORD_IDENTITY__KEY_SECRET_FILE", str(tmp_path / "key"))
     monkeypatch.setenv("ACCORD_REDIS_URL", "redis://redis:6379/0")
+    monkeypatch.setenv("ACCORD_REDIS_PASSWORD", "a-redis-password-of-its-own")
     assert load_settings().match_key_secret() == b"from-a-mounted-secret-file"
     monkeypatch.delenv("ACCORD_IDENTITY__KEY_SECRET_FILE")
     monkeypatch.setenv("ACCORD_IDENTITY__KEY_SECRET", "from-the-environment-1234")
@@ -160,6 +161,7 @@ def test_settings_refuse_the_secret_twice_and_a_remote_redis_without_one(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     monkeypatch.setenv("ACCORD_REDIS_URL", "redis://redis:6379/0")
+    monkeypatch.setenv("ACCORD_REDIS_PASSWORD", "a-redis-password-of-its-own")
     with pytest.raises(ConfigError, match=r"identity\.key_secret is not set"):
         load_settings().match_key_secret()
     monkeypatch.setenv("ACCORD_IDENTITY__KEY_SECRET", "from-the-environment-1234")

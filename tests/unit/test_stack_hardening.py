@@ -108,9 +108,12 @@ def test_postgres_asks_for_a_password_on_its_private_socket(tmp_path: Path) -> N
 def test_stack_up_refuses_a_host_off_loopback_before_touching_anything(tmp_path: Path) -> None:
     from streams.stack.manager import Stack
 
-    settings = AccordSettings(
-        stack=StackSettings(state_dir=tmp_path / "state", host="0.0.0.0", install_missing=False)
+    # Settings already refuse the code's passwords off loopback; the stack refuses the
+    # host itself, whatever passwords it is given (model_copy skips the settings' check).
+    off_loopback = StackSettings(
+        state_dir=tmp_path / "state", host="0.0.0.0", install_missing=False
     )
+    settings = AccordSettings().model_copy(update={"stack": off_loopback})
     with pytest.raises(StackError, match="not a loopback address"):
         Stack(settings).up(["redis"])
     assert not (tmp_path / "state").exists()
