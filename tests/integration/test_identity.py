@@ -11,6 +11,7 @@ import pytest
 import redis
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pydantic import SecretStr
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
@@ -626,7 +627,13 @@ def test_a_worker_on_a_remote_redis_without_a_key_secret_refuses_to_start(
 ) -> None:
     from tests.support import accord, isolated
 
-    remote = isolated(stack).model_copy(update={"redis_url": "redis://redis.invalid:6379/0"})
+    # With a Redis password of its own, so that the key secret is all that is missing.
+    remote = isolated(stack).model_copy(
+        update={
+            "redis_url": "redis://redis.invalid:6379/0",
+            "redis_password": SecretStr("a-redis-password-of-its-own"),
+        }
+    )
     result = accord(remote, "worker")
     assert result.returncode != 0
     assert "identity.key_secret is not set and Redis is not on loopback" in result.stderr
