@@ -1143,6 +1143,16 @@ class Registry(Component):
         return Health(True, f"ccompat API up, {len(subjects.json())} subject(s)")
 
 
+# The variables of the Connect worker's environment that a connector may read through
+# ${env:NAME}: those the connector files and the TLS settings reference, not the rest
+# (anyone who reaches Connect's REST API can create a connector). docker-compose.yml
+# sets the same pattern (tests/unit/test_compose.py).
+CONNECT_ENV_ALLOWLIST = (
+    "^(KAFKA_BOOTSTRAP_SERVERS|(CRM|SUPPORT|BILLING)_DB_"
+    "(HOST|PORT|USER|PASSWORD|TRUSTSTORE_PASSWORD|KEYSTORE_PASSWORD))$"
+)
+
+
 class Connect(Component):
     """Kafka Connect in distributed mode, with Debezium and the Apicurio Avro converter."""
 
@@ -1221,6 +1231,7 @@ class Connect(Component):
             "config.providers=env\n"
             "config.providers.env.class="
             "org.apache.kafka.common.config.provider.EnvVarConfigProvider\n"
+            f"config.providers.env.param.allowlist.pattern={CONNECT_ENV_ALLOWLIST}\n"
             f"{converter}\n"
         )
 

@@ -85,6 +85,7 @@ def test_connect_provides_what_the_connector_files_reference(services: dict) -> 
             assert allowed.search(name), f"{source}: {name} not in the env allow-list"
             referenced.add(name)
     assert "CRM_DB_PASSWORD" in referenced
+    assert allowed.search("BILLING_DB_TRUSTSTORE_PASSWORD")  # a TLS setting's, at apply
     for name in set(env) - referenced | {"PATH", "HOME", "CRM_DB_PASSWORD_X", "X_CRM_DB_HOST"}:
         assert not allowed.search(name), name
 
@@ -97,6 +98,9 @@ def test_connect_matches_the_local_worker_config(services: dict, tmp_path: Path)
         line.split("=", 1) for line in connect.config.read_text().splitlines() if "=" in line
     )
     assert env["GROUP_ID"] == local["group.id"]
+    pattern = env["CONNECT_CONFIG_PROVIDERS_ENV_PARAM_ALLOWLIST_PATTERN"].replace("$$", "$")
+    assert pattern == local["config.providers.env.param.allowlist.pattern"]
+    assert all(re.search(pattern, name) for name in connect.worker_env())
     for topic in ("config", "offset", "status"):
         assert env[f"{topic.upper()}_STORAGE_TOPIC"] == local[f"{topic}.storage.topic"]
     assert env["CONNECT_CONFIG_PROVIDERS_ENV_CLASS"] == local["config.providers.env.class"]
