@@ -299,3 +299,21 @@ def test_a_policy_made_in_code_is_checked_too() -> None:
         MatchPolicy(trust={"erp": {"email": Trust.LOW}})
     with pytest.raises(ConfigError, match="must be below auto_link"):
         MatchScoring(low=1.0)
+
+
+@pytest.mark.parametrize(
+    ("first", "last", "phone", "total", "decision"),
+    [
+        ("Mallory", "Jones", "+441632960999", 0.6, Decision.REVIEW),
+        ("ada", "lovlace", "", 1.078, Decision.LINK),
+        ("", "", "+441632960001", 1.1, Decision.LINK),
+        ("Byron", "Lovelace", "", 0.6, Decision.REVIEW),
+    ],
+)
+def test_the_worked_example_of_the_connectors_readme(
+    first: str, last: str, phone: str, total: float, decision: Decision
+) -> None:
+    """connectors/README.md, "Match policy": the table's totals and decisions."""
+    decided, result = outcome(side("support", first, last, phone), CUSTOMER)
+    assert decided is decision
+    assert result.total == pytest.approx(total, abs=0.005)
