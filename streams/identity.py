@@ -133,6 +133,9 @@ local function put_profile(gid, link, entry)
   local key = prefix .. 'profile:' .. gid
   local old = redis.call('HGET', key, link)
   if old then
+    if old == entry then
+      return
+    end
     local merged = cjson.decode(old)
     local new = cjson.decode(entry)
     local keys = merged['k'] or {}
@@ -173,6 +176,7 @@ for i, c in ipairs(cjson.decode(ARGV[2])) do
     out[i] = {'again'}
   elseif c[3] then
     if gid then
+      redis.call('HDEL', prefix .. 'profile:' .. gid, link)
       out[i] = {'golden', gid}
     elseif redis.call('HDEL', held, link) == 1 then
       out[i] = {'released'}
@@ -246,9 +250,9 @@ return cjson.encode({out, redis.call('HLEN', held)})
 """
 
 # KEYS: xref key (and the epoch key, guarded). ARGV: prefix, "system:key", golden id.
-# Moves the row out of the link
-# set of the golden record it pointed to before, if any. A hold on the row ends: an
-# applier wrote the record's values into it, so it is that record's row now.
+# Moves the row out of the link set of the golden record it pointed to before, if any,
+# and its match profile entry with it. A hold on the row ends: an applier wrote the
+# record's values into it, so it is that record's row now.
 LINK_SCRIPT = """
 if KEYS[2] and redis.call('EXISTS', KEYS[2]) == 0 then
   return redis.error_reply('ACCORD_IDENTITY_LOST ' .. KEYS[2] .. ' is missing')
@@ -256,6 +260,11 @@ end
 local old = redis.call('GET', KEYS[1])
 if old and old ~= ARGV[3] then
   redis.call('SREM', ARGV[1] .. 'links:' .. old, ARGV[2])
+  local entry = redis.call('HGET', ARGV[1] .. 'profile:' .. old, ARGV[2])
+  if entry then
+    redis.call('HDEL', ARGV[1] .. 'profile:' .. old, ARGV[2])
+    redis.call('HSET', ARGV[1] .. 'profile:' .. ARGV[3], ARGV[2], entry)
+  end
 end
 redis.call('HDEL', ARGV[1] .. 'held', ARGV[2])
 redis.call('SET', KEYS[1], ARGV[3])

@@ -866,3 +866,22 @@ def test_concurrent_support_sign_ups_with_one_email_found_one_record_or_wait(
     assert not errors, errors
     assert results["a"] == results["b"]
     assert None not in results["a"] and len(set(results["a"])) == 100
+
+
+def test_a_profile_entry_follows_its_row_and_goes_with_its_delete(
+    client: redis.Redis, prefix: str
+) -> None:
+    resolver = policed(client, prefix)
+    ada, bob = resolver.resolve(
+        [change("crm", "1", **ADA), change("crm", "2", email="bob@example.com")]
+    )
+    # A later change that carries only the phone keeps the name the row gave before.
+    resolver.resolve([change("crm", "1", phone=ADA_PHONE)])
+    entry = json.loads(client.hget(resolver.profile_key(ada), "crm:1"))
+    assert (entry["f"], entry["l"], entry["p"]) == ("ada", "lovelace", ADA_PHONE)
+    assert entry["k"]["email"] == resolver.match_key("email", ADA["email"]).rpartition(":")[2]
+    resolver.link("crm", "1", bob)  # relinked: its entry moves with it
+    assert client.hget(resolver.profile_key(ada), "crm:1") is None
+    assert json.loads(client.hget(resolver.profile_key(bob), "crm:1"))["f"] == "ada"
+    resolver.resolve([change("crm", "1", Op.DELETE)])  # deleted: it corroborates nothing
+    assert client.hget(resolver.profile_key(bob), "crm:1") is None
