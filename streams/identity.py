@@ -655,8 +655,9 @@ class IdentityResolver:
         rows already (held); held for review; or a new record. Else, if it carries a
         role address, held; else a new id. A linked row's xref, link and match profile
         entry are recorded, and every match value it carries is indexed to its golden id
-        unless already indexed (first writer wins). A delete only reads the xref, and
-        ends the hold of a held row.
+        unless already indexed (first writer wins). A delete only reads the xref (and
+        drops the row's profile entry: a deleted row corroborates nothing), and ends the
+        hold of a held row.
 
         One script round trip for a batch no candidate is found for; scoring needs
         Python, so a batch with candidates takes a second, which applies each decision
