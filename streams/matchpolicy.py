@@ -286,7 +286,10 @@ def score(
 
     `matched`: the match fields whose value of `row` is indexed to the candidate.
     `profile`: the candidate's linked rows (empty when unknown: a record indexed before
-    profiles were kept). A matched field `row`'s system may not link on counts nothing.
+    profiles were kept, which is trusted as identity trusted every record before).
+    The candidate's side of a key match is vouched for by its best-trusted row carrying
+    the value; when none carries it any more (the row that indexed it changed), by its
+    least-trusted row. A matched field `row`'s system may not link on counts nothing.
     The name and phone count once, at their best over the candidate's rows.
     """
     weights = policy.scoring
@@ -305,6 +308,11 @@ def score(
         known = [trust for trust in theirs if trust is not None]
         if known:  # the best-trusted row carrying the value vouches for it
             mine = min(mine, max(known, key=_RANK.__getitem__), key=_RANK.__getitem__)
+        else:  # no row carries it now (it changed since): the least-trusted row's word
+            rows = [policy.trust_of(entry.system, name) for entry in entries if entry.system]
+            rows = [trust for trust in rows if trust is not None]
+            if rows:
+                mine = min(mine, *rows, key=_RANK.__getitem__)
         keys.append((name, mine))
     key_points = sum(weights.weight(trust) for _, trust in keys)
     similarity = max((name_similarity(row.name, entry.name) for entry in entries), default=0.0)

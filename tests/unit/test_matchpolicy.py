@@ -104,6 +104,12 @@ def test_a_record_founded_by_a_low_trust_key_does_not_vouch_for_a_trusted_row() 
     # A trusted row carrying the same value vouches for it.
     both = [*founded_by_stranger, side("billing")]
     assert outcome(side("crm"), both)[0] is Decision.LINK
+    # The stranger changed address since founding it: no row carries the value any
+    # more, so the least-trusted row's word counts, not blanket trust.
+    moved = [side("support", "Mallory", "Jones", email="digest-of-another")]
+    assert outcome(side("crm", "Ada", "Lovelace"), moved)[0] is Decision.REVIEW
+    rebuilt = [MatchSide("", "ada lovelace")]  # `accord identity rebuild`'s entry
+    assert outcome(side("crm", "Someone", "Else"), rebuilt)[0] is Decision.LINK
 
 
 def test_a_key_the_system_may_not_link_on_counts_nothing() -> None:
