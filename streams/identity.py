@@ -252,7 +252,9 @@ return cjson.encode({out, redis.call('HLEN', held)})
 # KEYS: xref key (and the epoch key, guarded). ARGV: prefix, "system:key", golden id.
 # Moves the row out of the link set of the golden record it pointed to before, if any,
 # and its match profile entry with it. A hold on the row ends: an applier wrote the
-# record's values into it, so it is that record's row now.
+# record's values into it, so it is that record's row now. A row without a profile entry
+# gets one marked `"a"` (linked by Accord): its later values are the record's, copied,
+# so they never vouch for a match value (`streams.matchpolicy.MatchSide.vouches`).
 LINK_SCRIPT = """
 if KEYS[2] and redis.call('EXISTS', KEYS[2]) == 0 then
   return redis.error_reply('ACCORD_IDENTITY_LOST ' .. KEYS[2] .. ' is missing')
@@ -266,6 +268,9 @@ if old and old ~= ARGV[3] then
     redis.call('HSET', ARGV[1] .. 'profile:' .. ARGV[3], ARGV[2], entry)
   end
 end
+local system = string.match(ARGV[2], '^([^:]*)')
+redis.call('HSETNX', ARGV[1] .. 'profile:' .. ARGV[3], ARGV[2],
+           cjson.encode({s = system, k = {}, a = true}))
 redis.call('HDEL', ARGV[1] .. 'held', ARGV[2])
 redis.call('SET', KEYS[1], ARGV[3])
 redis.call('SADD', ARGV[1] .. 'links:' .. ARGV[3], ARGV[2])

@@ -211,6 +211,9 @@ class MatchSide:
     name: str = ""
     phone: str = ""
     keys: Mapping[str, str] = field(default_factory=dict)
+    # False for a row an applier linked (created or adopted in a target): its values are
+    # the record's, copied, so its system's trust says nothing about a match value.
+    vouches: bool = True
 
     @classmethod
     def of(cls, system: str, values: Mapping[str, object], keys: Mapping[str, str]) -> MatchSide:
@@ -232,6 +235,7 @@ class MatchSide:
                 normalized_name(data.get("f"), data.get("l")),
                 str(data.get("p") or ""),
                 {str(k): str(v) for k, v in (data.get("k") or {}).items()},
+                not data.get("a"),
             )
         except (ValueError, KeyError, TypeError, AttributeError):
             return None
@@ -289,8 +293,9 @@ def score(
     profiles were kept, which is trusted as identity trusted every record before).
     The candidate's side of a key match is vouched for by its best-trusted row carrying
     the value; when none carries it any more (the row that indexed it changed), by its
-    least-trusted row. A matched field `row`'s system may not link on counts nothing.
-    The name and phone count once, at their best over the candidate's rows.
+    least-trusted row. Rows an applier linked (`vouches` False) vouch for nothing. A
+    matched field `row`'s system may not link on counts nothing. The name and phone
+    count once, at their best over the candidate's rows.
     """
     weights = policy.scoring
     entries = list(profile)
@@ -300,16 +305,17 @@ def score(
         if mine is None:
             continue
         digest = row.keys.get(name)
+        vouching = [entry for entry in entries if entry.vouches and entry.system]
         theirs = [
             policy.trust_of(entry.system, name)
-            for entry in entries
+            for entry in vouching
             if digest is not None and entry.keys.get(name) == digest
         ]
         known = [trust for trust in theirs if trust is not None]
         if known:  # the best-trusted row carrying the value vouches for it
             mine = min(mine, max(known, key=_RANK.__getitem__), key=_RANK.__getitem__)
         else:  # no row carries it now (it changed since): the least-trusted row's word
-            rows = [policy.trust_of(entry.system, name) for entry in entries if entry.system]
+            rows = [policy.trust_of(entry.system, name) for entry in vouching]
             rows = [trust for trust in rows if trust is not None]
             if rows:
                 mine = min(mine, *rows, key=_RANK.__getitem__)

@@ -885,3 +885,25 @@ def test_a_profile_entry_follows_its_row_and_goes_with_its_delete(
     assert json.loads(client.hget(resolver.profile_key(bob), "crm:1"))["f"] == "ada"
     resolver.resolve([change("crm", "1", Op.DELETE)])  # deleted: it corroborates nothing
     assert client.hget(resolver.profile_key(bob), "crm:1") is None
+
+
+def test_a_row_accord_made_for_a_sign_up_does_not_vouch_for_its_email(
+    client: redis.Redis, prefix: str
+) -> None:
+    """A stranger signs up in support first; the CRM applier creates a CRM row for that
+    record, with the stranger's values. That CRM row is Accord's copy, not CRM's word:
+    the customer's billing account with the address is still reviewed, not linked."""
+    resolver = policed(client, prefix)
+    [stranger] = resolver.resolve(
+        [change("support", "u-1", email="ada@example.com", first_name="Mallory")]
+    )
+    resolver.link("crm", "c-1", stranger)  # the CRM applier created the row
+    echo = change("crm", "c-1", email="ada@example.com", first_name="Mallory")
+    assert resolver.resolve([echo]) == [stranger]  # its CDC echo, through the xref
+    entry = json.loads(client.hget(resolver.profile_key(stranger), "crm:c-1"))
+    assert entry["a"] is True and entry["f"] == "mallory"
+    [billing] = resolver.resolve_batch(
+        [change("billing", "A-1", email="ada@example.com", tax_id="DE1")]
+    ).results
+    assert billing.hold is not None and billing.hold.reason is HoldReason.REVIEW
+    assert billing.hold.scores["keys"] == {"email": "low"}

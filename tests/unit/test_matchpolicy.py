@@ -323,3 +323,11 @@ def test_the_worked_example_of_the_connectors_readme(
     decided, result = outcome(side("support", first, last, phone), CUSTOMER)
     assert decided is decision
     assert result.total == pytest.approx(total, abs=0.005)
+
+
+def test_a_row_an_applier_linked_vouches_for_nothing() -> None:
+    copied = MatchSide.parse('{"s": "crm", "k": {"email": "digest-of-ada"}, "a": true}')
+    assert copied is not None and not copied.vouches
+    founded_by_stranger = [side("support", "Mallory"), copied]
+    decision, result = outcome(side("billing"), founded_by_stranger)
+    assert decision is Decision.REVIEW and result.keys == (("email", Trust.LOW),)
