@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from streams.errors import ConfigError
@@ -331,3 +331,48 @@ def test_a_row_an_applier_linked_vouches_for_nothing() -> None:
     founded_by_stranger = [side("support", "Mallory"), copied]
     decision, result = outcome(side("billing"), founded_by_stranger)
     assert decision is Decision.REVIEW and result.keys == (("email", Trust.LOW),)
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    auto_link=st.floats(0.1, 5, allow_nan=False).map(lambda x: round(x, 3)),
+    review_share=st.floats(0.01, 1),
+    low_share=st.floats(0, 0.99),
+    name=st.floats(0, 3).map(lambda x: round(x, 3)),
+    name_min=st.floats(0, 1).map(lambda x: round(x, 3)),
+    levels=st.fixed_dictionaries(
+        {}, optional={s: st.sampled_from(["trusted", "low"]) for s in ("crm", "support")}
+    ),
+)
+def test_any_valid_policy_reads_back_as_written(
+    tmp_path: Path,
+    auto_link: float,
+    review_share: float,
+    low_share: float,
+    name: float,
+    name_min: float,
+    levels: dict[str, str],
+) -> None:
+    review = max(round(auto_link * review_share, 3), 0.001)
+    low = round(auto_link * low_share, 3)
+    if review > auto_link or low >= auto_link:
+        return
+    trust = "".join(f"    {system}: {{email: {level}}}\n" for system, level in levels.items())
+    text = VALID.replace(
+        "fields:",
+        "identity:\n"
+        + ("  trust:\n" + trust if trust else "")
+        + f"  scoring: {{auto_link: {auto_link}, review: {review}, low: {low}, name: {name}, "
+        f"name_min: {name_min}}}\nfields:",
+        1,
+    )
+    matching = load_rules(_write(tmp_path, text)).identity.matching
+    assert matching.scoring == MatchScoring(
+        low=low, name=name, name_min=name_min, auto_link=auto_link, review=review
+    )
+    expected = (
+        {s: {"email": Trust(level)} for s, level in levels.items()} if levels else DEFAULT_TRUST
+    )
+    assert matching.trust == expected
