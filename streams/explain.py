@@ -164,6 +164,8 @@ def hold_as_dict(hold: Hold) -> dict[str, Any]:
         "golden_id": hold.golden_id,
         "rows": hold.rows,
         "max_rows_per_record": hold.cap,
+        "scores": dict(hold.scores) if hold.scores else None,  # a scored match: why
+        "policy": dict(hold.policy) if hold.policy else None,
         "since": _time(hold.since_ms * 1000),
         "last_seen": _time(hold.last_seen_ms * 1000),
         "changes_since": hold.updates,

@@ -1,10 +1,12 @@
 """Identity resolution: which golden record a source row belongs to.
 
 A source row, `(system, primary key)`, is linked to a golden id (its xref). A row seen
-for the first time is matched to an existing golden record by deterministic match
-rules on its already-normalized canonical values (exact comparison: mapping lower-cases
-emails before this), or else gets a new golden id. The new id is derived from the row
-(`golden_id_for`), so replaying a row after its xref was lost creates the same id.
+for the first time is matched by the match policy (`streams.matchpolicy`): the golden
+records its match values (already normalized by the mappings) are indexed to are its
+candidates; the best-scoring one is linked (score at least `identity.scoring.auto_link`),
+or the row is held for review (inside the review band), or it gets a new golden id. The
+new id is derived from the row (`golden_id_for`), so replaying a row after its xref was
+lost creates the same id.
 
 Key layout, under the configured prefix (`WorkerSettings.redis_prefix`):
 
@@ -13,13 +15,16 @@ Key layout, under the configured prefix (`WorkerSettings.redis_prefix`):
                                 digest is a keyed hash of the value (`streams.matchkeys`)
     match-key-check          -> which secret made the hmatch keys (string)
     links:{golden_id}        -> every source row linked to it, as "system:key" (set)
+    profile:{golden_id}      -> "system:key" -> that row's own normalized name, phone and
+                                match value digests, JSON (hash; `streams.matchpolicy`)
     held                     -> "system:key" -> JSON of why that row is held (hash)
     identity-epoch           -> when these keys were first made or last rebuilt (string)
 
 A row that would make a golden record link more than `IdentityPolicy.max_rows_per_record`
-rows, or whose only way to a record is a role address (`info@`, `billing@`, ...), is
-*held*: it gets no xref, no golden id and indexes nothing, so nothing downstream sees it;
-the hold records why until a review decides. A held row stays held through its later
+rows, whose only way to a record is a role address (`info@`, `billing@`, ...), or whose
+best candidate scores inside the review band, is *held*: it gets no xref, no golden id
+and indexes nothing, so nothing downstream sees it; the hold records why until a review
+decides. A held row stays held through its later
 changes; its delete releases it. Role addresses are never indexed nor matched: many
 people share them, so they say nothing about who a row is.
 
@@ -31,7 +36,11 @@ the golden records and writes it again.
 
 Resolution runs as one Lua script per batch, so it is atomic: two workers resolving
 rows of the same new customer from different systems at the same time end with one
-golden id, two workers cannot both pass the cap, and a batch costs one round trip. Match
+golden id, and two workers cannot both pass the cap. Scoring needs Python: a change with
+candidates comes back from the script with them and their match profiles, is scored, and
+is passed again with its decision and the golden id each candidate pointed to; the
+script applies it only if they still do (else it reports them again). A batch costs one
+round trip, two when it has candidates. Match
 key names are computed here (their hashes need the secret) and passed as KEYS; xref, link
 and hold names the script still computes from the prefix, so it needs a single Redis node,
 not a cluster.
@@ -47,8 +56,10 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Any
 
 import redis
+from prometheus_client import Counter
 
 from streams.dedupe import RedisUnavailable, redis_errors
 from streams.errors import ConfigError
@@ -58,6 +69,14 @@ from streams.matchkeys import (
     check_secret,
     drop_match_keys,
     migrate_legacy_keys,
+)
+from streams.matchpolicy import (
+    Decision,
+    MatchPolicy,
+    MatchSide,
+    decide,
+    profile_entry,
+    score,
 )
 from streams.model import FIELDS, SYSTEMS, Change, Op
 
@@ -69,15 +88,34 @@ REBUILD_BATCH = 500
 
 EPOCH_KEY = "identity-epoch"
 LOST_MARKER = "ACCORD_IDENTITY_LOST"
+# Rounds of score-then-apply a batch may take: another worker changing a candidate
+# between this one's read and its apply costs a round; this many means contention gone
+# wrong, and the batch is retried as a whole.
+MAX_SCORE_ROUNDS = 8
+REBUILT_PROFILE = "*"  # the profile field a rebuild writes: the golden record's own values
+
+SCORED = Counter(
+    "accord_identity_scored_total",
+    "New rows scored against a candidate golden record by the match policy, by decision",
+    ["system", "decision"],  # decision: link, review, new
+)
 
 # KEYS[1]: the epoch key; ARGV[5] "1" (guarded resolvers) refuses a batch without it.
 # KEYS[2..]: the match keys the batch reads or writes (`MatchKeys.key`).
 # ARGV[1]: key prefix. ARGV[2]: JSON list, one entry per change, in batch order:
 # [system, key, is_delete, new_golden_id, [[field, value, index in KEYS], ...match
-# candidates in rule order, role addresses left out], role address carried ("" for none)].
+# candidates in rule order, role addresses left out], role address carried ("" for none),
+# profile entry ("" for none: `streams.matchpolicy.profile_entry`), decision].
+# The decision is false on a change's first pass, else what scoring decided from the
+# candidates this script reported: [kind ("link", "review" or "new"), golden id,
+# [golden id each candidate pointed to then, "" for none], hold fields (an object)].
 # ARGV[3]: max rows per record. ARGV[4]: now, ms since the epoch.
 # Returns JSON [[outcome per change], rows held]; an outcome is ["golden", id],
-# ["unknown"] (a delete of an unknown row), ["held", hold JSON] or ["released"].
+# ["unknown"] (a delete of an unknown row), ["held", hold JSON], ["released"],
+# ["score", [golden id per candidate, "" for none], {golden id: profile as HGETALL}]
+# (a new row some candidate points to: nothing done, score it and pass it again with
+# the decision; also when a decision's candidates changed since) or ["again"] (a later
+# change of a row waiting for its score: pass it again after that one).
 RESOLVE_SCRIPT = """
 if ARGV[5] == '1' and redis.call('EXISTS', KEYS[1]) == 0 then
   return redis.error_reply('ACCORD_IDENTITY_LOST ' .. KEYS[1] .. ' is missing')
@@ -86,14 +124,59 @@ local prefix = ARGV[1]
 local cap = tonumber(ARGV[3])
 local now = tonumber(ARGV[4])
 local held = prefix .. 'held'
+local waiting = {}
 local out = {}
+local function put_profile(gid, link, entry)
+  if entry == '' then
+    return
+  end
+  local key = prefix .. 'profile:' .. gid
+  local old = redis.call('HGET', key, link)
+  if old then
+    if old == entry then
+      return
+    end
+    local merged = cjson.decode(old)
+    local new = cjson.decode(entry)
+    local keys = merged['k'] or {}
+    for name, digest in pairs(new['k'] or {}) do
+      keys[name] = digest
+    end
+    for name, value in pairs(new) do
+      merged[name] = value
+    end
+    merged['k'] = keys
+    entry = cjson.encode(merged)
+  end
+  redis.call('HSET', key, link, entry)
+end
+local function candidates(c)
+  local found = {}
+  local profiles = {}
+  local any = false
+  for j, m in ipairs(c[5]) do
+    local gid = redis.call('GET', KEYS[m[3]])
+    found[j] = gid or ''
+    if gid then
+      any = true
+      if not profiles[gid] then
+        profiles[gid] = redis.call('HGETALL', prefix .. 'profile:' .. gid)
+      end
+    end
+  end
+  return any, found, profiles
+end
 for i, c in ipairs(cjson.decode(ARGV[2])) do
   local link = c[1] .. ':' .. c[2]
   local xref = prefix .. 'xref:' .. link
   local gid = redis.call('GET', xref)
   local hold = nil
-  if c[3] then
+  local decision = c[8]
+  if waiting[link] then
+    out[i] = {'again'}
+  elseif c[3] then
     if gid then
+      redis.call('HDEL', prefix .. 'profile:' .. gid, link)
       out[i] = {'golden', gid}
     elseif redis.call('HDEL', held, link) == 1 then
       out[i] = {'released'}
@@ -108,20 +191,33 @@ for i, c in ipairs(cjson.decode(ARGV[2])) do
         hold['updates'] = hold['updates'] + 1
         hold['last_seen_ms'] = now
       else
-        local via = nil
-        for _, m in ipairs(c[5]) do
-          gid = redis.call('GET', KEYS[m[3]])
-          if gid then
-            via = {m[1], m[2]}
-            break
+        local any, found, profiles = candidates(c)
+        local kind = 'new'
+        if decision then
+          kind = decision[1]
+          for j, expected in ipairs(decision[3]) do
+            if found[j] ~= expected then
+              kind = 'score'
+            end
           end
+        elseif any then
+          kind = 'score'
         end
-        if gid then
+        if kind == 'score' then
+          waiting[link] = true
+          out[i] = {'score', found, profiles}
+        elseif kind == 'link' then
+          gid = decision[2]
           local rows = redis.call('SCARD', prefix .. 'links:' .. gid)
           if rows >= cap then
-            hold = {reason = 'max_rows_per_record', golden_id = gid, rows = rows, cap = cap,
-                    match = via}
+            hold = decision[4]
+            hold['reason'] = 'max_rows_per_record'
+            hold['golden_id'] = gid
+            hold['rows'] = rows
+            hold['cap'] = cap
           end
+        elseif kind == 'review' then
+          hold = decision[4]
         elseif c[6] ~= '' then
           hold = {reason = 'role_address', match = {'email', c[6]}}
         else
@@ -131,7 +227,7 @@ for i, c in ipairs(cjson.decode(ARGV[2])) do
           hold['since_ms'] = now
           hold['last_seen_ms'] = now
           hold['updates'] = 0
-        else
+        elseif gid then
           redis.call('SET', xref, gid)
         end
       end
@@ -140,11 +236,12 @@ for i, c in ipairs(cjson.decode(ARGV[2])) do
       local text = cjson.encode(hold)
       redis.call('HSET', held, link, text)
       out[i] = {'held', text}
-    else
+    elseif gid then
       redis.call('SADD', prefix .. 'links:' .. gid, link)
       for _, m in ipairs(c[5]) do
         redis.call('SET', KEYS[m[3]], gid, 'NX')
       end
+      put_profile(gid, link, c[7])
       out[i] = {'golden', gid}
     end
   end
@@ -153,9 +250,11 @@ return cjson.encode({out, redis.call('HLEN', held)})
 """
 
 # KEYS: xref key (and the epoch key, guarded). ARGV: prefix, "system:key", golden id.
-# Moves the row out of the link
-# set of the golden record it pointed to before, if any. A hold on the row ends: an
-# applier wrote the record's values into it, so it is that record's row now.
+# Moves the row out of the link set of the golden record it pointed to before, if any,
+# and its match profile entry with it. A hold on the row ends: an applier wrote the
+# record's values into it, so it is that record's row now. A row without a profile entry
+# gets one marked `"a"` (linked by Accord): its later values are the record's, copied,
+# so they never vouch for a match value (`streams.matchpolicy.MatchSide.vouches`).
 LINK_SCRIPT = """
 if KEYS[2] and redis.call('EXISTS', KEYS[2]) == 0 then
   return redis.error_reply('ACCORD_IDENTITY_LOST ' .. KEYS[2] .. ' is missing')
@@ -163,7 +262,15 @@ end
 local old = redis.call('GET', KEYS[1])
 if old and old ~= ARGV[3] then
   redis.call('SREM', ARGV[1] .. 'links:' .. old, ARGV[2])
+  local entry = redis.call('HGET', ARGV[1] .. 'profile:' .. old, ARGV[2])
+  if entry then
+    redis.call('HDEL', ARGV[1] .. 'profile:' .. old, ARGV[2])
+    redis.call('HSET', ARGV[1] .. 'profile:' .. ARGV[3], ARGV[2], entry)
+  end
 end
+local system = string.match(ARGV[2], '^([^:]*)')
+redis.call('HSETNX', ARGV[1] .. 'profile:' .. ARGV[3], ARGV[2],
+           cjson.encode({s = system, k = {}, a = true}))
 redis.call('HDEL', ARGV[1] .. 'held', ARGV[2])
 redis.call('SET', KEYS[1], ARGV[3])
 redis.call('SADD', ARGV[1] .. 'links:' .. ARGV[3], ARGV[2])
@@ -178,6 +285,11 @@ class IdentityLost(RedisUnavailable):
     reads its batch again, an applier retries its event), once `streams.relink` has
     rebuilt the keys.
     """
+
+
+class IdentityContended(RedisUnavailable):
+    """A batch's candidates kept changing under it (`MAX_SCORE_ROUNDS`): retried whole,
+    like a Redis outage; the changes it did resolve resolve the same way again."""
 
 
 @contextmanager
@@ -223,6 +335,7 @@ class HoldReason(StrEnum):
 
     MAX_ROWS = "max_rows_per_record"  # its match found a record that links the most rows
     ROLE_ADDRESS = "role_address"  # a role address was its only way to a record
+    REVIEW = "review"  # its best candidate scored inside the review band (match policy)
 
 
 # Why 20: a customer has one row per system, and a few more where people sign up twice
@@ -255,6 +368,7 @@ class IdentityPolicy:
     role_addresses: frozenset[str] = field(
         default_factory=lambda: frozenset(DEFAULT_ROLE_ADDRESSES)
     )
+    matching: MatchPolicy = field(default_factory=MatchPolicy)  # trust and scoring
 
     def __post_init__(self) -> None:
         cap = self.max_rows_per_record
@@ -304,6 +418,10 @@ class Hold:
     since_ms: int = 0
     last_seen_ms: int = 0
     updates: int = 0  # changes of the row held since the first
+    # A scored match (review, and a cap hold of a scored link): `Score.as_dict`, and the
+    # policy's thresholds with the decision (`{"auto_link", "review", "decision"}`).
+    scores: Mapping[str, Any] | None = None
+    policy: Mapping[str, Any] | None = None
 
     @classmethod
     def parse(cls, link: str, text: str) -> Hold:
@@ -321,6 +439,8 @@ class Hold:
             int(data.get("since_ms", 0)),
             int(data.get("last_seen_ms", 0)),
             int(data.get("updates", 0)),
+            data.get("scores") or None,
+            data.get("policy") or None,
         )
 
     def describe(self) -> str:
@@ -333,9 +453,23 @@ class Hold:
                 "which many people share (identity.role_addresses)"
             )
         by = f" by {self.match[0]}" if self.match else ""
+        if self.reason is HoldReason.REVIEW:
+            return f"matched{by} golden record {self.golden_id}, {self._scored()}"
         return (
             f"matched{by} golden record {self.golden_id}, which already links {self.rows} "
             f"rows (identity.max_rows_per_record: {self.cap})"
+        )
+
+    def _scored(self) -> str:
+        """The scores of a review hold, in words."""
+        scores = self.scores or {}
+        policy = self.policy or {}
+        keys = ", ".join(f"{name} ({trust})" for name, trust in (scores.get("keys") or {}).items())
+        return (
+            f"scoring {scores.get('total')} (keys {keys or 'none'}: {scores.get('key')}; name "
+            f"similarity {scores.get('name_similarity')}: {scores.get('name')}; same phone: "
+            f"{scores.get('phone')}), inside the review band [{policy.get('review')}, "
+            f"{policy.get('auto_link')}) of identity.scoring: held for review"
         )
 
 
@@ -460,6 +594,16 @@ class IdentityResolver:
     def links_key(self, golden_id: str) -> str:
         return f"{self._prefix}links:{golden_id}"
 
+    def profile_key(self, golden_id: str) -> str:
+        """The match profile of a golden record: per linked row (`system:key`), that
+        row's own normalized name, phone and match value digests (JSON:
+        `streams.matchpolicy.profile_entry`); what scoring compares a new row with."""
+        return f"{self._prefix}profile:{golden_id}"
+
+    @property
+    def policy(self) -> IdentityPolicy:
+        return self._policy
+
     def match_key(self, field: str, value: str) -> str:
         """The key a match value is indexed under: a keyed hash, no value in the name."""
         if self._match_keys is None:
@@ -510,55 +654,139 @@ class IdentityResolver:
         """What identity makes of each change, in order.
 
         For an upsert: its xref if the row is known; else, if the row is held, held
-        again; else the golden id indexed for the first match rule (in rule order) whose
-        value it carries and that is indexed, unless that record links
-        `max_rows_per_record` rows already (held); else, if it carries a role address,
-        held; else a new id. Role addresses are skipped in matching and indexing. A
-        linked row's xref and link are recorded, and every other match value it carries
-        is indexed to its golden id unless already indexed (first writer wins).
-        A delete only reads the xref, and ends the hold of a held row.
-        Guarded, raises `IdentityLost` (nothing done) while the epoch key is missing.
+        again; else, when the values it may link on (`identity.trust`; role addresses
+        left out) point to golden records, the best-scoring one decides
+        (`streams.matchpolicy`): linked, unless that record links `max_rows_per_record`
+        rows already (held); held for review; or a new record. Else, if it carries a
+        role address, held; else a new id. A linked row's xref, link and match profile
+        entry are recorded, and every match value it carries is indexed to its golden id
+        unless already indexed (first writer wins). A delete only reads the xref (and
+        drops the row's profile entry: a deleted row corroborates nothing), and ends the
+        hold of a held row.
+
+        One script round trip for a batch no candidate is found for; scoring needs
+        Python, so a batch with candidates takes a second, which applies each decision
+        only if every candidate still points where it did (else that change is scored
+        again, in another round). Guarded, raises `IdentityLost` (nothing done) while
+        the epoch key is missing; `IdentityContended` after `MAX_SCORE_ROUNDS`.
         """
         if not changes:
             return BatchResolution([], 0)
         self.prepare()
-        batch = []
         keys = [self.epoch_key]
+        entries: list[list[Any]] = []
+        sides: list[MatchSide] = []
         for change in changes:
-            trusted, role = self._policy.split(
-                match_candidates(change.system, change.values, self._rules)
-            )
+            allowed = [
+                (name, text)
+                for name, text in match_candidates(change.system, change.values, self._rules)
+                if self._policy.matching.may_link(change.system, name)
+            ]
+            trusted, role = self._policy.split(allowed)
             candidates = []
+            digests: dict[str, str] = {}
             for name, text in trusted:
-                keys.append(self.match_key(name, text))
+                key = self.match_key(name, text)
+                keys.append(key)
                 candidates.append([name, text, len(keys)])
-            batch.append(
+                digests.setdefault(name, key.rpartition(":")[2])
+            is_delete = change.op is Op.DELETE
+            entries.append(
                 [
                     change.system,
                     change.source_key,
-                    change.op is Op.DELETE,
+                    is_delete,
                     golden_id_for(change.system, change.source_key),
                     candidates,
                     role,
+                    "" if is_delete else profile_entry(change.system, change.values, digests),
                 ]
             )
-        payload = json.dumps(batch, ensure_ascii=False, separators=(",", ":"))
-        now_ms = int(time.time() * 1000)
+            sides.append(MatchSide.of(change.system, change.values, digests))
+        results: list[Resolution | None] = [None] * len(changes)
+        decisions: dict[int, list[Any]] = {}
+        todo = list(range(len(changes)))
+        held_rows = 0
         cap = self._policy.max_rows_per_record
         guard = "1" if self._guarded else "0"
-        with redis_errors(f"resolving identities of {len(changes)} changes"), _lost_identities():
-            reply = self._resolve(keys=keys, args=[self._prefix, payload, cap, now_ms, guard])
-        outcomes, held_rows = json.loads(_decoded(reply) or "[[], 0]")
-        results = []
-        for change, outcome in zip(changes, outcomes, strict=True):
-            kind = outcome[0]
-            if kind == "golden":
-                results.append(Resolution(golden_id=outcome[1]))
-            elif kind == "held":
-                results.append(Resolution(hold=Hold.parse(change.link, outcome[1])))
-            else:
-                results.append(Resolution(released=kind == "released"))
-        return BatchResolution(results, int(held_rows))
+        for _round in range(MAX_SCORE_ROUNDS):
+            batch = [[*entries[i], decisions.get(i, False)] for i in todo]
+            payload = json.dumps(batch, ensure_ascii=False, separators=(",", ":"))
+            now_ms = int(time.time() * 1000)
+            with (
+                redis_errors(f"resolving identities of {len(todo)} changes"),
+                _lost_identities(),
+            ):
+                reply = self._resolve(keys=keys, args=[self._prefix, payload, cap, now_ms, guard])
+            outcomes, held_rows = json.loads(_decoded(reply) or "[[], 0]")
+            again = []
+            for i, outcome in zip(todo, outcomes, strict=True):
+                kind = outcome[0]
+                if kind == "score":
+                    decisions[i] = self._decide(changes[i], entries[i], sides[i], outcome)
+                    again.append(i)
+                elif kind == "again":
+                    decisions.pop(i, None)
+                    again.append(i)
+                else:
+                    decided = decisions.pop(i, None)
+                    if decided is not None:
+                        SCORED.labels(changes[i].system, decided[0]).inc()
+                    results[i] = _resolution(changes[i], outcome)
+            todo = again
+            if not todo:
+                break
+        else:
+            raise IdentityContended(
+                f"identity: {len(todo)} changes still contended after {MAX_SCORE_ROUNDS} "
+                "rounds of scoring: their candidates kept changing"
+            )
+        return BatchResolution([result or Resolution() for result in results], int(held_rows))
+
+    def _decide(
+        self, change: Change, entry: list[Any], side: MatchSide, outcome: list[Any]
+    ) -> list[Any]:
+        """The decision a `score` outcome calls for, as the resolve script takes it."""
+        found: list[str] = list(outcome[1])
+        profiles = outcome[2] if isinstance(outcome[2], dict) else {}
+        matched: dict[str, list[int]] = {}
+        for j, golden_id in enumerate(found):
+            if golden_id:
+                matched.setdefault(golden_id, []).append(j)
+        candidates = entry[4]
+        policy = self._policy.matching
+        best: tuple[str, list[int], Any] | None = None
+        for golden_id, indexes in matched.items():
+            flat = profiles.get(golden_id) or []
+            profile = [
+                parsed
+                for parsed in (MatchSide.parse(text) for text in flat[1::2])
+                if parsed is not None
+            ]
+            fields_ = [candidates[j][0] for j in indexes]
+            result = score(policy, side, fields_, profile)
+            if best is None or result.total > best[2].total:
+                best = (golden_id, indexes, result)
+        assert best is not None  # a `score` outcome has at least one candidate
+        golden_id, indexes, result = best
+        decision = decide(policy.scoring, result)
+        name, text = candidates[indexes[0]][0], candidates[indexes[0]][1]
+        extra: dict[str, Any] = {
+            "match": [name, text],
+            "scores": result.as_dict(),
+            "policy": {**policy.scoring.thresholds(), "decision": decision.value},
+        }
+        if decision is Decision.REVIEW:
+            extra = {"reason": HoldReason.REVIEW.value, "golden_id": golden_id, **extra}
+        elif decision is Decision.NEW:
+            golden_id = entry[3]
+            log.info(
+                "identity: %s scored %.3f against its best candidate, below identity.scoring"
+                ".review: a golden record of its own",
+                change.link,
+                result.total,
+            )
+        return [decision.value, golden_id, found, extra]
 
     def link(self, system: str, key: str, golden_id: str) -> None:
         """Record that a row an applier created in `system` belongs to `golden_id`.
@@ -616,9 +844,16 @@ class IdentityResolver:
             for system, key in links:
                 pipe.set(self.xref_key(system, key), golden_id)
                 pipe.sadd(self.links_key(golden_id), f"{system}:{key}")
-            trusted, _role = self._policy.split(rebuild_candidates(links, values, self._rules))
+            allowed = [
+                (name, text)
+                for name, text in rebuild_candidates(links, values, self._rules)
+                if any(self._policy.matching.may_link(system, name) for system, _ in links)
+            ]
+            trusted, _role = self._policy.split(allowed)
             for name, text in trusted:
                 pipe.set(self.match_key(name, text), golden_id, nx=True)
+            # The rows' own values went with Redis: the record's stand in for them.
+            pipe.hset(self.profile_key(golden_id), REBUILT_PROFILE, profile_entry("", values, {}))
             pending += 1
             if pending == batch_size:
                 restored += self._flush(pipe, pending)
@@ -631,6 +866,16 @@ class IdentityResolver:
         with redis_errors(f"rebuilding identities of {records} golden records"):
             pipe.execute()
         return records
+
+
+def _resolution(change: Change, outcome: list[Any]) -> Resolution:
+    """One final outcome of the resolve script."""
+    kind = outcome[0]
+    if kind == "golden":
+        return Resolution(golden_id=outcome[1])
+    if kind == "held":
+        return Resolution(hold=Hold.parse(change.link, outcome[1]))
+    return Resolution(released=kind == "released")
 
 
 def _decoded(value: bytes | str | None) -> str | None:

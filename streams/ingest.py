@@ -55,7 +55,7 @@ INGESTED = Counter(
 HELD = Counter(
     "accord_identity_held_total",
     "Changes of source rows held by identity instead of linked, by why",
-    ["system", "reason"],  # reason: max_rows_per_record, role_address
+    ["system", "reason"],  # reason: max_rows_per_record, role_address, review
 )
 HELD_ROWS = Gauge(
     "accord_identity_held_rows",

@@ -8,7 +8,7 @@ refuses duplicate keys). The format is documented in `connectors/README.md`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -16,6 +16,7 @@ from typing import Any
 from streams import yamlconf
 from streams.errors import ConfigError
 from streams.identity import DEFAULT_ROLE_ADDRESSES, IdentityPolicy, MatchRule
+from streams.matchpolicy import DEFAULT_TRUST, MatchPolicy, MatchScoring, PolicyError, Trust
 from streams.model import FIELDS, SYSTEMS
 from streams.yamlconf import Map, Seq
 
@@ -62,7 +63,8 @@ def default_rules() -> Rules:
 
 TOP_LEVEL_KEYS = ("priority", "delete_policy", "match", "identity", "fields")
 MATCH_KEYS = ("field", "systems")
-IDENTITY_KEYS = ("max_rows_per_record", "role_addresses")
+IDENTITY_KEYS = ("max_rows_per_record", "role_addresses", "trust", "scoring")
+SCORING_KEYS = tuple(f.name for f in fields(MatchScoring))
 FIELD_OPTIONS = {
     Rule.LWW: ("rule",),
     Rule.PRIORITY: ("rule", "order"),
@@ -91,7 +93,7 @@ def load_rules(path: Path) -> Rules:
         priority = _systems(document, "priority", "priority", problems)
     policy = _delete_policy(document, problems)
     match = _match_rules(document, problems)
-    identity = _identity_policy(document, problems)
+    identity = _identity_policy(document, match, problems)
     fields = _field_rules(document, problems)
     problems.raise_any()
     return Rules(fields, priority, policy, match, identity)
@@ -143,8 +145,11 @@ def _match_rules(document: Map, problems: yamlconf.Problems) -> tuple[MatchRule,
     return tuple(rules)
 
 
-def _identity_policy(document: Map, problems: yamlconf.Problems) -> IdentityPolicy:
-    """When a row is held rather than linked; defaults for what the file leaves out."""
+def _identity_policy(
+    document: Map, match: tuple[MatchRule, ...], problems: yamlconf.Problems
+) -> IdentityPolicy:
+    """When a row is held rather than linked, and how matches are scored; defaults for
+    what the file leaves out."""
     spec = document.get("identity")
     if spec is None:
         return IdentityPolicy()
@@ -170,14 +175,91 @@ def _identity_policy(document: Map, problems: yamlconf.Problems) -> IdentityPoli
             "identity: role_addresses must be a list of mailbox names such as `info`",
         )
         return IdentityPolicy()
+    matching = _match_policy(spec, match, problems)
     if len(problems.found) > before:
         return IdentityPolicy()
     try:
-        return IdentityPolicy(cap, frozenset(names))
+        return IdentityPolicy(cap, frozenset(names), matching)
     except ConfigError as exc:
         line = spec.line_of("max_rows_per_record" if "max_rows" in str(exc) else "role_addresses")
         problems.add(line, str(exc))
         return IdentityPolicy()
+
+
+def _match_policy(
+    spec: Map, match: tuple[MatchRule, ...], problems: yamlconf.Problems
+) -> MatchPolicy:
+    """`identity.trust` and `identity.scoring`: which keys each system links on, how far
+    each is trusted, and the weights and thresholds of the score."""
+    trust: dict[str, dict[str, Trust]] | None = None
+    levels = ", ".join(t.value for t in Trust)
+    raw_trust = spec.get("trust")
+    if raw_trust is not None and not isinstance(raw_trust, Map):
+        problems.add(
+            spec.line_of("trust"),
+            f"identity.trust must map systems to {{match field: {levels}}}",
+        )
+    elif raw_trust is not None:
+        trust = {}
+        for system, keys in raw_trust.items():
+            at = raw_trust.line_of(system)
+            if not isinstance(system, str) or system not in SYSTEMS:
+                problems.add(
+                    at,
+                    f"identity.trust: unknown system {system!r}"
+                    f"{yamlconf.did_you_mean(system, SYSTEMS)} (expected one of "
+                    f"{', '.join(SYSTEMS)})",
+                )
+                continue
+            if not isinstance(keys, Map):
+                problems.add(at, f"identity.trust.{system}: expected {{match field: {levels}}}")
+                continue
+            trust[system] = {}
+            for name, level in keys.items():
+                line = keys.line_of(name)
+                rule = next((rule for rule in match if rule.field == name), None)
+                if rule is None:
+                    fields_ = [rule.field for rule in match]
+                    problems.add(
+                        line,
+                        f"identity.trust.{system}: {name!r} is not a match rule's field"
+                        f"{yamlconf.did_you_mean(name, fields_)} (match: "
+                        f"{', '.join(fields_) or 'none'})",
+                    )
+                elif not rule.applies_to(system):
+                    problems.add(
+                        line,
+                        f"identity.trust.{system}: the match rule on {name} does not apply "
+                        f"to {system} (its systems: {', '.join(rule.systems or ())})",
+                    )
+                elif not isinstance(level, str) or level not in {t.value for t in Trust}:
+                    problems.add(
+                        line, f"identity.trust.{system}.{name}: {level!r} is not one of {levels}"
+                    )
+                else:
+                    trust[system][name] = Trust(level)
+    scoring = MatchScoring()
+    raw_scoring = spec.get("scoring")
+    if raw_scoring is not None and not isinstance(raw_scoring, Map):
+        problems.add(
+            spec.line_of("scoring"),
+            f"identity.scoring must be a mapping of {', '.join(SCORING_KEYS)}",
+        )
+    elif raw_scoring is not None:
+        known = {key: value for key, value in raw_scoring.items() if key in SCORING_KEYS}
+        for key in raw_scoring:
+            if key not in SCORING_KEYS:
+                problems.add(
+                    raw_scoring.line_of(key),
+                    f"identity.scoring: unknown option {key!r}"
+                    f"{yamlconf.did_you_mean(key, SCORING_KEYS)} "
+                    f"(expected {', '.join(SCORING_KEYS)})",
+                )
+        try:
+            scoring = MatchScoring(**known)
+        except PolicyError as exc:
+            problems.add(raw_scoring.line_of(exc.option), str(exc))
+    return MatchPolicy(DEFAULT_TRUST if trust is None else trust, scoring)
 
 
 def _field_rules(document: Map, problems: yamlconf.Problems) -> dict[str, FieldRule]:

@@ -66,11 +66,13 @@ from streams.dbtls import is_tls_refusal
 from streams.dedupe import RedisUnavailable, redis_errors
 from streams.dlq import DeadLetter, DeadLetterWriter
 from streams.errors import AccordError, ConfigError
-from streams.identity import IdentityResolver
+from streams.identity import SCORED, IdentityResolver
 from streams.mapping import canonical_row, load_mappings
+from streams.matchpolicy import Decision, MatchSide, Trust, decide, score
 from streams.model import EPOCH
 from streams.projection import KeyGeneration, SinkKind, SinkSpec, load_sinks
 from streams.registry import registry_client
+from streams.rules import load_rules
 from streams.schemas import load_local
 from streams.settings import AccordSettings
 from streams.topics import first_offsets, next_offsets, usable
@@ -1037,8 +1039,9 @@ class SqlApplier(Applier):
 
     def _adoptable(self, cur: Any, event: SinkEvent) -> str | None:
         """The one row the target holds with the golden values of `adopt_by`, if no other
-        golden record links it: a row made in the target itself whose CDC has not reached
-        the merge yet. Creating instead would duplicate the customer there."""
+        golden record links it and the match policy would link it: a row made in the
+        target itself whose CDC has not reached the merge yet. Creating instead would
+        duplicate the customer there."""
         if not self.spec.adopt_by:
             return None
         wanted = self.spec.project(event.fields)
@@ -1058,7 +1061,62 @@ class SqlApplier(Applier):
             return None  # none, or several: which one is this customer is not ours to guess
         key = str(rows[0][0])
         owner = self.identity.lookup(self.target, key)
-        return key if owner in (None, event.golden_id) else None
+        if owner == event.golden_id:
+            return key
+        if owner is not None or not self._policy_adopts(cur, key, event):
+            return None
+        return key
+
+    def _policy_adopts(self, cur: Any, key: str, event: SinkEvent) -> bool:
+        """Whether the match policy links the row `adopt_by` found to the record.
+
+        Adopting is a link made by the `adopt_by` fields, so it passes the same policy as
+        ingest (`streams.matchpolicy`): a field the target is trusted on adopts alone; a
+        low-trust one (support's self-service emails) needs the row's own name or phone,
+        read through the target's mapping, to corroborate the record's. Otherwise the row
+        is left alone (it is someone else's, or a review will tell) and the record gets a
+        row of its own, as when no row matches.
+        """
+        policy = self.identity.policy.matching
+        names = [
+            column.fields[0]
+            for column in self.spec.columns
+            if column.name in self.spec.adopt_by and len(column.fields) == 1
+        ]
+        trust = [policy.trust_of(self.target, name) for name in names]
+        if Trust.TRUSTED in trust:
+            return True
+        if not any(trust) or self.mapping is None:
+            self._refuse_adoption(key, Decision.NEW, "the target may not link on it")
+            return False
+        cur.execute(f"SELECT * FROM {self._table} WHERE {self._key_column} = %s", (key,))
+        row = cur.fetchone()
+        values = None
+        if row is not None:
+            columns = [d[0] for d in cur.description]
+            values = canonical_row(self.mapping, key, dict(zip(columns, row, strict=True)))
+        if values is None:
+            return False
+        digests = {name: "adopt_by" for name in names}
+        record = MatchSide.of("", event.fields, {})
+        result = score(policy, MatchSide.of(self.target, values, digests), names, [record])
+        decision = decide(policy.scoring, result)
+        SCORED.labels(self.target, decision.value).inc()
+        if decision is Decision.LINK:
+            return True
+        self._refuse_adoption(key, decision, f"scored {result.total:.3f}")
+        return False
+
+    def _refuse_adoption(self, key: str, decision: Decision, why: str) -> None:
+        log.warning(
+            "%s: row %s has the golden record's %s but is not adopted (%s; match policy "
+            "decision %s): a row of its own is created",
+            self.target,
+            key,
+            ", ".join(self.spec.adopt_by),
+            why,
+            decision.value,
+        )
 
     def _linked(self, golden_id: str) -> str | None:
         keys = [key for system, key in self.identity.links(golden_id) if system == self.target]
@@ -1406,7 +1464,8 @@ def make_applier(
     if spec.kind is SinkKind.WEBHOOK:
         return WebhookApplier(spec, client, prefix, deadline_s=webhook_deadline_s)
     pause = PauseReport(spec.target, client, prefix)
-    identity = IdentityResolver(client, prefix, (), guarded=True)
+    policy = load_rules(settings.worker.rules_file).identity
+    identity = IdentityResolver(client, prefix, (), policy, guarded=True)
     return SqlApplier(settings, spec, identity, pause=pause)
 
 

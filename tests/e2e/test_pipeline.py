@@ -353,13 +353,18 @@ def test_explain_names_the_rule_and_the_losing_value_of_a_conflict(
     tag = uuid.uuid4().hex[:8]
     email = f"explain-{tag}@example.com"
     golden = TopicTail(settings, settings.topics.golden)
+    # The two rows' names differ (the conflict on first_name below): the same phone is
+    # what tells the match policy they are one person (support's email is low trust).
     with postgres(settings, "crm") as conn:
         conn.execute(
-            "INSERT INTO customers (first_name, email, country) VALUES ('Ada', %s, 'GB')", (email,)
+            "INSERT INTO customers (first_name, email, country, phone) "
+            "VALUES ('Ada', %s, 'GB', '020 7946 0000')",
+            (email,),
         )
     with postgres(settings, "support") as conn:
         conn.execute(
-            "INSERT INTO users (id, email, display_name) VALUES (%s, %s, 'Augusta Lovelace')",
+            "INSERT INTO users (id, email, display_name, phone) "
+            "VALUES (%s, %s, 'Augusta Lovelace', '+44 20 7946 0000')",
             (uuid.uuid4(), email),
         )
     assert golden.wait_for(lambda rs: len(golden_with_email(rs, email)) == 1, 90)

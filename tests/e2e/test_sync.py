@@ -60,6 +60,7 @@ class Workload:
     rows: dict[str, list[str]] = field(default_factory=lambda: {s: [] for s in SYSTEMS})
     counts: Counter = field(default_factory=Counter)
     serial: int = 0
+    names: dict[str, str] = field(default_factory=dict)  # one name per customer (email)
 
     def email(self) -> str:
         self.serial += 1
@@ -67,7 +68,12 @@ class Workload:
 
     def create(self, system: str, email: str | None = None) -> str:
         email = email or self.email()
-        name = self.rng.choice(["Ada Byron", "Alan Turing", "Grace Hopper", "Edsger Dijkstra"])
+        # One person per address: support's emails are low trust, and its rows link by
+        # the address only with the same name (the match policy).
+        name = self.names.setdefault(
+            email.lower(),
+            self.rng.choice(["Ada Byron", "Alan Turing", "Grace Hopper", "Edsger Dijkstra"]),
+        )
         first, last = name.split()
         if system == "billing":
             key = f"W-{self.tag}-{self.serial}"

@@ -21,6 +21,7 @@ from streams.dedupe import Deduplicator
 from streams.identity import HoldReason, IdentityPolicy, IdentityResolver
 from streams.ingest import IngestPipeline, RawDecoder
 from streams.mapping import Mapper
+from streams.model import Change, Op
 from streams.rules import load_rules
 from streams.settings import AccordSettings
 from streams.stack.process import wait_until
@@ -158,3 +159,74 @@ def test_held_rows_are_committed_counted_and_sent_nowhere(stack: AccordSettings)
     released = accord(settings, "explain", f"support:{role_rows[0]}")
     assert released.returncode != 0
     assert "neither linked to a golden record nor held" in released.stderr + released.stdout
+
+
+def test_a_stranger_signing_up_with_a_customers_email_is_held_for_review(
+    stack: AccordSettings,
+) -> None:
+    """Issue 21's stranger, through the mapping: Ada is in CRM; a support sign-up carries
+    her email upper-cased, another name and another phone. Support's email is low trust
+    (the shipped match policy), nothing corroborates it: held for review, with the
+    scores, and handed on nowhere. Her own sign-up (same name) links."""
+    settings = isolated(stack)
+    raw = Topics(settings)
+    email = f"ada-{uuid.uuid4().hex[:8]}@example.com"
+    rules = load_rules(settings.worker.rules_file)
+    pipeline = _pipeline(settings, raw, rules.identity)
+    identity = pipeline.identity
+    [ada] = identity.resolve(
+        [
+            Change(
+                change_id=f"crm:1:{uuid.uuid4().hex}",
+                system="crm",
+                source_key="1",
+                op=Op.UPSERT,
+                source_ts=1_700_000_000_000_000,
+                position="lsn:00000000000000000001",
+                values={
+                    "email": email,
+                    "first_name": "Ada",
+                    "last_name": "Lovelace",
+                    "phone": "+442079460018",
+                },
+            )
+        ]
+    )
+    stranger, herself = str(uuid.uuid4()), str(uuid.uuid4())
+    raw.write_row(
+        "support-c", stranger, email=f" {email.upper()} ", display_name="Mallory Jones",
+        phone="020 7946 0999",
+    )  # fmt: skip
+    raw.write_row("support-c", herself, email=email, display_name="ada lovelace", phone=None)
+    assert raw.producer.flush(30) == 0
+    topic = raw.by_vector_topic[vectors.load("support-c").topic]
+    end = raw.ends()[topic]
+    reviewed = _metric("accord_identity_held_total", system="support", reason="review")
+
+    loop = _loop(settings, raw, pipeline)
+    stop = threading.Event()
+    try:
+        assert wait_until(
+            lambda: loop.step(stop) >= 0 and _committed(settings, raw)[topic] == end, 60, 0
+        )
+    finally:
+        loop.close()
+
+    changes = _read_all(settings, settings.topics.changes)
+    assert [m.key() for m in changes] == [ada.encode()]  # herself, linked to Ada
+    assert identity.lookup("support", herself) == ada
+    assert identity.lookup("support", stranger) is None
+    hold = identity.held("support", stranger)
+    assert hold is not None and hold.reason is HoldReason.REVIEW and hold.golden_id == ada
+    assert hold.match == ("email", email)  # normalized by the mapping: matched, not linked
+    assert hold.scores is not None and hold.scores["keys"] == {"email": "low"}
+    assert hold.scores["total"] < hold.policy["auto_link"]
+    assert _metric("accord_identity_held_total", system="support", reason="review") == (
+        reviewed + 1
+    )
+
+    explained = accord(settings, "explain", f"support:{stranger}", "--json")
+    assert explained.returncode == 0, explained.stderr
+    [held] = json.loads(explained.stdout)["held"]
+    assert held["reason"] == "review" and held["golden_id"] == ada
+    assert held["scores"]["keys"] == {"email": "low"} and "review band" in held["why"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import uuid
@@ -11,13 +12,21 @@ import pytest
 import redis
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from prometheus_client import REGISTRY
 from pydantic import SecretStr
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from streams.dedupe import RedisUnavailable
-from streams.identity import HoldReason, IdentityPolicy, IdentityResolver, MatchRule, golden_id_for
+from streams.identity import (
+    HoldReason,
+    IdentityPolicy,
+    IdentityResolver,
+    MatchRule,
+    golden_id_for,
+)
 from streams.matchkeys import MatchKeys, MatchKeySecretChanged, migrate_legacy_keys
+from streams.matchpolicy import MatchPolicy
 from streams.model import SYSTEMS, Change, Op, Value
 from streams.settings import AccordSettings
 
@@ -25,6 +34,11 @@ pytestmark = pytest.mark.integration
 
 RULES = (MatchRule("email"), MatchRule("tax_id", ("billing",)))
 SECRET = b"integration-test-match-key-secret"
+# The mechanics of matching (xrefs, first writer wins, the cap, role addresses, rebuild)
+# are tested with every system trusted on every rule, as identity matched before match
+# policies; the policy's own tests below use the shipped default (support's email: low).
+TRUST_ALL = MatchPolicy(trust={})
+TRUSTING = IdentityPolicy(matching=TRUST_ALL)
 
 
 def change(system: str, key: str, op: Op = Op.UPSERT, **values: Value) -> Change:
@@ -62,7 +76,9 @@ def delete_prefix(client: redis.Redis, prefix: str) -> None:
 
 @pytest.fixture
 def resolver(client: redis.Redis, prefix: str) -> IdentityResolver:
-    return IdentityResolver(client, prefix, RULES, key_secret=SECRET)
+    return IdentityResolver(
+        client, prefix, RULES, IdentityPolicy(matching=TRUST_ALL), key_secret=SECRET
+    )
 
 
 def test_a_new_row_founds_a_deterministic_golden_record(resolver: IdentityResolver) -> None:
@@ -222,7 +238,9 @@ def test_rebuild_after_losing_redis_restores_the_same_answers(
 
 
 def test_concurrent_resolvers_agree_on_one_golden_id(stack: AccordSettings, prefix: str) -> None:
-    """Two workers see the same new customer from two systems at once: one record."""
+    """Two workers see the same new customer from two systems at once: one record. Under
+    the default policy, so whichever comes second is scored (support's email is low
+    trust, corroborated by the name) and applied only if its candidate still holds."""
     customers = 200
     start = threading.Barrier(2, timeout=30)
     results: dict[str, list[str | None]] = {}
@@ -235,7 +253,10 @@ def test_concurrent_resolvers_agree_on_one_golden_id(stack: AccordSettings, pref
         try:
             for i in range(customers):
                 start.wait()  # both threads race on every customer
-                resolved += resolver.resolve([change(system, f"{system}-{i}", email=f"c{i}@x.io")])
+                row = change(
+                    system, f"{system}-{i}", email=f"c{i}@x.io", first_name="Ada", last_name=f"L{i}"
+                )
+                resolved += resolver.resolve([row])
         except BaseException as exc:
             errors.append(exc)
             start.abort()
@@ -253,7 +274,9 @@ def test_concurrent_resolvers_agree_on_one_golden_id(stack: AccordSettings, pref
     assert len(set(results["crm"])) == customers
 
 
-def test_one_round_trip_per_batch(stack: AccordSettings, prefix: str) -> None:
+def test_one_round_trip_per_batch_two_with_candidates_to_score(
+    stack: AccordSettings, prefix: str
+) -> None:
     sent = 0
 
     class Counting(redis.Connection):
@@ -267,11 +290,17 @@ def test_one_round_trip_per_batch(stack: AccordSettings, prefix: str) -> None:
         resolver = IdentityResolver(client, prefix, RULES, key_secret=SECRET)
         resolver.resolve([change("crm", "warm-up")])  # loads the script if Redis lacks it
         sent = 0
-        batch = [change("crm", str(i), email=f"c{i % 50}@x.io") for i in range(500)]
+        batch = [change("crm", str(i), email=f"c{i}@x.io") for i in range(500)]
         assert len(resolver.resolve(batch)) == 500
-        assert sent == 1
+        assert sent == 1  # no candidates: nothing to score
+        assert len(resolver.resolve(batch)) == 500
+        assert sent == 2  # known rows: their xrefs
+        sent = 0
+        batch = [change("crm", str(i), email=f"c{i % 50}@x.io") for i in range(500, 1000)]
+        assert len(set(resolver.resolve(batch))) == 50
+        assert sent == 2  # 450 rows scored against their candidates: one more round
         assert resolver.resolve([]) == []
-        assert sent == 1
+        assert sent == 2
     finally:
         client.close()
 
@@ -310,7 +339,11 @@ def test_redis_down_is_a_clear_error(
 
 def capped(client: redis.Redis, prefix: str, cap: int = 20) -> IdentityResolver:
     return IdentityResolver(
-        client, prefix, RULES, IdentityPolicy(max_rows_per_record=cap), key_secret=SECRET
+        client,
+        prefix,
+        RULES,
+        IdentityPolicy(max_rows_per_record=cap, matching=TRUST_ALL),
+        key_secret=SECRET,
     )
 
 
@@ -516,11 +549,16 @@ def write_legacy(client: redis.Redis, prefix: str, golden_id: str, rows: list[Ch
 
 
 def keyspace(client: redis.Redis, prefix: str) -> dict[bytes, object]:
-    """Every key of the prefix with its value (strings and sets)."""
+    """Every key of the prefix with its value (strings, sets and hashes)."""
     found: dict[bytes, object] = {}
     for key in client.scan_iter(match=f"{prefix}*", count=1000):
         kind = client.type(key)
-        found[key] = client.get(key) if kind == b"string" else sorted(client.smembers(key))
+        if kind == b"string":
+            found[key] = client.get(key)
+        elif kind == b"hash":  # match profiles
+            found[key] = client.hgetall(key)
+        else:
+            found[key] = sorted(client.smembers(key))
     return found
 
 
@@ -546,7 +584,7 @@ def test_clear_text_match_keys_migrate_to_hashes_keeping_every_golden_id(
     assert list(client.scan_iter(match=f"{prefix}match:*")) == []
 
     # Resolution finds the same golden records by the values they were indexed by.
-    resolver = IdentityResolver(client, prefix, RULES, key_secret=SECRET)
+    resolver = IdentityResolver(client, prefix, RULES, TRUSTING, key_secret=SECRET)
     assert resolver.resolve(
         [
             change("support", "u-1", email="ada@example.com"),
@@ -583,7 +621,7 @@ def test_a_resolver_migrates_left_over_clear_keys_before_its_first_batch(
 ) -> None:
     """No duplicate golden record for a customer an earlier version indexed."""
     write_legacy(client, prefix, "g-ada", [change("crm", "1", email="ada@example.com")])
-    resolver = IdentityResolver(client, prefix, RULES, key_secret=SECRET)
+    resolver = IdentityResolver(client, prefix, RULES, TRUSTING, key_secret=SECRET)
     assert resolver.resolve([change("support", "u-1", email="ada@example.com")]) == ["g-ada"]
     assert list(client.scan_iter(match=f"{prefix}match:*")) == []
     assert client.get(resolver.match_key("email", "ada@example.com")) == b"g-ada"
@@ -613,9 +651,11 @@ def test_the_accord_command_migrates_and_a_rerun_is_a_no_op(
 def test_another_secret_than_the_keys_were_made_with_is_refused(
     client: redis.Redis, prefix: str
 ) -> None:
-    first = IdentityResolver(client, prefix, RULES, key_secret=SECRET)
+    first = IdentityResolver(client, prefix, RULES, TRUSTING, key_secret=SECRET)
     [ada] = first.resolve([change("crm", "1", email="ada@example.com")])
-    other = IdentityResolver(client, prefix, RULES, key_secret=b"another-secret-of-enough-length")
+    other = IdentityResolver(
+        client, prefix, RULES, TRUSTING, key_secret=b"another-secret-of-enough-length"
+    )
     with pytest.raises(MatchKeySecretChanged, match="identity rebuild --rekey"):
         other.resolve([change("support", "u-1", email="ada@example.com")])
     assert first.lookup("support", "u-1") is None  # nothing made under the wrong names
@@ -638,3 +678,239 @@ def test_a_worker_on_a_remote_redis_without_a_key_secret_refuses_to_start(
     assert result.returncode != 0
     assert "identity.key_secret is not set and Redis is not on loopback" in result.stderr
     assert "ACCORD_IDENTITY__KEY_SECRET_FILE" in result.stderr
+
+
+# -- the match policy (the shipped default: support's email is low trust) -----------------
+
+ADA = {"email": "ada@example.com", "first_name": "Ada", "last_name": "Lovelace"}
+ADA_PHONE = "+441632960001"
+
+
+def policed(client: redis.Redis, prefix: str) -> IdentityResolver:
+    """A resolver under the shipped match policy."""
+    return IdentityResolver(client, prefix, RULES, IdentityPolicy(), key_secret=SECRET)
+
+
+def scored(system: str, decision: str) -> float:
+    return (
+        REGISTRY.get_sample_value(
+            "accord_identity_scored_total", {"system": system, "decision": decision}
+        )
+        or 0.0
+    )
+
+
+def customer(resolver: IdentityResolver) -> str:
+    """Ada in CRM and billing, same email, name and phone: one golden record."""
+    crm, billing = resolver.resolve(
+        [
+            change("crm", "1", phone=ADA_PHONE, **ADA),
+            change("billing", "A-1", phone=ADA_PHONE, tax_id="DE123", **ADA),
+        ]
+    )
+    assert crm == billing == golden_id_for("crm", "1")
+    return crm
+
+
+def test_a_stranger_with_a_customers_email_is_held_for_review_with_scores(
+    client: redis.Redis, prefix: str
+) -> None:
+    resolver = policed(client, prefix)
+    ada = customer(resolver)
+    before = scored("support", "review")
+    stranger = change(
+        "support", "u-1", email="ada@example.com", first_name="Mallory", last_name="Jones",
+        phone="+441632960999",
+    )  # fmt: skip
+    [result] = resolver.resolve_batch([stranger]).results
+    assert result.golden_id is None and result.hold is not None
+    hold = result.hold
+    assert (hold.reason, hold.golden_id, hold.match) == (
+        HoldReason.REVIEW,
+        ada,
+        ("email", "ada@example.com"),
+    )
+    assert hold.scores is not None and hold.policy is not None
+    assert hold.scores["total"] == 0.6 and hold.scores["key"] == 0.6
+    assert hold.scores["keys"] == {"email": "low"}
+    assert hold.scores["name"] == 0 and hold.scores["name_similarity"] < 0.85
+    assert hold.scores["phone"] == 0 and hold.scores["phone_equal"] is False
+    assert hold.policy == {"auto_link": 1.0, "review": 0.5, "decision": "review"}
+    assert scored("support", "review") == before + 1
+    # Nothing linked, nothing indexed, and the record's profile is Ada's rows only.
+    assert resolver.lookup("support", "u-1") is None
+    assert resolver.links(ada) == [("billing", "A-1"), ("crm", "1")]
+    assert set(client.hkeys(resolver.profile_key(ada))) == {b"crm:1", b"billing:A-1"}
+    # The raw JSON, as the review queue reads it from `<prefix>held`.
+    raw = json.loads(client.hget(resolver.held_key, "support:u-1"))
+    assert raw["reason"] == "review" and raw["golden_id"] == ada
+    assert set(raw) == {
+        "reason", "golden_id", "match", "scores", "policy", "since_ms", "last_seen_ms",
+        "updates",
+    }  # fmt: skip
+    # Its later changes stay held, whatever they say.
+    [again] = resolver.resolve_batch([change("support", "u-1", phone=ADA_PHONE, **ADA)]).results
+    assert again.hold is not None and again.hold.updates == 1
+
+
+def test_a_support_row_with_the_email_and_a_similar_name_links(
+    client: redis.Redis, prefix: str
+) -> None:
+    resolver = policed(client, prefix)
+    ada = customer(resolver)
+    before = scored("support", "link")
+    similar = change(
+        "support", "u-2", email="ada@example.com", first_name="ada", last_name="Lovlace"
+    )
+    same_phone = change("support", "u-3", email="ada@example.com", phone=ADA_PHONE)
+    assert resolver.resolve([similar, same_phone]) == [ada, ada]
+    assert scored("support", "link") == before + 2
+    entry = json.loads(client.hget(resolver.profile_key(ada), "support:u-2"))
+    assert (entry["s"], entry["f"], entry["l"]) == ("support", "ada", "lovlace")
+    # Profile key names carry no personal data; the values are the rows' own.
+    names = {k.decode() for k in client.scan_iter(match=f"{prefix}*", count=1000)}
+    assert not [name for name in names if "ada" in name.lower() or "DE123" in name]
+
+
+def test_a_billing_row_with_a_matching_tax_id_links(client: redis.Redis, prefix: str) -> None:
+    resolver = policed(client, prefix)
+    ada = customer(resolver)
+    other = change("billing", "A-2", tax_id="DE123", email="ap@other.example", first_name="X")
+    assert resolver.resolve([other]) == [ada]
+
+
+def test_a_record_a_stranger_founded_does_not_take_the_customers_crm_row(
+    client: redis.Redis, prefix: str
+) -> None:
+    """The other order: the sign-up came first. A trusted CRM row meets a value only a
+    low-trust row vouched for: review, unless the name or phone corroborates."""
+    resolver = policed(client, prefix)
+    [stranger] = resolver.resolve(
+        [change("support", "u-1", email="ada@example.com", first_name="Mallory")]
+    )
+    [crm] = resolver.resolve_batch([change("crm", "1", **ADA)]).results
+    assert crm.hold is not None and crm.hold.reason is HoldReason.REVIEW
+    assert crm.hold.golden_id == stranger and crm.hold.scores["keys"] == {"email": "low"}
+    [same_person] = resolver.resolve(
+        [change("crm", "2", email="ada@example.com", first_name="Mallory")]
+    )
+    assert same_person == stranger
+
+
+def test_below_the_review_band_a_row_founds_its_own_record(
+    client: redis.Redis, prefix: str
+) -> None:
+    from streams.matchpolicy import MatchScoring
+
+    policy = IdentityPolicy(matching=MatchPolicy(scoring=MatchScoring(low=0.3)))
+    resolver = IdentityResolver(client, prefix, RULES, policy, key_secret=SECRET)
+    ada = customer(resolver)
+    before = scored("support", "new")
+    [own] = resolver.resolve([change("support", "u-1", email="ada@example.com")])
+    assert own == golden_id_for("support", "u-1") != ada
+    assert scored("support", "new") == before + 1
+    # The email stays indexed to Ada: first writer wins.
+    assert client.get(resolver.match_key("email", "ada@example.com")) == ada.encode()
+
+
+def test_a_candidate_that_changes_between_scoring_and_applying_is_scored_again(
+    client: redis.Redis, prefix: str
+) -> None:
+    """Another worker re-points the email while this one scores: the apply script sees
+    the candidate moved, reports it again, and the row is scored against the new one."""
+    resolver = policed(client, prefix)
+    ada = customer(resolver)
+    [grace] = resolver.resolve(
+        [change("crm", "9", email="grace@example.com", first_name="Mallory")]
+    )
+    calls: list[str] = []
+    decide = resolver._decide
+
+    def racing(*args: object) -> list[object]:
+        outcome = args[3]
+        calls.append(outcome[1][0])  # type: ignore[index]
+        if len(calls) == 1:  # as if a merge moved the value to Grace's record meanwhile
+            client.set(resolver.match_key("email", "ada@example.com"), grace)
+        return decide(*args)  # type: ignore[arg-type]
+
+    resolver._decide = racing  # type: ignore[method-assign]
+    [result] = resolver.resolve([change("support", "u-1", email="ada@example.com",
+                                        first_name="Mallory")])  # fmt: skip
+    assert calls == [ada, grace]
+    assert result == grace  # the name corroborates Grace's record, not Ada's
+
+
+def test_concurrent_support_sign_ups_with_one_email_found_one_record_or_wait(
+    stack: AccordSettings, prefix: str
+) -> None:
+    """Two support rows with one new email, racing: one founds the record; the other,
+    scored against it, links (same name) - never two records for one customer."""
+    start = threading.Barrier(2, timeout=30)
+    results: dict[str, list[str | None]] = {}
+    errors: list[BaseException] = []
+
+    def worker(name: str) -> None:
+        client = redis.Redis.from_url(stack.redis)
+        resolver = policed(client, prefix)
+        resolved: list[str | None] = []
+        try:
+            for i in range(100):
+                start.wait()
+                row = change("support", f"{name}-{i}", email=f"s{i}@x.io", first_name=f"P{i}")
+                resolved += resolver.resolve([row])
+        except BaseException as exc:
+            errors.append(exc)
+            start.abort()
+        finally:
+            client.close()
+        results[name] = resolved
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in ("a", "b")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert not errors, errors
+    assert results["a"] == results["b"]
+    assert None not in results["a"] and len(set(results["a"])) == 100
+
+
+def test_a_profile_entry_follows_its_row_and_goes_with_its_delete(
+    client: redis.Redis, prefix: str
+) -> None:
+    resolver = policed(client, prefix)
+    ada, bob = resolver.resolve(
+        [change("crm", "1", **ADA), change("crm", "2", email="bob@example.com")]
+    )
+    # A later change that carries only the phone keeps the name the row gave before.
+    resolver.resolve([change("crm", "1", phone=ADA_PHONE)])
+    entry = json.loads(client.hget(resolver.profile_key(ada), "crm:1"))
+    assert (entry["f"], entry["l"], entry["p"]) == ("ada", "lovelace", ADA_PHONE)
+    assert entry["k"]["email"] == resolver.match_key("email", ADA["email"]).rpartition(":")[2]
+    resolver.link("crm", "1", bob)  # relinked: its entry moves with it
+    assert client.hget(resolver.profile_key(ada), "crm:1") is None
+    assert json.loads(client.hget(resolver.profile_key(bob), "crm:1"))["f"] == "ada"
+    resolver.resolve([change("crm", "1", Op.DELETE)])  # deleted: it corroborates nothing
+    assert client.hget(resolver.profile_key(bob), "crm:1") is None
+
+
+def test_a_row_accord_made_for_a_sign_up_does_not_vouch_for_its_email(
+    client: redis.Redis, prefix: str
+) -> None:
+    """A stranger signs up in support first; the CRM applier creates a CRM row for that
+    record, with the stranger's values. That CRM row is Accord's copy, not CRM's word:
+    the customer's billing account with the address is still reviewed, not linked."""
+    resolver = policed(client, prefix)
+    [stranger] = resolver.resolve(
+        [change("support", "u-1", email="ada@example.com", first_name="Mallory")]
+    )
+    resolver.link("crm", "c-1", stranger)  # the CRM applier created the row
+    echo = change("crm", "c-1", email="ada@example.com", first_name="Mallory")
+    assert resolver.resolve([echo]) == [stranger]  # its CDC echo, through the xref
+    entry = json.loads(client.hget(resolver.profile_key(stranger), "crm:c-1"))
+    assert entry["a"] is True and entry["f"] == "mallory"
+    [billing] = resolver.resolve_batch(
+        [change("billing", "A-1", email="ada@example.com", tax_id="DE1")]
+    ).results
+    assert billing.hold is not None and billing.hold.reason is HoldReason.REVIEW
+    assert billing.hold.scores["keys"] == {"email": "low"}

@@ -247,8 +247,9 @@ def test_accord_identity_rebuild_restores_links_from_the_changelog_and_ledgers(
             (link,) = state.contributions.values()
             assert resolver.lookup(link.system, link.key) == state.golden_id
         assert resolver.lookup("support", created) == states[0].golden_id
-        # The keys are whole again: a known customer keeps its golden id.
-        again = change("support", f"{prefix}new", email=f"1@{prefix}x")
+        # The keys are whole again: a known customer keeps its golden id (a CRM row:
+        # support's email alone would be reviewed under the match policy).
+        again = change("crm", f"{prefix}new", email=f"1@{prefix}x")
         assert resolver.resolve([again]) == [states[1].golden_id]
 
         # Another key secret: refused until re-keyed, then every value is found again.

@@ -117,3 +117,18 @@ def test_a_held_row_is_described_in_one_line_without_its_address() -> None:
     assert "acme" not in line.lower()
     assert line.endswith("none since")
     assert describe_hold(CAPPED).endswith("2 changes since")
+
+
+def test_a_review_hold_is_explained_with_its_scores() -> None:
+    from tests.unit.test_identity import REVIEW_HOLD
+
+    [held] = explain(
+        fold("g-1", [change("crm", key="7", ts=1_000_000, email="c@x.io")], RULES),
+        RULES,
+        [],
+        (Hold.parse("support:u-1", REVIEW_HOLD),),
+    ).as_dict()["held"]
+    assert held["reason"] == "review" and held["golden_id"] == "g-1"
+    assert held["scores"]["total"] == 0.6 and held["scores"]["keys"] == {"email": "low"}
+    assert held["policy"] == {"auto_link": 1, "review": 0.5, "decision": "review"}
+    assert "inside the review band" in held["why"]

@@ -210,3 +210,27 @@ def test_a_hold_parses_and_describes_itself_without_personal_data() -> None:
     )
     assert role.reason is HoldReason.ROLE_ADDRESS and role.golden_id is None
     assert "info@" in role.describe() and "acme" not in role.describe()
+
+
+REVIEW_HOLD = (
+    '{"reason":"review","golden_id":"g-1","match":["email","ada@acme.example"],'
+    '"scores":{"total":0.6,"key":0.6,"name":0,"phone":0,"name_similarity":0.31,'
+    '"phone_equal":false,"keys":{"email":"low"}},'
+    '"policy":{"auto_link":1,"review":0.5,"decision":"review"},'
+    '"since_ms":1,"last_seen_ms":1,"updates":0}'
+)
+
+
+def test_a_review_hold_parses_and_says_its_scores_without_personal_data() -> None:
+    hold = Hold.parse("support:u-1", REVIEW_HOLD)
+    assert (hold.reason, hold.golden_id) == (HoldReason.REVIEW, "g-1")
+    assert hold.scores is not None and hold.scores["total"] == 0.6
+    assert hold.policy == {"auto_link": 1, "review": 0.5, "decision": "review"}
+    said = hold.describe()
+    assert "matched by email golden record g-1, scoring 0.6" in said
+    assert "email (low): 0.6" in said and "name similarity 0.31: 0" in said
+    assert "review band [0.5, 1)" in said
+    assert "ada" not in said and "acme" not in said
+    # Holds written before scores existed parse as before.
+    old = Hold.parse("crm:1", '{"reason":"role_address","match":["email","info@x.io"]}')
+    assert old.scores is None and old.policy is None
