@@ -428,9 +428,11 @@ def decide_target(
 
 # KEYS: held hash, the row's xref, links of the target record, decision counts, and the
 # epoch key (guarded). ARGV: "system:key", target golden id, cap ("" for none), decision,
-# "1" if the target record must exist. Returns JSON [outcome, rows the record links now]:
+# "1" if the target record must exist, the hold's `updates` the kept change was recorded
+# with ("" for no kept change). Returns JSON [outcome, rows the record links now]:
 # "decided", "already" (the row is linked to the target: a run cut short), "linked"
-# (to another record: [outcome, that id]), "not_held", "no_record", "full".
+# (to another record: [outcome, that id]), "not_held", "no_record", "full", "moved" (a
+# newer change of the row was held than the one kept: its record is on its way).
 DECIDE_SCRIPT = """
 if KEYS[5] and redis.call('EXISTS', KEYS[5]) == 0 then
   return redis.error_reply('ACCORD_IDENTITY_LOST ' .. KEYS[5] .. ' is missing')
@@ -443,8 +445,12 @@ if gid then
   end
   return cjson.encode({'linked', gid})
 end
-if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then
+local held = redis.call('HGET', KEYS[1], ARGV[1])
+if not held then
   return cjson.encode({'not_held', 0})
+end
+if ARGV[6] ~= '' and tonumber(cjson.decode(held)['updates']) ~= tonumber(ARGV[6]) then
+  return cjson.encode({'moved', 0})
 end
 local rows = redis.call('SCARD', KEYS[3])
 if ARGV[5] == '1' and rows == 0 then
@@ -614,13 +620,39 @@ class Reviewer:
         found = scan(self.kafka, self.review_topic, lambda m: m.key() == key)
         return latest_records((m.key(), m.value()) for m in found).get(link)
 
-    def decide(self, link: str, decision: Decision, golden: str | None = None) -> DecisionOutcome:
+    def decide(
+        self,
+        link: str,
+        decision: Decision,
+        golden: str | None = None,
+        settle_s: float = 10.0,
+    ) -> DecisionOutcome:
         """Carry out a decision on a held row (see the module docstring). Raises
         `NotHeld`, `ReviewRefused`, `IdentityLost` (guarded, Redis lost its keys), or
-        `AccordError` when the broker did not take the replay or the record."""
+        `AccordError` when the broker did not take the replay or the record.
+
+        The decision applies to the change it replays: when ingest has held a newer
+        change than the kept one and not yet written its record, the script refuses
+        ("moved") and the record is read again, for up to `settle_s`."""
+        parse_link(link)
+        deadline = time.monotonic() + settle_s
+        while True:
+            outcome = self._attempt(link, decision, golden)
+            if outcome is not None:
+                return outcome
+            if time.monotonic() > deadline:
+                raise ReviewRefused(
+                    link,
+                    decision,
+                    f"its latest held change has not reached {self.review_topic} within "
+                    f"{settle_s:.0f} s (is the worker's ingest stuck?); try again",
+                )
+            time.sleep(0.2)  # ingest's pace: the record follows its batch
+
+    def _attempt(self, link: str, decision: Decision, golden: str | None) -> DecisionOutcome | None:
+        """One try at `decide`; None when the hold moved past the kept change."""
         from streams.identity import EPOCH_KEY, LOST_MARKER, IdentityLost
 
-        parse_link(link)
         current = self.hold(link)
         linked_to = self.linked_to(link)
         record = self.record(link)
@@ -650,12 +682,14 @@ class Reviewer:
         ]
         if self.guarded:
             keys.append(f"{self.prefix}{EPOCH_KEY}")
+        kept_updates = str(held_record.hold.get("updates", 0)) if held_record else ""
         args = [
             link,
             target,
             str(self.cap) if accept else "",
             decision.value,
             "1" if accept else "0",
+            kept_updates,
         ]
         with redis_errors(f"{decision.value} {link}"):
             try:
@@ -665,6 +699,8 @@ class Reviewer:
                     raise IdentityLost(f"Redis lost Accord's identity keys: {exc}") from exc
                 raise
         outcome, detail = json.loads(_decoded(reply) or "[]")
+        if outcome == "moved":
+            return None
         if outcome == "not_held":
             raise NotHeld(link)
         if outcome == "linked":
