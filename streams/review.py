@@ -193,7 +193,7 @@ class ReviewRecord:
     at_ms: int = 0
     decision: Decision | None = None
     golden_id: str | None = None  # decisions: the record the row was linked to
-    by: str | None = None  # decisions: the OS user who decided
+    by: str | None = None  # decisions: who decided (`operator`)
     replayed: bool = False  # decisions: the kept change went to the changes topic
 
 
@@ -475,12 +475,14 @@ return 1
 """
 
 
-def operator() -> str:
-    """Who decides: the OS user running the command."""
+def operator(principal: str | None = None) -> str:
+    """Who decides: the OS user running the command, and the Kafka principal it wrote the
+    decision as, when the cluster authenticates clients (SASL)."""
     try:
-        return getpass.getuser()
+        user = getpass.getuser()
     except (KeyError, OSError):
-        return "unknown"
+        user = "unknown"
+    return f"{user} (Kafka principal User:{principal})" if principal else user
 
 
 def now_ms() -> int:
@@ -587,7 +589,9 @@ class Reviewer:
         producer: Any,
         cap: int,
         guarded: bool = True,
+        principal: str | None = None,  # the SASL user the producer authenticates as
     ) -> None:
+        self.principal = principal
         self.client = client
         self.prefix = prefix
         self.kafka = kafka
@@ -720,7 +724,7 @@ class Reviewer:
             change = kept.change.with_golden_id(target)
             self._send(self.changes_topic, target.encode(), self.encode_change(change.to_record()))
             replayed = True
-        by, at = operator(), now_ms()
+        by, at = operator(self.principal), now_ms()
         self._send(
             self.review_topic,
             link.encode(),
@@ -753,7 +757,7 @@ def reviewer_of(settings: Any) -> Reviewer:
     from streams.registry import registry_client
     from streams.rules import load_rules
 
-    topics = settings.topics
+    topics, security = settings.topics, settings.kafka_security
     codec = canonical_codec(
         settings, registry_client(settings), "dev.accord.CustomerChange", topics.changes
     )
@@ -769,4 +773,5 @@ def reviewer_of(settings: Any) -> Reviewer:
         codec.dumps,
         producer,
         load_rules(settings.worker.rules_file).identity.max_rows_per_record,
+        principal=security.sasl_username if security.uses_sasl else None,
     )

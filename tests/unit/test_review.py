@@ -24,6 +24,7 @@ from streams.review import (
     hold_fields,
     hold_record,
     latest_records,
+    operator,
     parse_record,
     review_summary,
 )
@@ -202,3 +203,11 @@ def test_without_the_token_the_review_panel_keeps_counts_but_no_rows() -> None:
     assert shown["review"]["by_reason"] == {"max_rows_per_record": 1}
     assert "holds" not in shown["review"]
     assert "g-1" not in json.dumps(shown) and "support:a" not in json.dumps(shown)
+
+
+def test_the_operator_is_the_os_user_and_the_kafka_principal_when_there_is_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("getpass.getuser", lambda: "alice")
+    assert operator() == "alice"
+    assert operator("accord-ops") == "alice (Kafka principal User:accord-ops)"
