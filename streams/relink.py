@@ -180,8 +180,8 @@ def sources_of(settings: AccordSettings) -> RelinkSources:
     kafka = settings.kafka_config()
     changelog = changelog_topic(settings)
     # The review topic too: an app whose only state is held rows has holds to restore.
-    state_topics = [changelog, settings.topics.golden, settings.topics.changes]
-    state_topics.append(settings.topics.review)
+    topics = settings.topics
+    state_topics = [changelog, topics.golden, topics.changes, topics.review]
     return RelinkSources(
         has_state=lambda: _any_records(kafka, state_topics),
         changelog=lambda: _scan_records(kafka, changelog),
