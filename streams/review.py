@@ -758,9 +758,17 @@ def reviewer_of(settings: Any) -> Reviewer:
     from streams.rules import load_rules
 
     topics, security = settings.topics, settings.kafka_security
-    codec = canonical_codec(
-        settings, registry_client(settings), "dev.accord.CustomerChange", topics.changes
-    )
+    codecs: list[Any] = []
+
+    def encode_change(record: dict[str, Any]) -> bytes:
+        if not codecs:  # only a decision needs the registry
+            codecs.append(
+                canonical_codec(
+                    settings, registry_client(settings), "dev.accord.CustomerChange", topics.changes
+                )
+            )
+        return codecs[0].dumps(record)
+
     producer = Producer(
         settings.kafka_config({"enable.idempotence": True, "partitioner": "murmur2_random"})
     )
@@ -770,7 +778,7 @@ def reviewer_of(settings: Any) -> Reviewer:
         settings.kafka_config(),
         topics.review,
         topics.changes,
-        codec.dumps,
+        encode_change,
         producer,
         load_rules(settings.worker.rules_file).identity.max_rows_per_record,
         principal=security.sasl_username if security.uses_sasl else None,
