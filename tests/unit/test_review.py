@@ -211,3 +211,53 @@ def test_the_operator_is_the_os_user_and_the_kafka_principal_when_there_is_one(
     monkeypatch.setattr("getpass.getuser", lambda: "alice")
     assert operator() == "alice"
     assert operator("accord-ops") == "alice (Kafka principal User:accord-ops)"
+
+
+class _Message:
+    def __init__(self, offset: int) -> None:
+        self._offset = offset
+
+    def topic(self) -> str:
+        return "support.public.users"
+
+    def partition(self) -> int:
+        return 0
+
+    def offset(self) -> int:
+        return self._offset
+
+
+def test_ingest_keeps_each_held_change_and_ends_a_released_hold_on_the_review_topic() -> None:
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from streams.identity import BatchResolution, Resolution
+    from streams.ingest import IngestPipeline
+    from streams.mapping import Mapped
+
+    held = Hold.parse("support:u-7", json.dumps(ROLE))
+    deleted = replace(CHANGE, change_id="support/0/43", source_key="u-8", op=Op.DELETE)
+    linked = replace(CHANGE, change_id="support/0/44", source_key="u-9")
+    changes = {1: CHANGE, 2: deleted, 3: linked}
+    results = [Resolution(hold=held), Resolution(released=True), Resolution(golden_id="g-9")]
+    pipeline = IngestPipeline(
+        SimpleNamespace(prefetch=lambda _m: None, decode=lambda m: m),  # type: ignore[arg-type]
+        SimpleNamespace(map=lambda m: Mapped(changes[m.offset()])),  # type: ignore[arg-type]
+        SimpleNamespace(duplicates=lambda pairs: [False] * len(pairs)),  # type: ignore[arg-type]
+        SimpleNamespace(resolve_batch=lambda _c: BatchResolution(results, 1)),  # type: ignore[arg-type]
+    )
+    batch = pipeline.process([_Message(1), _Message(2), _Message(3)])
+
+    assert [change.source_key for change in batch.changes] == ["u-9"]
+    assert (batch.held, batch.released) == (1, 1)
+    [(link, value, message), (released, tombstone, _)] = batch.reviews
+    record = parse_record(link, value)
+    assert record is not None and message.offset() == 1
+    assert (record.link, record.kind, record.hold, record.change) == (
+        "support:u-7",
+        "hold",
+        ROLE | {"last_seen_ms": 0, "updates": 0},  # as `Hold` has it: every field it keeps
+        CHANGE,
+    )
+    assert record.origin == Origin("support.public.users", 0, 1)
+    assert (released, tombstone) == ("support:u-8", None)
