@@ -34,8 +34,11 @@ Decisions (`decide_target`, pure; `DECIDE_SCRIPT`, atomic in Redis):
 Either way the xref and link are set and the hold removed in one script, the row's kept
 change is replayed into `topics.changes` under the chosen golden id (partitioned as
 ingest partitions it) so it merges and syncs like any change, and the decision record is
-written. A run cut short after the script (the row linked, no decision record yet) is
-finished by running the same command again. Match keys are left as they are: a role
+written. The script also checks that the hold is still at the change the record kept
+(its `updates` count): while ingest has held a newer change whose record is on its way,
+the command waits for it, so the change replayed is the row's latest. A run cut short
+after the script (the row linked, no decision record yet) is finished by running the
+same command again. Match keys are left as they are: a role
 address is never indexed, and a capped record's key already names that record.
 
 Records are JSON (`format` 1), read only by Accord: `hold_record`, `decision_record` and
