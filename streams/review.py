@@ -52,7 +52,7 @@ import datetime as dt
 import getpass
 import json
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from enum import StrEnum
@@ -588,7 +588,7 @@ class Reviewer:
         kafka: dict[str, Any],
         review_topic: str,
         changes_topic: str,
-        encode_change: Any,
+        encode_change: Callable[[dict[str, Any]], bytes],
         producer: Any,
         cap: int,
         guarded: bool = True,
