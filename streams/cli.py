@@ -790,6 +790,7 @@ def _review_row(row: str) -> str:
 @review_app.command("list")
 def review_list(
     reason: Annotated[str | None, typer.Option(help="Only holds with this reason.")] = None,
+    limit: Annotated[int, typer.Option(min=1, help="Rows in the table (--json: all).")] = 50,
     json_out: JsonOption = False,
 ) -> None:
     """Every held row, oldest first: why it is held, its candidate record, since when."""
@@ -802,14 +803,15 @@ def review_list(
         print(json.dumps([hold.as_dict(now) for hold in holds], indent=2, default=str))
         return
     table = Table("row", "reason", "candidate", "held since", "changes since", "why")
-    for hold in holds:
+    for hold in holds[:limit]:
         row = hold.as_dict(now)
         table.add_row(
             escape(hold.link), hold.reason, hold.golden_id or "-", str(row["since"]),
             str(row["changes_since"]), escape(hold.describe()),
         )  # fmt: skip
     console.print(table)
-    console.print(f"{len(holds)} held row(s)")
+    more = f", the {limit} oldest shown (--limit, --json)" if len(holds) > limit else ""
+    console.print(f"{len(holds)} held row(s){more}")
 
 
 @review_app.command("show")
