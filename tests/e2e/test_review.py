@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -33,6 +34,19 @@ def _links(record: dict, user_id: str) -> bool:
     return {"system": "support", "key": user_id} in [
         {"system": link["system"], "key": link["key"]} for link in record.get("links") or []
     ]
+
+
+def _web(settings: AccordSettings, path: str) -> str:
+    url = f"http://{settings.worker.web_host}:{settings.worker.web_port}/{path}"
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return response.read().decode()
+
+
+def _metric(settings: AccordSettings, name: str) -> float | None:
+    for line in _web(settings, "metrics").splitlines():
+        if line.startswith(name + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return None
 
 
 def _digits(value: Any) -> str:
@@ -80,6 +94,14 @@ def test_a_held_support_row_accepted_through_the_cli_reaches_crm(app: AccordSett
     golden.poll()
     assert not any(_links(r, user_id) for r in golden.records if r is not None)
 
+    # The status board counts it (no web token here: counts, never the row itself).
+    def review_panel() -> dict:
+        return json.loads(_web(settings, "status.json")).get("review") or {}
+
+    assert wait_until(lambda: review_panel().get("by_reason", {}).get("role_address"), 60, 0.5)
+    assert "holds" not in review_panel() and user_id not in _web(settings, "status.json")
+    assert (_metric(settings, "accord_identity_held_rows") or 0) >= 1
+
     accepted = accord(
         settings, "review", "accept", f"support:{user_id}", "--golden", golden_id, "--json"
     )
@@ -102,4 +124,6 @@ def test_a_held_support_row_accepted_through_the_cli_reaches_crm(app: AccordSett
     # The accepted row's phone is the latest: lww carries it into CRM.
     assert wait_until(lambda: crm_phone().endswith("2079460777"), 120, 0.5), crm_phone()
     assert not client.hexists(held, f"support:{user_id}")
+    accepted_metric = 'accord_review_decisions_total{decision="accept"}'
+    assert wait_until(lambda: _metric(settings, accepted_metric) == 1.0, 60, 0.5)
     golden.close()
