@@ -724,6 +724,7 @@ def create_app(settings: AccordSettings, rules: Rules | None = None) -> faust.Ap
         client_id=f"{ingest_group(settings)}-{worker.instance}",
         on_identity_lost=relinker.lost,
         progress=stages["ingest"],
+        review_topic=settings.topics.review,
     )
     services = [ThreadStatus("ingest"), ThreadStatus("emitter")]
     services.append(ThreadStatus("identity-keeper"))

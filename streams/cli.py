@@ -46,6 +46,10 @@ app.add_typer(demo_app, name="demo")
 app.add_typer(dlq_app, name="dlq")
 identity_app = typer.Typer(help="Identity links in Redis.", no_args_is_help=True)
 app.add_typer(identity_app, name="identity")
+review_app = typer.Typer(
+    help="Rows identity holds for review: list, show, accept, reject.", no_args_is_help=True
+)
+app.add_typer(review_app, name="review")
 
 console = Console()
 err = Console(stderr=True)
@@ -765,6 +769,163 @@ def explain_record(
             escape(lost), changes,
         )  # fmt: skip
     console.print(table)
+
+
+# ----------------------------------------------------------------------------- review
+
+RowArgument = Annotated[str, typer.Argument(help="The held source row, as system:key.")]
+
+
+def _review_row(row: str) -> str:
+    from streams.model import SYSTEMS
+
+    system, colon, key = row.partition(":")
+    if not colon or not key:
+        raise AccordError(f"{row!r} is not a source row: write it as system:key")
+    if system not in SYSTEMS:
+        raise AccordError(f"unknown system {system!r} in {row!r}; known: {', '.join(SYSTEMS)}")
+    return row
+
+
+@review_app.command("list")
+def review_list(
+    reason: Annotated[str | None, typer.Option(help="Only holds with this reason.")] = None,
+    limit: Annotated[int, typer.Option(min=1, help="Rows in the table (--json: all).")] = 50,
+    json_out: JsonOption = False,
+) -> None:
+    """Every held row, oldest first: why it is held, its candidate record, since when."""
+    from streams.review import now_ms, reviewer_of
+
+    now = now_ms()
+    holds = [h for h in reviewer_of(settings()).holds() if reason in (None, h.reason)]
+    holds.sort(key=lambda hold: (hold.since_ms, hold.link))
+    if json_out:
+        print(json.dumps([hold.as_dict(now) for hold in holds], indent=2, default=str))
+        return
+    table = Table("row", "reason", "candidate", "held since", "changes since", "why")
+    for hold in holds[:limit]:
+        row = hold.as_dict(now)
+        table.add_row(
+            escape(hold.link), hold.reason, hold.golden_id or "-", str(row["since"]),
+            str(row["changes_since"]), escape(hold.describe()),
+        )  # fmt: skip
+    console.print(table)
+    more = f", the {limit} oldest shown (--limit, --json)" if len(holds) > limit else ""
+    console.print(f"{len(holds)} held row(s){more}")
+
+
+@review_app.command("show")
+def review_show(row: RowArgument, json_out: JsonOption = False) -> None:
+    """One held row: its hold, and the change kept for the decision (values, commit
+    time, where it came from); or the decision taken on it."""
+    from streams.review import NotHeld, change_to_json, now_ms, reviewer_of
+
+    link = _review_row(row)
+    reviewer = reviewer_of(settings())
+    hold, record = reviewer.hold(link), reviewer.record(link)
+    linked_to = reviewer.linked_to(link)
+    if hold is None and (record is None or record.kind != "decision"):
+        if linked_to is not None:
+            raise AccordError(f"{link} is not held: it is linked to golden record {linked_to}")
+        raise NotHeld(link)
+    shown: dict[str, Any] = {"row": link, "held": hold is not None, "linked_to": linked_to}
+    if hold is not None:
+        shown["hold"] = hold.as_dict(now_ms())
+    if record is not None:
+        shown["kept_change"] = change_to_json(record.change) if record.change else None
+        shown["origin"] = record.origin.__dict__ if record.origin else None
+        if record.kind == "decision":
+            shown["decision"] = {
+                "decision": record.decision.value if record.decision else None,
+                "golden_id": record.golden_id,
+                "by": record.by,
+                "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(record.at_ms / 1000)),
+                "replayed": record.replayed,
+            }
+    if json_out:
+        print(json.dumps(shown, indent=2, default=str))
+        return
+    if hold is not None:
+        console.print(f"[bold]{escape(link)}[/bold] is held: {escape(hold.describe())}")
+        console.print(f"held since {shown['hold']['since']}, {shown['hold']['changes_since']} "
+                      "change(s) since")  # fmt: skip
+    if "decision" in shown:
+        d = shown["decision"]
+        console.print(
+            f"[bold]{escape(link)}[/bold]: {d['decision']}ed by {d['by']} at {d['at']}, "
+            f"linked to {d['golden_id']}"
+        )
+    change = shown.get("kept_change")
+    if change is None:
+        console.print("no change kept for it (held before the review topic existed): it "
+                      "syncs with its next change once decided")  # fmt: skip
+        return
+    table = Table("field", "value", title="Its latest change, kept for the decision")
+    for name, value in change["values"].items():
+        table.add_row(name, escape(repr(value)))
+    console.print(table)
+    origin = shown.get("origin") or {}
+    console.print(
+        f"committed {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(change['source_ts'] / 1e6))}"
+        f" at {change['position']}; from {origin.get('topic')} "
+        f"{origin.get('partition')}:{origin.get('offset')}"
+    )
+
+
+def _decide(row: str, decision_name: str, golden: str | None, json_out: bool) -> None:
+    from streams.review import Decision, ReviewRefused, reviewer_of
+
+    link = _review_row(row)
+    decision = Decision(decision_name)
+    try:
+        outcome = reviewer_of(settings()).decide(link, decision, golden)
+    except ReviewRefused as exc:
+        if json_out:
+            print(json.dumps({"row": link, "decision": decision.value, "refused": exc.reason}))
+            err.print(f"[red]error:[/red] {escape(str(exc))}")
+            raise typer.Exit(1) from exc
+        raise
+    if json_out:
+        print(json.dumps(outcome.as_dict(), indent=2))
+        return
+    if outcome.already:
+        console.print(f"{link} was decided before ({outcome.decision.value}, by {outcome.by}): "
+                      f"linked to {outcome.golden_id}; nothing to do")  # fmt: skip
+        return
+    sent = (
+        "its last change was sent to the merge"
+        if outcome.replayed
+        else "no change was kept for it: it syncs with its next change"
+    )
+    console.print(
+        f"{outcome.decision.value}ed {link} (by {outcome.by}): linked to golden record "
+        f"{outcome.golden_id}, which links {outcome.rows} row(s); {sent}"
+    )
+
+
+@review_app.command("accept")
+def review_accept(
+    row: RowArgument,
+    golden: Annotated[
+        str | None,
+        typer.Option(
+            "--golden",
+            help="Link it to this golden record instead of the hold's candidate (needed "
+            "for a role-address hold, which has none).",
+        ),
+    ] = None,
+    json_out: JsonOption = False,
+) -> None:
+    """Link a held row to its candidate record (or --golden) and send its last change to
+    the merge. Refused, with the reason, when that record is at identity.max_rows_per_record."""
+    _decide(row, "accept", golden, json_out)
+
+
+@review_app.command("reject")
+def review_reject(row: RowArgument, json_out: JsonOption = False) -> None:
+    """Give a held row its own golden record and send its last change to the merge; it is
+    not held again for that candidate."""
+    _decide(row, "reject", None, json_out)
 
 
 # ------------------------------------------------------------------------------- demo

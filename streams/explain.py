@@ -169,14 +169,24 @@ def hold_as_dict(hold: Hold) -> dict[str, Any]:
         "since": _time(hold.since_ms * 1000),
         "last_seen": _time(hold.last_seen_ms * 1000),
         "changes_since": hold.updates,
+        "scores": _scores(hold),
+        "decide": f"accord review show|accept|reject {hold.system}:{hold.key}",
     }
+
+
+def _scores(hold: Hold) -> dict[str, Any] | None:
+    """The match scores a hold carries (a review-band hold), if any."""
+    scores = getattr(hold, "scores", None)
+    return dict(scores) if scores else None
 
 
 def describe_hold(hold: Hold) -> str:
     """One line for a person: which row, why it is held, since when."""
     since = {0: "none", 1: "1 change"}.get(hold.updates, f"{hold.updates} changes")
+    scores = _scores(hold)
+    scored = "; scores: " + ", ".join(f"{k} {v}" for k, v in scores.items()) if scores else ""
     return (
-        f"{hold.system}:{hold.key} is held, not linked: {hold.describe()}; "
+        f"{hold.system}:{hold.key} is held, not linked: {hold.describe()}{scored}; "
         f"held since {_time(hold.since_ms * 1000)}, {since} since"
     )
 

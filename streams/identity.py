@@ -580,6 +580,10 @@ class IdentityResolver:
     def rules(self) -> tuple[MatchRule, ...]:
         return self._rules
 
+    @property
+    def client(self) -> redis.Redis:
+        return self._client
+
     def key(self, name: str) -> str:
         """A key of this resolver's prefix."""
         return f"{self._prefix}{name}"

@@ -3,7 +3,8 @@
 Every message ends up in exactly one place: a change handed on, a tombstone skipped
 (the delete before it carries the change), a duplicate or a delete of a row never seen
 (both counted), a change of a row identity holds (counted and recorded in the hold, see
-`streams.identity`: not a dead letter, as nothing is wrong with it), or a dead letter
+`streams.identity`: not a dead letter, as nothing is wrong with it; with the review topic
+configured, the hold and the change are written there, `streams.review`), or a dead letter
 with its reason. A registry or Redis outage is not the
 message's fault: the batch is retried, never dead-lettered.
 
@@ -41,6 +42,7 @@ from streams.mapping import Mapper, Rejected
 from streams.model import Change
 from streams.refusal import PRODUCE_REFUSED, refusal_of
 from streams.registry import registry_client, writer_schemas
+from streams.review import Origin, hold_fields, hold_record
 from streams.settings import AccordSettings
 from streams.topics import first_offsets, next_offsets, usable
 
@@ -125,6 +127,8 @@ class IngestBatch:
     unknown_deletes: int = 0
     held: int = 0  # changes of held rows: recorded in the hold, handed on nowhere
     released: int = 0  # deletes of held rows: the hold ends
+    # For the review topic: (row, hold record or None when its hold ended, raw message).
+    reviews: list[tuple[str, bytes | None, Any]] = field(default_factory=list)
     dropped_fields: int = 0  # soft rule failures: the field was left out
 
 
@@ -179,8 +183,14 @@ class IngestPipeline:
             elif result.hold is not None:
                 batch.held += 1
                 _report_hold(result.hold)
+                origin = Origin(message.topic(), message.partition(), message.offset())
+                record = hold_record(
+                    change.link, hold_fields(result.hold), change, origin, int(time.time() * 1000)
+                )
+                batch.reviews.append((change.link, record, message))
             elif result.released:
                 batch.released += 1
+                batch.reviews.append((change.link, None, message))
                 log.info("identity: %s was deleted while held; its hold ends", change.link)
             else:
                 batch.unknown_deletes += 1
@@ -254,8 +264,10 @@ class IngestLoop:
         client_id: str | None = None,
         on_identity_lost: Callable[[], None] = lambda: None,  # wakes `streams.relink`
         progress: StageProgress | None = None,
+        review_topic: str | None = None,  # where holds are kept (None: nowhere)
     ) -> None:
         self.pipeline = pipeline
+        self.review_topic = review_topic
         self.on_identity_lost = on_identity_lost
         self.progress = progress or StageProgress("ingest")
         self.changes_topic = changes_topic
@@ -287,7 +299,7 @@ class IngestLoop:
         self.dead_letters = make_dead_letters(self.producer)
         self._undelivered: list[str] = []
         self._refused: list[DeadLetter] = []  # this batch's raw messages refused as changes
-        self._suspects: list[tuple[bytes, bytes, Any]] = []  # refused with their batch?
+        self._suspects: list[tuple[str, bytes, bytes | None, Any]] = []  # refused with their batch?
         self.backoff_s = 0.0  # the pause after a refused batch; 0 while services answer
 
     def step(self, stop: threading.Event) -> int:
@@ -324,6 +336,9 @@ class IngestLoop:
         for change, origin in zip(batch.changes, batch.origins, strict=True):
             value = self.encode_change(change.to_record())
             self._produce(change.golden_id.encode(), value, origin, alone=False)
+        if self.review_topic is not None:
+            for link, record, origin in batch.reviews:
+                self._produce(link.encode(), record, origin, alone=False, topic=self.review_topic)
         if not self._delivered_all(stop) or not self._resend_alone(stop):
             self._refused = []  # refused again, and dead-lettered, when the batch is reread
             self.progress.blocked()
@@ -337,11 +352,15 @@ class IngestLoop:
         self.progress.moved(len(messages))
         return len(messages)
 
-    def _produce(self, key: bytes, value: bytes, origin: Any, alone: bool) -> None:
-        """Hands one change to the producer. librdkafka refuses a record over its size
-        limit at once: its raw message is dead-lettered. A refusal on delivery may be the
-        broker's refusal of the whole batch the record was sent in, so the record is only
-        a suspect, sent again `alone`; refused alone, it is dead-lettered."""
+    def _produce(
+        self, key: bytes, value: bytes | None, origin: Any, alone: bool, topic: str | None = None
+    ) -> None:
+        """Hands one change (or review record: `topic`) to the producer. librdkafka
+        refuses a record over its size limit at once: its raw message is dead-lettered.
+        A refusal on delivery may be the broker's refusal of the whole batch the record
+        was sent in, so the record is only a suspect, sent again `alone`; refused alone,
+        it is dead-lettered."""
+        topic = topic or self.changes_topic
 
         def delivered(error: Any, _message: Any) -> None:
             if error is None:
@@ -349,15 +368,13 @@ class IngestLoop:
             if refusal_of(error) is None:
                 self._undelivered.append(str(error))
             elif alone:
-                self._refuse(origin, error)
+                self._refuse(origin, error, topic)
             else:
-                self._suspects.append((key, value, origin))
+                self._suspects.append((topic, key, value, origin))
 
         while True:
             try:
-                self.producer.produce(
-                    self.changes_topic, key=key, value=value, on_delivery=delivered
-                )
+                self.producer.produce(topic, key=key, value=value, on_delivery=delivered)
                 return
             except BufferError:  # the producer's queue is full: let it send some first
                 self.producer.poll(0.1)
@@ -365,21 +382,21 @@ class IngestLoop:
                 error = exc.args[0]
                 if refusal_of(error) is None:
                     raise
-                self._refuse(origin, error)
+                self._refuse(origin, error, topic)
                 return
 
     def _resend_alone(self, stop: threading.Event) -> bool:
         """Sends each change refused on delivery again, one at a time; False if one
         failed otherwise than by a refusal (the batch is read again)."""
         suspects, self._suspects = self._suspects, []
-        for key, value, origin in suspects:
-            self._produce(key, value, origin, alone=True)
+        for topic, key, value, origin in suspects:
+            self._produce(key, value, origin, alone=True, topic=topic)
             if not self._delivered_all(stop):
                 return False
         return True
 
-    def _refuse(self, origin: Any, error: KafkaError) -> None:
-        refusal = ProduceRefused(self.changes_topic, error)
+    def _refuse(self, origin: Any, error: KafkaError, topic: str | None = None) -> None:
+        refusal = ProduceRefused(topic or self.changes_topic, error)
         log.warning(
             "ingest: %s/%d/%d dead-lettered: %s",
             origin.topic(), origin.partition(), origin.offset(), refusal,

@@ -15,7 +15,8 @@ this module decides what its absence means and repairs it.
   reads every golden state (latest per key) from the changelog, adds the target rows an
   applier created whose CDC echo has not reached a golden state yet (the `accord_applied`
   ledger of each SQL target), hands them to `IdentityResolver.rebuild`, then writes the
-  epoch. `accord identity rebuild` does the same from the command line.
+  epoch. `accord identity rebuild` does the same from the command line. Held rows are
+  put back from the review topic (`streams.review.restore_holds`) once the xrefs are.
 
 Dedupe keys are lost too, and need no rebuild: a replayed change they no longer catch is
 merged again, and a merge of a change already merged is a no-op (`streams.merge`).
@@ -47,6 +48,7 @@ from streams.errors import AccordError
 from streams.identity import EPOCH_KEY, IdentityResolver
 from streams.merge import GoldenState, loads
 from streams.model import Value
+from streams.review import restore_holds
 from streams.settings import AccordSettings
 
 __all__ = [
@@ -168,6 +170,7 @@ class RelinkSources:
     changelog: Callable[[], Iterable[tuple[bytes | None, bytes | None]]]
     ledger: Callable[[], Iterable[tuple[str, str, str]]]
     merged: Callable[[], bool] = lambda: True  # has the merge taken in every change?
+    review: Callable[[], Iterable[tuple[bytes | None, bytes | None]]] = lambda: ()  # holds
 
 
 def sources_of(settings: AccordSettings) -> RelinkSources:
@@ -176,12 +179,15 @@ def sources_of(settings: AccordSettings) -> RelinkSources:
 
     kafka = settings.kafka_config()
     changelog = changelog_topic(settings)
-    state_topics = [changelog, settings.topics.golden, settings.topics.changes]
+    # The review topic too: an app whose only state is held rows has holds to restore.
+    topics = settings.topics
+    state_topics = [changelog, topics.golden, topics.changes, topics.review]
     return RelinkSources(
         has_state=lambda: _any_records(kafka, state_topics),
         changelog=lambda: _scan_records(kafka, changelog),
         ledger=lambda: _ledger_links(settings),
         merged=lambda: _caught_up(kafka, settings.worker.app_id, settings.topics.changes),
+        review=lambda: _scan_records(kafka, settings.topics.review),
     )
 
 
@@ -299,14 +305,16 @@ class RelinkReport:
     ledger_links: int = 0  # rows created by appliers and linked from their ledgers
     records_read: int = 0  # changelog records read (every version, tombstones too)
     seconds: float = 0.0
+    holds_restored: int = 0  # held rows put back from the review topic
 
     def describe(self) -> str:
         if self.plan is not Plan.REBUILD:
             return f"identity keys {self.plan.value}: nothing to rebuild"
+        held = f", {self.holds_restored:,} held rows restored" if self.holds_restored else ""
         return (
             f"rebuilt the identity keys of {self.golden_records:,} golden records "
             f"({self.ledger_links:,} rows linked from applier ledgers, "
-            f"{self.records_read:,} changelog records read) in {self.seconds:.1f} s"
+            f"{self.records_read:,} changelog records read{held}) in {self.seconds:.1f} s"
         )
 
 
@@ -365,7 +373,12 @@ def rebuild(
         progress(f"identity keys of {count:,} of {len(identities):,} golden records written")
 
     restored = resolver.rebuild(_counted(identities.values(), every, written))
-    return RelinkReport(Plan.REBUILD, restored, len(added), read, time.monotonic() - began)
+    # After the xrefs: a row they link is not held again.
+    held = restore_holds(resolver.client, resolver.key(""), sources.review())
+    progress(held.describe())
+    return RelinkReport(
+        Plan.REBUILD, restored, len(added), read, time.monotonic() - began, held.held
+    )
 
 
 @dataclass

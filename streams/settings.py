@@ -195,6 +195,7 @@ class TopicSettings(BaseModel):
     golden: str = "accord.golden"
     audit: str = "accord.audit"
     dlq: str = "accord.dlq"
+    review: str = "accord.review"  # held rows and review decisions (`streams.review`)
     sink_prefix: str = "accord.sink."
 
     def sink(self, system: str) -> str:
@@ -208,6 +209,7 @@ class TopicSettings(BaseModel):
             golden=f"{prefix}.golden",
             audit=f"{prefix}.audit",
             dlq=f"{prefix}.dlq",
+            review=f"{prefix}.review",
             sink_prefix=f"{prefix}.sink.",
         )
 
@@ -268,6 +270,7 @@ class DurabilitySettings(BaseModel):
     golden: CompactedTopic = CompactedTopic()
     audit: KeptTopic = KeptTopic()
     dlq: KeptTopic = KeptTopic()
+    review: CompactedTopic = CompactedTopic()  # the review queue: latest record per row
     sink: TopicDurability = TopicDurability()
     source: TopicDurability = TopicDurability()
 

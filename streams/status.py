@@ -16,7 +16,7 @@ from importlib import resources
 from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from streams.missing_columns import missing_columns
@@ -94,6 +94,7 @@ class StatusBoard:
         settings: AccordSettings,
         monitor: Monitor | None = None,
         reconcile: Callable[[], list[Scorecard]] | None = None,
+        review: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         from streams.reconcile import reconcile as reconcile_all
 
@@ -101,6 +102,9 @@ class StatusBoard:
         # No group descriptions in a long-running worker: see streams/monitor.py.
         self.monitor = monitor or Monitor(settings, members=False)
         self.reconcile = reconcile or (lambda: reconcile_all(settings))
+        self.review_source = review or _review_source(settings)
+        self.review: dict[str, Any] | None = None  # `streams.review.review_summary`
+        self.review_error: str | None = None
         self.snapshot: Snapshot | None = None
         self.snapshot_error: str | None = None
         self.drift: LastReconcile | None = None
@@ -111,6 +115,14 @@ class StatusBoard:
             self.snapshot, self.snapshot_error = self.monitor.snapshot(), None
         except Exception as exc:  # shown on the page; the next refresh tries again
             self.snapshot_error = str(exc)[:300]
+        try:
+            self.review, self.review_error = self.review_source(), None
+        except Exception as exc:  # Redis away: shown on the page, tried again next time
+            self.review_error = str(exc)[:300]
+        else:
+            from streams.ingest import HELD_ROWS
+
+            HELD_ROWS.set(self.review["held"])  # right after a decision too, not only ingest
 
     def reconcile_now(self) -> None:
         started = time.monotonic()
@@ -153,6 +165,8 @@ class StatusBoard:
             "missing_columns": missing_columns(),
             "drift": drift,
             "reconcile_interval_s": self.settings.worker.reconcile_interval_s,
+            "review": self.review,
+            "review_error": self.review_error,
         }
 
 
@@ -192,7 +206,32 @@ class BoardCollector(Collector):
             for card in self.board.drift.cards:
                 for state in ("in_accord", "drifted", "missing", "orphaned"):
                     drift.add_metric([card.target, state], getattr(card, state))
-        yield from (lag, dlq, slots, drift)
+        decisions = CounterMetricFamily(
+            "accord_review_decisions",
+            "Review decisions on held rows, by decision (accept, reject)",
+            labels=["decision"],
+        )
+        oldest = GaugeMetricFamily(
+            "accord_review_oldest_hold_age_seconds", "Age of the oldest held row (0: none)"
+        )
+        review = self.board.review
+        if review is not None:
+            for decision, count in review["decisions"].items():
+                decisions.add_metric([decision], count)
+            oldest.add_metric([], review["oldest_age_s"] or 0)
+        yield from (lag, dlq, slots, drift, decisions, oldest)
+
+
+def _review_source(settings: AccordSettings) -> Callable[[], dict[str, Any]]:
+    """The review queue's summary from the app's Redis (`streams.review.review_summary`)."""
+    from streams.app import redis_client
+    from streams.review import now_ms, read_decisions, read_held, review_summary
+
+    client = redis_client(settings)
+    prefix = settings.worker.redis_prefix
+    return lambda: review_summary(
+        read_held(client, prefix), read_decisions(client, prefix), now_ms()
+    )
 
 
 def page() -> str:

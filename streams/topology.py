@@ -154,6 +154,9 @@ def accord_topics(settings: AccordSettings, brokers: int = 1) -> list[TopicSpec]
         spec(topics.golden, partitions, "golden"),
         spec(topics.audit, partitions, "audit"),
         spec(topics.dlq, 1, "dlq"),
+        # Holds and review decisions (`streams.review`): the latest record of each held
+        # row, which outlives Redis. One partition: a few records a held row, scanned whole.
+        spec(topics.review, 1, "review"),
         *(spec(topics.sink(target), partitions, "sink") for target in sink_targets(settings)),
     ]
 

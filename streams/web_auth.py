@@ -165,8 +165,9 @@ class WebGuard:
 def strip_values(status: dict[str, Any]) -> dict[str, Any]:
     """`status` (the status board's dict) without customer values, for a caller without
     the token: each scorecard keeps only its counts (no drift values, golden ids or
-    target keys), connector traces go, error texts are redacted; topics, groups, lags
-    and counts stay. `values_hidden` says how to see the rest. `status` is not changed."""
+    target keys), connector traces go, error texts are redacted, the review panel keeps
+    its counts but not its held rows; topics, groups, lags and counts stay.
+    `values_hidden` says how to see the rest. `status` is not changed."""
     shown = copy.deepcopy(status)
     shown["values_hidden"] = VALUES_HIDDEN
     if shown.get("snapshot_error"):
@@ -179,6 +180,11 @@ def strip_values(status: dict[str, Any]) -> dict[str, Any]:
             {name: card[name] for name in CARD_COUNTS if name in card}
             for card in drift.get("cards") or []
         ]
+    review = shown.get("review")
+    if review:  # counts per reason, ages and decisions; no rows, ids or match values
+        review.pop("holds", None)
+    if shown.get("review_error"):
+        shown["review_error"] = redact(shown["review_error"])
     snapshot = shown.get("snapshot")
     if snapshot:
         for connector in snapshot.get("connectors") or []:

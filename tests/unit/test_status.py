@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import math
+from types import SimpleNamespace
 
 import pytest
-from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client import REGISTRY, CollectorRegistry, Histogram, generate_latest
 
 from streams.monitor import GroupLag, PartitionLag, Snapshot, accord_groups, group_lag
 from streams.reconcile import Scorecard
+from streams.review import review_summary
 from streams.settings import AccordSettings
 from streams.status import (
     BoardCollector,
@@ -84,3 +87,33 @@ def test_the_board_s_gauges_carry_lag_dlq_slots_and_drift() -> None:
     assert 'accord_consumer_lag{group="accord",partition="2",topic="t"} 4.0' in text
     assert "accord_dlq_messages 3.0" in text
     assert 'accord_reconcile_rows{state="drifted",target="crm"} 1.0' in text
+
+
+def test_the_board_keeps_the_review_summary_and_counts_decisions() -> None:
+    summary = review_summary(
+        [("support:a", json.dumps({"reason": "role_address", "since_ms": 1_000}))],
+        {"accept": 2, "reject": 1},
+        now_ms=61_000,
+    )
+    monitor = SimpleNamespace(snapshot=lambda: None)
+    board = StatusBoard(AccordSettings(), monitor=monitor, reconcile=list, review=lambda: summary)  # type: ignore[arg-type]
+    board.refresh()
+    assert board.as_dict()["review"]["by_reason"] == {"role_address": 1}
+    assert REGISTRY.get_sample_value("accord_identity_held_rows") == 1
+    registry = CollectorRegistry()
+    registry.register(BoardCollector(board))
+    text = generate_latest(registry).decode()
+    assert 'accord_review_decisions_total{decision="accept"} 2.0' in text
+    assert 'accord_review_decisions_total{decision="reject"} 1.0' in text
+    assert "accord_review_oldest_hold_age_seconds 60.0" in text
+
+
+def test_the_board_shows_why_it_could_not_read_the_review_queue() -> None:
+    def away() -> dict:
+        raise ConnectionError("redis away")
+
+    monitor = SimpleNamespace(snapshot=lambda: None)
+    board = StatusBoard(AccordSettings(), monitor=monitor, reconcile=list, review=away)  # type: ignore[arg-type]
+    board.refresh()
+    assert board.as_dict()["review"] is None
+    assert board.as_dict()["review_error"] == "redis away"

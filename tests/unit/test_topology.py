@@ -49,12 +49,12 @@ def test_min_insync_is_two_only_where_there_are_three_copies() -> None:
 
 def test_each_kind_has_its_production_defaults() -> None:
     specs = _specs(3)
-    assert set(specs) == {"changes", "changelog", "golden", "audit", "dlq", "sink"}
+    assert set(specs) == {"changes", "changelog", "golden", "audit", "dlq", "review", "sink"}
     for kind in ("audit", "dlq"):  # kept until an operator deletes them
         assert specs[kind].config["retention.ms"] == "-1"
         assert specs[kind].config["retention.bytes"] == "-1"
         assert specs[kind].config["cleanup.policy"] == "delete"
-    for kind in ("golden", "changelog"):
+    for kind in ("golden", "changelog", "review"):  # the latest record of each key
         assert specs[kind].config["cleanup.policy"] == "compact"
         assert "retention.ms" not in specs[kind].config
     assert specs["changelog"].config["min.compaction.lag.ms"] == WEEK_MS
