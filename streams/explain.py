@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from streams.identity import Hold
+from streams.identity import Hold, HoldReason
 from streams.merge import Cell, GoldenState, Resolved, loads, resolve_field
 from streams.model import FIELDS, Value
 from streams.rules import FieldRule, Rule, Rules
@@ -169,21 +169,19 @@ def hold_as_dict(hold: Hold) -> dict[str, Any]:
         "since": _time(hold.since_ms * 1000),
         "last_seen": _time(hold.last_seen_ms * 1000),
         "changes_since": hold.updates,
-        "scores": _scores(hold),
         "decide": f"accord review show|accept|reject {hold.system}:{hold.key}",
     }
 
 
 def _scores(hold: Hold) -> dict[str, Any] | None:
-    """The match scores a hold carries (a review-band hold), if any."""
-    scores = getattr(hold, "scores", None)
-    return dict(scores) if scores else None
+    """The match scores a hold carries (a scored match), if any."""
+    return dict(hold.scores) if hold.scores else None
 
 
 def describe_hold(hold: Hold) -> str:
     """One line for a person: which row, why it is held, since when."""
     since = {0: "none", 1: "1 change"}.get(hold.updates, f"{hold.updates} changes")
-    scores = _scores(hold)
+    scores = _scores(hold) if hold.reason is not HoldReason.REVIEW else None  # describe() has them
     scored = "; scores: " + ", ".join(f"{k} {v}" for k, v in scores.items()) if scores else ""
     return (
         f"{hold.system}:{hold.key} is held, not linked: {hold.describe()}{scored}; "
