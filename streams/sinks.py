@@ -49,7 +49,7 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from enum import StrEnum
 from typing import Any
 
@@ -65,6 +65,7 @@ from streams.codec import AvroCodec, DecodeError, RegistryUnavailable, SchemaCac
 from streams.dbtls import is_tls_refusal
 from streams.dedupe import RedisUnavailable, redis_errors
 from streams.dlq import DeadLetter, DeadLetterWriter
+from streams.equality import holds
 from streams.errors import AccordError, ConfigError
 from streams.identity import IdentityResolver
 from streams.mapping import canonical_row, load_mappings
@@ -977,7 +978,7 @@ class SqlApplier(Applier):
             # way through CDC, and the merge decides again with it.
             return self._done(cur, event, key, Action.SUPERSEDED, (), Status.SKIPPED, "superseded")
         candidates = self.spec.columns_for(set(event.changed))
-        differs = tuple(c.name for c in candidates if not same(current[c.name], wanted[c.name]))
+        differs = tuple(c.name for c in candidates if not holds(current[c.name], wanted[c.name]))
         if not differs:
             return self._done(cur, event, key, Action.NOOP, (), Status.SKIPPED, "no_change")
         assignments = ", ".join(f"{self.dialect.quote(c)} = %s" for c in differs)
@@ -1012,7 +1013,7 @@ class SqlApplier(Applier):
         current = canonical_row(self.mapping, key, dict(zip(columns, row, strict=True)))
         if current is None:
             return True  # the row does not pass its own mapping: not ours to overwrite
-        return any(not same(current.get(f), event.expected.get(f)) for f in event.changed)
+        return any(not holds(current.get(f), event.expected.get(f)) for f in event.changed)
 
     def _stale(self, cur: Any, event: SinkEvent, key: str) -> bool:
         last = self.dialect.last_version(cur, self.app, event.golden_id, key)
@@ -1137,37 +1138,6 @@ class SqlApplier(Applier):
     @property
     def _key_column(self) -> str:
         return self.dialect.quote(self.spec.key_column or "")
-
-
-def same(current: Any, wanted: Any) -> bool:
-    """Does a column's current value equal the wanted one, across driver types?
-
-    Decimal vs numeric text, bool vs tinyint, uuid vs text: compared by value. None only
-    equals None (an empty string is a value).
-    """
-    if current is None or wanted is None:
-        return current is None and wanted is None
-    if isinstance(current, bool) or isinstance(wanted, bool):
-        return _as_bool(current) == _as_bool(wanted)
-    if isinstance(current, (Decimal, int, float)) or isinstance(wanted, (Decimal, int, float)):
-        try:
-            return Decimal(str(current)) == Decimal(str(wanted))
-        except InvalidOperation:
-            return False
-    return str(current) == str(wanted)
-
-
-def _as_bool(value: Any) -> bool | None:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, (int, Decimal)):
-        return value != 0
-    text = str(value).strip().lower()
-    if text in ("1", "t", "true", "y", "yes", "on"):
-        return True
-    if text in ("0", "f", "false", "n", "no", "off"):
-        return False
-    return None
 
 
 def _db_error(exc: BaseException) -> str:
