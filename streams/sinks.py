@@ -69,7 +69,7 @@ from streams.equality import holds
 from streams.errors import AccordError, ConfigError
 from streams.identity import IdentityResolver
 from streams.mapping import canonical_row, load_mappings
-from streams.model import EPOCH
+from streams.model import EPOCH, Change, Op
 from streams.projection import KeyGeneration, SinkKind, SinkSpec, load_sinks
 from streams.registry import registry_client
 from streams.schemas import load_local
@@ -852,8 +852,11 @@ class SqlApplier(Applier):
         backoff: Callable[[], Backoff] = Backoff,
         pause: PauseReport | None = None,
         pause_backoff: Callable[[], Backoff] | None = None,
+        report: Callable[[Change], None] | None = None,
     ) -> None:
         super().__init__(spec, backoff, pause, pause_backoff)
+        # Tells the merge which row a create made (`CreatedReports`); None: nobody listens.
+        self.report = report
         if spec.kind is not SinkKind.SQL or not spec.table or not spec.key_column:
             raise ConfigError(f"sink {spec.target!r}: not a SQL target with a table and key")
         if dialect is None:
@@ -959,6 +962,7 @@ class SqlApplier(Applier):
                 self.dialect.upsert(self.spec.table, self.spec.key_column, self._columns),
                 (key, *(wanted[c] for c in self._columns)),
             )
+            self._report_created(event, key, wanted)
             return self._done(cur, event, key, Action.INSERT, tuple(self._columns))
         if event.target_key is None:
             # A create that found its row already there: a row the golden record learned
@@ -987,6 +991,33 @@ class SqlApplier(Applier):
             (*(wanted[c] for c in differs), key),
         )
         return self._done(cur, event, key, Action.UPDATE, differs)
+
+    def _report_created(self, event: SinkEvent, key: str, wanted: dict[str, Any]) -> None:
+        """Tell the merge, before the insert commits, which row it makes and with what.
+
+        The row's CDC echo then reads as Accord's own write by its key, which only this
+        insert carries: a row someone else makes with the same values still competes.
+        Reported first, so no echo can come back unexplained; a report whose insert then
+        fails names a row that never appears (a retry reuses the key, see `_key`).
+        """
+        if self.report is None:
+            return
+        values = created_values(self.spec, self.mapping, key, wanted, event.fields)
+        now_us = _now_us()
+        self.report(
+            Change(
+                change_id=f"created:{self.target}:{key}:{event.event_id}",
+                system=self.target,
+                source_key=key,
+                op=Op.UPSERT,
+                source_ts=event.source_ts_us or now_us,
+                position="",
+                values=values,
+                golden_id=event.golden_id,
+                captured_at_ms=now_us // 1000,
+                created=True,
+            )
+        )
 
     def _delete(self, cur: Any, event: SinkEvent) -> Outcome:
         if not self.spec.delete:
@@ -1138,6 +1169,77 @@ class SqlApplier(Applier):
     @property
     def _key_column(self) -> str:
         return self.dialect.quote(self.spec.key_column or "")
+
+
+def created_values(
+    spec: SinkSpec,
+    mapping: Any,
+    key: str,
+    wanted: Mapping[str, Any],
+    fields: Mapping[str, Any],
+) -> dict[str, Any]:
+    """What the row an applier inserts will say through CDC: the columns it writes read
+    through the system's own mapping (a lossy round trip reads as the echo will). Without
+    a mapping that reads them, the golden values of the target's fields."""
+    if mapping is not None:
+        row = {**wanted, **dict(zip(mapping.key, key.split("|"), strict=False))}
+        values = canonical_row(mapping, key, row)
+        if values is not None:
+            return values
+    return {name: fields.get(name) for name in spec.fields}
+
+
+class CreatedReports:
+    """Sends appliers' reports of the rows they create to the merge's input topic.
+
+    Keyed by golden id (murmur2, as Faust partitions), so a report meets its record's
+    state in order with the record's changes. Each report is on the broker before it
+    returns: the insert it announces commits only after. Unreachable Kafka is a
+    transient failure: the event is retried, the insert rolled back meanwhile.
+    """
+
+    def __init__(self, settings: AccordSettings, timeout_s: float = 10.0) -> None:
+        self.settings = settings
+        self.topic = settings.topics.changes
+        self.timeout_s = timeout_s
+        self._producer: Producer | None = None
+        self._codec: Any = None
+
+    def __call__(self, change: Change) -> None:
+        from streams.faust_codec import canonical_codec
+
+        if self._producer is None:
+            try:
+                self._codec = canonical_codec(
+                    self.settings,
+                    registry_client(self.settings),
+                    "dev.accord.CustomerChange",
+                    self.topic,
+                )
+            except Exception as exc:  # the registry down or refusing: try again later
+                raise TransientSinkError(f"schema of {self.topic}: {exc}") from exc
+            self._producer = Producer(
+                self.settings.kafka_config(
+                    {"enable.idempotence": True, "partitioner": "murmur2_random"}
+                )
+            )
+        failures: list[str] = []
+
+        def delivered(error: Any, _message: Any) -> None:
+            if error is not None:
+                failures.append(str(error))
+
+        self._producer.produce(
+            self.topic,
+            key=(change.golden_id or "").encode(),
+            value=self._codec.dumps(change.to_record()),
+            on_delivery=delivered,
+        )
+        if self._producer.flush(self.timeout_s) or failures:
+            raise TransientSinkError(
+                f"report of created row {change.link} not delivered to {self.topic}: "
+                f"{'; '.join(failures) or 'timed out'}"
+            )
 
 
 def _db_error(exc: BaseException) -> str:
@@ -1377,7 +1479,7 @@ def make_applier(
         return WebhookApplier(spec, client, prefix, deadline_s=webhook_deadline_s)
     pause = PauseReport(spec.target, client, prefix)
     identity = IdentityResolver(client, prefix, (), guarded=True)
-    return SqlApplier(settings, spec, identity, pause=pause)
+    return SqlApplier(settings, spec, identity, pause=pause, report=CreatedReports(settings))
 
 
 def sink_spec(settings: AccordSettings, target: str) -> SinkSpec:
