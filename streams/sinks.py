@@ -68,7 +68,7 @@ from streams.dlq import DeadLetter, DeadLetterWriter
 from streams.equality import holds
 from streams.errors import AccordError, ConfigError
 from streams.identity import IdentityResolver
-from streams.mapping import canonical_row, load_mappings
+from streams.mapping import canonical_row, clamp_commit_time, load_mappings
 from streams.model import EPOCH, Change, Op
 from streams.projection import KeyGeneration, SinkKind, SinkSpec, load_sinks
 from streams.registry import registry_client
@@ -855,8 +855,10 @@ class SqlApplier(Applier):
         report: Callable[[Change], None] | None = None,
     ) -> None:
         super().__init__(spec, backoff, pause, pause_backoff)
-        # Tells the merge which row a create made (`CreatedReports`); None: nobody listens.
+        # Tells the merge of the rows a create makes or adopts (`RowReports`); None: nobody
+        # listens (an adopted row then joins by its own CDC only).
         self.report = report
+        self._max_skew_us = int(settings.worker.max_clock_skew_s * 1_000_000)
         if spec.kind is not SinkKind.SQL or not spec.table or not spec.key_column:
             raise ConfigError(f"sink {spec.target!r}: not a SQL target with a table and key")
         if dialect is None:
@@ -967,14 +969,11 @@ class SqlApplier(Applier):
         if event.target_key is None:
             # A create that found its row already there: a row the golden record learned
             # of another way (a user made it, or Accord's state was reset). Its values are
-            # not overwritten on the strength of a create; it is touched, so that it
-            # reports itself through CDC and joins the record, whose next decisions
-            # about it carry what it holds (compare-and-set below).
-            cur.execute(
-                f"UPDATE {self._table} SET {self._key_column} = {self._key_column} "
-                f"WHERE {self._key_column} = %s",
-                (key,),
-            )
+            # not overwritten on the strength of a create, nor is it touched: a touch would
+            # report its values at Accord's commit time, to win `lww` against older edits
+            # made elsewhere. The merge is told of it with its own commit time instead
+            # (`adoption`), and decides about it from what it holds (compare-and-set below).
+            self._report_adopted(cur, event, key)
             return self._done(cur, event, key, Action.ADOPT, ())
         if event.expected is not None and self._changed_since(cur, key, event):
             # Compare-and-set: the row was edited after this event was planned. Writing
@@ -1018,6 +1017,20 @@ class SqlApplier(Applier):
                 created=True,
             )
         )
+
+    def _report_adopted(self, cur: Any, event: SinkEvent, key: str) -> None:
+        """Tell the merge, before the adoption commits, what the adopted row holds."""
+        if self.report is None or self.mapping is None:
+            return
+        cur.execute(f"SELECT * FROM {self._table} WHERE {self._key_column} = %s", (key,))
+        found = cur.fetchone()
+        if found is None:
+            return
+        columns = [d[0] for d in cur.description]
+        row = dict(zip(columns, found, strict=True))
+        change = adoption(self.mapping, key, row, event.golden_id, _now_us(), self._max_skew_us)
+        if change is not None:
+            self.report(change)
 
     def _delete(self, cur: Any, event: SinkEvent) -> Outcome:
         if not self.spec.delete:
@@ -1189,12 +1202,54 @@ def created_values(
     return {name: fields.get(name) for name in spec.fields}
 
 
-class CreatedReports:
-    """Sends appliers' reports of the rows they create to the merge's input topic.
+def adoption(
+    mapping: Any,
+    key: str,
+    row: Mapping[str, Any],
+    golden_id: str,
+    now_us: int,
+    max_skew_us: int | None = None,
+) -> Change | None:
+    """The change that joins an adopted row to its golden record, with its own values and
+    its own commit time; None if the row fails its mapping's hard rules.
+
+    The row's own commit time is its mapping's `commit_time` column when it has one, else
+    unknown: 0, so its values fill fields no other row has but lose `lww` to every edit
+    with a time. Either way the row's own CDC changes (its insert, if still on its way,
+    and later edits) carry their real commit times and supersede these values. A
+    `commit_time` more than `max_skew_us` ahead of now is clamped to now and flagged, as
+    ingest does.
+    """
+    values = canonical_row(mapping, key, row)
+    if values is None:
+        return None
+    commit_us = 0
+    stamp = row.get(mapping.commit_time) if mapping.commit_time else None
+    if isinstance(stamp, dt.datetime):
+        if stamp.tzinfo is None:
+            stamp = stamp.replace(tzinfo=dt.UTC)
+        commit_us = max(0, int(stamp.timestamp() * 1_000_000))
+    commit_us, clamped_from = clamp_commit_time(commit_us, now_us, max_skew_us)
+    return Change(
+        change_id=f"adopted:{mapping.system}:{key}:{golden_id}",
+        system=mapping.system,
+        source_key=key,
+        op=Op.UPSERT,
+        source_ts=commit_us,
+        position="",
+        values=values,
+        golden_id=golden_id,
+        captured_at_ms=now_us // 1000,
+        clamped_from=clamped_from,
+    )
+
+
+class RowReports:
+    """Sends appliers' reports of the rows they create or adopt to the merge's input topic.
 
     Keyed by golden id (murmur2, as Faust partitions), so a report meets its record's
     state in order with the record's changes. Each report is on the broker before it
-    returns: the insert it announces commits only after. Unreachable Kafka is a
+    returns: the insert or adoption it announces commits only after. Unreachable Kafka is a
     transient failure: the event is retried, the insert rolled back meanwhile.
     """
 
@@ -1237,7 +1292,7 @@ class CreatedReports:
         )
         if self._producer.flush(self.timeout_s) or failures:
             raise TransientSinkError(
-                f"report of created row {change.link} not delivered to {self.topic}: "
+                f"report of row {change.link} not delivered to {self.topic}: "
                 f"{'; '.join(failures) or 'timed out'}"
             )
 
@@ -1479,7 +1534,7 @@ def make_applier(
         return WebhookApplier(spec, client, prefix, deadline_s=webhook_deadline_s)
     pause = PauseReport(spec.target, client, prefix)
     identity = IdentityResolver(client, prefix, (), guarded=True)
-    return SqlApplier(settings, spec, identity, pause=pause, report=CreatedReports(settings))
+    return SqlApplier(settings, spec, identity, pause=pause, report=RowReports(settings))
 
 
 def sink_spec(settings: AccordSettings, target: str) -> SinkSpec:
