@@ -303,7 +303,8 @@ def _resolve(state: GoldenState, names: Iterable[str], rules: Rules) -> list[Fie
 
 def _new_version(state: GoldenState, change: Change, outcome: Outcome) -> None:
     state.version += 1
-    state.updated_ts = change.source_ts
+    # An adopted row's report may carry no commit time (0): the record keeps its own.
+    state.updated_ts = change.source_ts or state.updated_ts
     state.last_changes = outcome.changed
     state.status_changed = outcome.status_changed
     state.cause = Cause(change.system, change.source_key, (*change.order, change.change_id))
