@@ -307,9 +307,7 @@ def test_a_create_whose_report_cannot_be_sent_inserts_nothing(env: Env) -> None:
 
 def test_created_reports_reach_the_merge_s_topic_keyed_by_golden_id(env: Env) -> None:
     settings, golden_id = env.settings, str(uuid.uuid4())
-    AdminClient(settings.kafka_config()).create_topics([NewTopic(settings.topics.changes, 1, 1)])[
-        settings.topics.changes
-    ].result(30)
+    create_topics(settings, (settings.topics.changes, 1))
     report = Change("created:support:u-1:e-1", "support", "u-1", Op.UPSERT, 1_000, "",
                     {"email": "ada@example.com"}, golden_id=golden_id, created=True)  # fmt: skip
     RowReports(settings)(report)
@@ -318,6 +316,7 @@ def test_created_reports_reach_the_merge_s_topic_keyed_by_golden_id(env: Env) ->
     [record] = tail.records
     assert record is not None and Change.from_record(record) == report
     tail.close()
+    delete_topics(settings, settings.topics.changes)
 
 
 def test_a_second_create_finds_the_row_through_the_xref_and_only_adopts_it(env: Env) -> None:
