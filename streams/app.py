@@ -710,6 +710,7 @@ def create_app(settings: AccordSettings, rules: Rules | None = None) -> faust.Ap
             Mapper(
                 mappings,
                 MissingColumns(MissingColumnSignal(redis_conn, worker.redis_prefix)),
+                worker.max_clock_skew_s,
             ),
             Deduplicator(redis_conn, worker.redis_prefix, worker.dedupe_ttl_s),
             identity,

@@ -758,6 +758,8 @@ def explain_record(
         source = ""
         if entry["system"]:
             source = f"{entry['system']} {entry['key']}\n{entry['source_time']}"
+            if entry["clamped_from"]:
+                source += f"\n(clock ahead: stated {entry['clamped_from']}, clamped)"
         lost = "\n".join(
             f"{loser['value']!r} from {loser['system']}: {loser['why']}"
             for loser in entry["lost"]

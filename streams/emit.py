@@ -93,7 +93,6 @@ def plan_sinks(
             if spec.create and state.active and wanted and state.sent.get(pending) != fingerprint:
                 orders.append(SinkOrder(target, Op.UPSERT, None, projected, wanted))
                 state.sent[pending] = fingerprint
-                state.remember_sent(pending, {name: projected[name] for name in wanted})
             continue
         for row in rows:
             if not row.alive:

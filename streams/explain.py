@@ -35,6 +35,7 @@ class Loser:
     value: Value
     source_ts: int  # µs since the epoch
     why: str
+    clamped_from: int | None = None  # the commit time the source stated, when clamped
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,9 @@ class FieldExplanation:
     source_ts: int | None
     losers: tuple[Loser, ...] = ()
     history: tuple[dict[str, Any], ...] = ()  # audit entries, oldest first
+    # The commit time the winning row's source stated, when it ran more than
+    # `worker.max_clock_skew_s` ahead of its capture time: `source_ts` is the capture time.
+    clamped_from: int | None = None
 
 
 @dataclass(frozen=True)
@@ -73,12 +77,14 @@ class Explanation:
                     "system": f.system,
                     "key": f.key,
                     "source_time": _time(f.source_ts),
+                    "clamped_from": _time(f.clamped_from),
                     "lost": [
                         {
                             "system": loser.system,
                             "key": loser.key,
                             "value": _json(loser.value),
                             "source_time": _time(loser.source_ts),
+                            "clamped_from": _time(loser.clamped_from),
                             "why": loser.why,
                         }
                         for loser in f.losers
@@ -111,7 +117,14 @@ def explain(
                 continue
             why = _why_lost(spec, contribution.system, cell, winner)
             losers.append(
-                Loser(contribution.system, contribution.key, cell.value, cell.order[0], why)
+                Loser(
+                    contribution.system,
+                    contribution.key,
+                    cell.value,
+                    cell.order[0],
+                    why,
+                    cell.clamped_from or None,
+                )
             )
         history = tuple(
             sorted(
@@ -129,6 +142,7 @@ def explain(
                 winner.source_ts if winner else None,
                 tuple(losers),
                 history,
+                _clamped_from(state, name, winner),
             )
         )
     return Explanation(
@@ -139,6 +153,14 @@ def explain(
         tuple(explained),
         held,
     )
+
+
+def _clamped_from(state: GoldenState, name: str, winner: Resolved | None) -> int | None:
+    if winner is None:
+        return None
+    row = state.contributions.get(f"{winner.system}:{winner.key}")
+    cell = row.cells.get(name) if row is not None else None
+    return (cell.clamped_from or None) if cell is not None else None
 
 
 def held_for(

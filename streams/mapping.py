@@ -59,6 +59,12 @@ TRUNCATED = Counter(
     "Field values cut to their length limit (on_too_long: truncate)",
     ["system", "field"],
 )
+CLAMPED = Counter(
+    "accord_clock_skew_clamped_total",
+    "Changes whose commit time was further ahead of their capture time than "
+    "worker.max_clock_skew_s, clamped to the capture time",
+    ["system"],
+)
 
 MAPPING_FILE = "mapping.yaml"
 TOP_LEVEL_KEYS = ("system", "topic", "key", "commit_time", "on_too_long", "fields", "sink")
@@ -1121,10 +1127,15 @@ class Mapper:
     """Source changes to canonical changes, by the mapping of the change's topic."""
 
     def __init__(
-        self, mappings: dict[str, SystemMapping], missing: MissingColumns | None = None
+        self,
+        mappings: dict[str, SystemMapping],
+        missing: MissingColumns | None = None,
+        max_clock_skew_s: float | None = None,
     ) -> None:
         self.mappings = mappings
         self.missing = missing  # reports mapped columns a source's rows no longer have
+        # None: commit times are taken as stated (`clamp_commit_time`).
+        self.max_skew_us = None if max_clock_skew_s is None else int(max_clock_skew_s * 1e6)
         self._by_topic: dict[str, SystemMapping] = {}
         for mapping in mappings.values():
             other = self._by_topic.get(mapping.topic)
@@ -1173,6 +1184,11 @@ class Mapper:
             if not MIN_COMMIT_US <= micros <= MAX_COMMIT_US:
                 issue = FieldIssue(name, name, f"{name}: {micros} µs since 1970 is not a date")
                 return self._reject(mapping.system, [issue])
+        source_ts, clamped_from = clamp_commit_time(
+            source_ts, change.captured_ms * 1000, self.max_skew_us
+        )
+        if clamped_from is not None:
+            CLAMPED.labels(mapping.system).inc()
         position = change.position
         return Mapped(
             Change(
@@ -1185,6 +1201,7 @@ class Mapper:
                 values=values,
                 snapshot=position.snapshot,
                 captured_at_ms=change.captured_ms,
+                clamped_from=clamped_from,
             ),
             tuple(soft),
             tuple(truncated),
@@ -1220,6 +1237,23 @@ def _commit_time(mapping: SystemMapping, change: SourceChange) -> int:
     if stamp.tzinfo is None:
         stamp = stamp.replace(tzinfo=dt.UTC)
     return max(logged, int(stamp.timestamp() * 1_000_000))
+
+
+def clamp_commit_time(
+    commit_us: int, captured_us: int, max_skew_us: int | None
+) -> tuple[int, int | None]:
+    """The commit time to order a change by, and the stated one if it was clamped.
+
+    A commit time more than `max_skew_us` ahead of the change's capture time (Debezium's
+    `ts_ms`: when the connector read it from the log) cannot be true: the source's clock
+    runs fast, or a `commit_time` column holds a future date. Taken as stated, it would
+    win `lww` against every edit made elsewhere until that time. It is clamped to the
+    capture time, which the change carries itself, so a replay clamps it alike and the
+    merge stays deterministic. No capture time (0) or no limit (None): as stated.
+    """
+    if max_skew_us is None or captured_us <= 0 or commit_us - captured_us <= max_skew_us:
+        return commit_us, None
+    return captured_us, commit_us
 
 
 def _source_key(columns: tuple[str, ...], change: SourceChange) -> tuple[str, list[FieldIssue]]:

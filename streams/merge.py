@@ -44,6 +44,9 @@ class Cell:
     # The value Accord itself wrote into the row (its CDC echo): the row holds it
     # because Accord sent it, not as an opinion of its own, so it does not compete.
     echo: bool = False
+    # The commit time the source stated, when it ran too far ahead of its capture time
+    # and `order` holds the capture time instead (`Change.clamped_from`); 0 otherwise.
+    clamped_from: int = 0
 
 
 @dataclass(slots=True)
@@ -134,6 +137,9 @@ class GoldenState:
     # Target row -> field -> the last values sent to it, so that their CDC echoes are
     # recognised even when a newer value was sent before the echo came back.
     sent_values: dict[str, dict[str, list[Value]]] = field(default_factory=dict)
+    # Target row Accord created -> field -> the values its appliers reported inserting
+    # there (`Change.created`): that row's cells holding them are Accord's echo.
+    created: dict[str, dict[str, list[Value]]] = field(default_factory=dict)
 
     def remember_sent(self, link: str, values: dict[str, Value]) -> None:
         fields = self.sent_values.setdefault(link, {})
@@ -190,8 +196,46 @@ def _settle_echo(sent: dict[str, list[Value]] | None, name: str, value: Value) -
     return False
 
 
+def _created_value(reported: dict[str, list[Value]] | None, name: str, value: Value) -> bool:
+    """Did an applier report inserting `value` into this row's field when creating it?"""
+    return reported is not None and any(_same(v, value) for v in reported.get(name, ()))
+
+
+def _note_created(state: GoldenState, change: Change, rules: Rules) -> Outcome:
+    """An applier's report of a row it creates: that row's cells holding what it inserted
+    are Accord's echo, whether they arrived before this report or arrive after it.
+
+    The report names the row by its key, which only Accord's own insert carries, so a
+    row made in the target by someone else with the same values still competes. Reports
+    accumulate as sets of values per field: their order does not matter.
+    """
+    reported = state.created.setdefault(change.link, {})
+    grew = False
+    for name, value in change.values.items():
+        known = reported.setdefault(name, [])
+        if not _created_value(reported, name, value):
+            known.append(value)
+            known.sort(key=lambda v: (type(v).__name__, str(v)))
+            grew = True
+    if not grew:
+        return Outcome((), False, False, ())
+    touched: list[str] = []
+    contribution = state.contributions.get(change.link)
+    if contribution is not None:
+        for name, cell in contribution.cells.items():
+            if not cell.echo and _created_value(reported, name, cell.value):
+                cell.echo = True
+                touched.append(name)
+    outcome = Outcome(tuple(_resolve(state, touched, rules)), False, True, ())
+    if outcome.new_version:
+        _new_version(state, change, outcome)
+    return outcome
+
+
 def apply(state: GoldenState, change: Change, rules: Rules) -> Outcome:
     """Merge one change into `state` (in place)."""
+    if change.created:
+        return _note_created(state, change, rules)
     order: Order = (change.source_ts, change.position, change.change_id)
     contribution = state.contributions.get(change.link)
     linked = state_changed = contribution is None
@@ -209,8 +253,8 @@ def apply(state: GoldenState, change: Change, rules: Rules) -> Outcome:
     touched: list[str] = []
     rejected: list[str] = []
     sent = state.sent_values.get(change.link)
-    if sent is None and linked:
-        sent = state.sent_values.get(f"{change.system}:+")  # the row Accord created
+    created = state.created.get(change.link)
+    clamped_from = change.clamped_from or 0
     for name, value in change.values.items():
         cell = contribution.cells.get(name)
         if cell is not None and order <= cell.order:
@@ -218,16 +262,32 @@ def apply(state: GoldenState, change: Change, rules: Rules) -> Outcome:
         if cell is not None and _same(cell.value, value):
             echo = cell.echo  # the row still holds what it held: no new opinion, nor an echo
         else:
-            echo = _settle_echo(sent, name, value)
-        contribution.cells[name] = Cell(value, order, echo)
+            # Sent to this row, or inserted by Accord when it created the row: an echo.
+            echo = _settle_echo(sent, name, value) or _created_value(created, name, value)
+        contribution.cells[name] = Cell(value, order, echo, clamped_from)
         touched.append(name)
         owner = rules.fields[name].owner
         if owner is not None and owner != change.system and value is not None:
             rejected.append(name)
     state_changed = state_changed or bool(touched)
+    changed = _resolve(state, touched, rules)
 
+    status_changed = False
+    if lifecycle_changed:
+        active = all(c.alive for c in state.contributions.values())
+        status_changed = active != state.active
+        state.active = active
+
+    outcome = Outcome(tuple(changed), status_changed, state_changed, tuple(rejected), linked)
+    if outcome.new_version:
+        _new_version(state, change, outcome)
+    return outcome
+
+
+def _resolve(state: GoldenState, names: Iterable[str], rules: Rules) -> list[FieldChange]:
+    """Resolve the fields `names` again; the golden values that moved."""
     changed: list[FieldChange] = []
-    for name in touched:
+    for name in names:
         resolved = resolve_field(name, state.contributions.values(), rules)
         before = state.golden.get(name)
         before_value = before.value if before is not None else None
@@ -238,21 +298,16 @@ def apply(state: GoldenState, change: Change, rules: Rules) -> Outcome:
             state.golden[name] = resolved
         if not _same(before_value, after_value):
             changed.append(FieldChange(name, before_value, after_value))
+    return changed
 
-    status_changed = False
-    if lifecycle_changed:
-        active = all(c.alive for c in state.contributions.values())
-        status_changed = active != state.active
-        state.active = active
 
-    outcome = Outcome(tuple(changed), status_changed, state_changed, tuple(rejected), linked)
-    if outcome.new_version:
-        state.version += 1
-        state.updated_ts = change.source_ts
-        state.last_changes = outcome.changed
-        state.status_changed = status_changed
-        state.cause = Cause(change.system, change.source_key, order)
-    return outcome
+def _new_version(state: GoldenState, change: Change, outcome: Outcome) -> None:
+    state.version += 1
+    # An adopted row's report may carry no commit time (0): the record keeps its own.
+    state.updated_ts = change.source_ts or state.updated_ts
+    state.last_changes = outcome.changed
+    state.status_changed = outcome.status_changed
+    state.cause = Cause(change.system, change.source_key, (*change.order, change.change_id))
 
 
 def stage(
@@ -329,8 +384,9 @@ def _same(a: Value, b: Value) -> bool:
 # ------------------------------------------------------------------- serialization
 
 
-STATE_FORMAT = 4  # bump on any incompatible change to `dumps`
-READABLE_FORMATS = (3, 4)  # 3: before orders were stored once; still in changelogs
+STATE_FORMAT = 5  # bump on any incompatible change to `dumps`
+# 3: before orders were stored once; 4: before created rows and clamped commit times.
+READABLE_FORMATS = (3, 4, 5)
 
 
 class StateFormatError(AccordError):
@@ -359,7 +415,7 @@ def dumps(state: GoldenState) -> bytes:
             c.key,
             c.alive,
             ref(c.lifecycle),
-            {n: [_out(n, cell.value), ref(cell.order), cell.echo] for n, cell in c.cells.items()},
+            {n: _cell_out(n, cell, ref(cell.order)) for n, cell in c.cells.items()},
         ]
         for link, c in state.contributions.items()
     }
@@ -404,8 +460,23 @@ def dumps(state: GoldenState) -> bytes:
                 for link, fields in state.sent_values.items()
             },
             "cb": [state.caused_by, state.caused_ts],
+            "cr": {
+                link: {n: [_out(n, v) for v in values] for n, values in fields.items()}
+                for link, fields in state.created.items()
+            },
         }
     )
+
+
+def _cell_out(name: str, cell: Cell, at: int) -> list[Any]:
+    out = [_out(name, cell.value), at, cell.echo]
+    if cell.clamped_from:
+        out.append(cell.clamped_from)  # rare: written only when clamped
+    return out
+
+
+def _cell_in(name: str, raw: list[Any], order: Any) -> Cell:
+    return Cell(_in(name, raw[0]), order(raw[1]), raw[2], raw[3] if len(raw) > 3 else 0)
 
 
 def loads(payload: bytes, cells: bool = True) -> GoldenState:
@@ -434,10 +505,7 @@ def loads(payload: bytes, cells: bool = True) -> GoldenState:
                 key,
                 alive,
                 order(lifecycle),
-                {
-                    n: Cell(_in(n, value), order(at), echo)
-                    for n, (value, at, echo) in row_cells.items()
-                }
+                {n: _cell_in(n, raw_cell, order) for n, raw_cell in row_cells.items()}
                 if cells
                 else {},
             )
@@ -475,6 +543,10 @@ def loads(payload: bytes, cells: bool = True) -> GoldenState:
         else {},
         caused_by=raw["cb"][0],
         caused_ts=raw["cb"][1],
+        created={
+            link: {n: [_in(n, v) for v in values] for n, values in fields.items()}
+            for link, fields in raw.get("cr", {}).items()
+        },
     )
 
 

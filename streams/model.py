@@ -80,6 +80,12 @@ class Change:
     # A repair request (`accord reconcile --repair`): `values` are what the target row
     # holds now, read by reconcile. The merge corrects the row and resolves nothing from it.
     observed: bool = False
+    # The applier's report of a row it is creating (`streams.sinks`): `values` are what it
+    # inserts. The merge recognises the row's CDC echo by its key, never by values alone.
+    created: bool = False
+    # The commit time the source stated, when it ran more than `worker.max_clock_skew_s`
+    # ahead of the capture time and `source_ts` was clamped to it (`streams.mapping`).
+    clamped_from: int | None = None
 
     @property
     def link(self) -> str:
@@ -110,6 +116,10 @@ class Change:
             "present": [name for name in FIELDS if name in self.values],
             "captured_at": _micros_to_datetime(self.captured_at_ms * 1000),
             "observed": self.observed,
+            "created": self.created,
+            "clamped_from": None
+            if self.clamped_from is None
+            else _micros_to_datetime(self.clamped_from),
         }
 
     @classmethod
@@ -127,6 +137,10 @@ class Change:
             golden_id=record["golden_id"],
             captured_at_ms=_datetime_to_micros(record["captured_at"]) // 1000,
             observed=record.get("observed", False),
+            created=record.get("created", False),
+            clamped_from=None
+            if record.get("clamped_from") is None
+            else _datetime_to_micros(record["clamped_from"]),
         )
 
 

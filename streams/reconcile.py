@@ -18,6 +18,7 @@ from typing import Any
 
 from psycopg import sql
 
+from streams.equality import holds
 from streams.mapping import Mapper, SystemMapping, canonical_row
 from streams.model import Change, Op
 from streams.projection import SinkKind, SinkSpec
@@ -135,9 +136,9 @@ def _row_drifts(
     projected = spec.project(values)
     drifts = []
     for column in spec.columns:
-        if _equal(row.get(column.name), projected[column.name]):
+        if holds(row.get(column.name), projected[column.name]):
             continue
-        if all(_equal(canonical.get(f), values.get(f)) for f in column.fields):
+        if all(holds(canonical.get(f), values.get(f)) for f in column.fields):
             continue
         drifts.append(
             Drift(
@@ -154,14 +155,6 @@ def _row_drifts(
 
 def _canonical(mapper: Mapper, mapping: SystemMapping, key: str, row: dict[str, Any]) -> dict:
     return canonical_row(mapping, key, row) or {}
-
-
-def _equal(a: Any, b: Any) -> bool:
-    if a is None or b is None:
-        return a is None and b is None
-    if isinstance(a, bool) or isinstance(b, bool):
-        return bool(a) == bool(b)
-    return str(a) == str(b) if not isinstance(a, type(b)) else a == b
 
 
 # -------------------------------------------------------------------------- reading

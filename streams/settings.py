@@ -404,6 +404,15 @@ class WorkerSettings(BaseModel):
         description="/health turns not ready when ingest, merge or emit has records waiting "
         "and has moved none for this long.",
     )
+    max_clock_skew_s: float = Field(
+        300.0,
+        ge=0,
+        description="How far a change's commit time may be ahead of its capture time "
+        "(Debezium's ts_ms) before ingest clamps it to the capture time, stores it clamped "
+        "and flags it (accord_clock_skew_clamped_total, accord explain). A source clock "
+        "running fast, or a commit_time column in the future, would otherwise win lww for "
+        "good. 0 clamps any lead.",
+    )
     redis_prefix: str = Field("accord:", description="Prefix of every Redis key Accord writes.")
     dedupe_ttl_s: int = Field(
         7 * 24 * 3600, gt=0, description="How long a change identity is remembered."

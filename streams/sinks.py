@@ -49,7 +49,7 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from enum import StrEnum
 from typing import Any
 
@@ -65,11 +65,12 @@ from streams.codec import AvroCodec, DecodeError, RegistryUnavailable, SchemaCac
 from streams.dbtls import is_tls_refusal
 from streams.dedupe import RedisUnavailable, redis_errors
 from streams.dlq import DeadLetter, DeadLetterWriter
+from streams.equality import holds
 from streams.errors import AccordError, ConfigError
 from streams.identity import SCORED, IdentityResolver
-from streams.mapping import canonical_row, load_mappings
+from streams.mapping import canonical_row, clamp_commit_time, load_mappings
 from streams.matchpolicy import Decision, MatchSide, Trust, decide, score
-from streams.model import EPOCH
+from streams.model import EPOCH, Change, Op
 from streams.projection import KeyGeneration, SinkKind, SinkSpec, load_sinks
 from streams.registry import registry_client
 from streams.rules import load_rules
@@ -853,8 +854,13 @@ class SqlApplier(Applier):
         backoff: Callable[[], Backoff] = Backoff,
         pause: PauseReport | None = None,
         pause_backoff: Callable[[], Backoff] | None = None,
+        report: Callable[[Change], None] | None = None,
     ) -> None:
         super().__init__(spec, backoff, pause, pause_backoff)
+        # Tells the merge of the rows a create makes or adopts (`RowReports`); None: nobody
+        # listens (an adopted row then joins by its own CDC only).
+        self.report = report
+        self._max_skew_us = int(settings.worker.max_clock_skew_s * 1_000_000)
         if spec.kind is not SinkKind.SQL or not spec.table or not spec.key_column:
             raise ConfigError(f"sink {spec.target!r}: not a SQL target with a table and key")
         if dialect is None:
@@ -960,18 +966,16 @@ class SqlApplier(Applier):
                 self.dialect.upsert(self.spec.table, self.spec.key_column, self._columns),
                 (key, *(wanted[c] for c in self._columns)),
             )
+            self._report_created(event, key, wanted)
             return self._done(cur, event, key, Action.INSERT, tuple(self._columns))
         if event.target_key is None:
             # A create that found its row already there: a row the golden record learned
             # of another way (a user made it, or Accord's state was reset). Its values are
-            # not overwritten on the strength of a create; it is touched, so that it
-            # reports itself through CDC and joins the record, whose next decisions
-            # about it carry what it holds (compare-and-set below).
-            cur.execute(
-                f"UPDATE {self._table} SET {self._key_column} = {self._key_column} "
-                f"WHERE {self._key_column} = %s",
-                (key,),
-            )
+            # not overwritten on the strength of a create, nor is it touched: a touch would
+            # report its values at Accord's commit time, to win `lww` against older edits
+            # made elsewhere. The merge is told of it with its own commit time instead
+            # (`adoption`), and decides about it from what it holds (compare-and-set below).
+            self._report_adopted(cur, event, key)
             return self._done(cur, event, key, Action.ADOPT, ())
         if event.expected is not None and self._changed_since(cur, key, event):
             # Compare-and-set: the row was edited after this event was planned. Writing
@@ -979,7 +983,7 @@ class SqlApplier(Applier):
             # way through CDC, and the merge decides again with it.
             return self._done(cur, event, key, Action.SUPERSEDED, (), Status.SKIPPED, "superseded")
         candidates = self.spec.columns_for(set(event.changed))
-        differs = tuple(c.name for c in candidates if not same(current[c.name], wanted[c.name]))
+        differs = tuple(c.name for c in candidates if not holds(current[c.name], wanted[c.name]))
         if not differs:
             return self._done(cur, event, key, Action.NOOP, (), Status.SKIPPED, "no_change")
         assignments = ", ".join(f"{self.dialect.quote(c)} = %s" for c in differs)
@@ -988,6 +992,47 @@ class SqlApplier(Applier):
             (*(wanted[c] for c in differs), key),
         )
         return self._done(cur, event, key, Action.UPDATE, differs)
+
+    def _report_created(self, event: SinkEvent, key: str, wanted: dict[str, Any]) -> None:
+        """Tell the merge, before the insert commits, which row it makes and with what.
+
+        The row's CDC echo then reads as Accord's own write by its key, which only this
+        insert carries: a row someone else makes with the same values still competes.
+        Reported first, so no echo can come back unexplained; a report whose insert then
+        fails names a row that never appears (a retry reuses the key, see `_key`).
+        """
+        if self.report is None:
+            return
+        values = created_values(self.spec, self.mapping, key, wanted, event.fields)
+        now_us = _now_us()
+        self.report(
+            Change(
+                change_id=f"created:{self.target}:{key}:{event.event_id}",
+                system=self.target,
+                source_key=key,
+                op=Op.UPSERT,
+                source_ts=event.source_ts_us or now_us,
+                position="",
+                values=values,
+                golden_id=event.golden_id,
+                captured_at_ms=now_us // 1000,
+                created=True,
+            )
+        )
+
+    def _report_adopted(self, cur: Any, event: SinkEvent, key: str) -> None:
+        """Tell the merge, before the adoption commits, what the adopted row holds."""
+        if self.report is None or self.mapping is None:
+            return
+        cur.execute(f"SELECT * FROM {self._table} WHERE {self._key_column} = %s", (key,))
+        found = cur.fetchone()
+        if found is None:
+            return
+        columns = [d[0] for d in cur.description]
+        row = dict(zip(columns, found, strict=True))
+        change = adoption(self.mapping, key, row, event.golden_id, _now_us(), self._max_skew_us)
+        if change is not None:
+            self.report(change)
 
     def _delete(self, cur: Any, event: SinkEvent) -> Outcome:
         if not self.spec.delete:
@@ -1014,7 +1059,7 @@ class SqlApplier(Applier):
         current = canonical_row(self.mapping, key, dict(zip(columns, row, strict=True)))
         if current is None:
             return True  # the row does not pass its own mapping: not ours to overwrite
-        return any(not same(current.get(f), event.expected.get(f)) for f in event.changed)
+        return any(not holds(current.get(f), event.expected.get(f)) for f in event.changed)
 
     def _stale(self, cur: Any, event: SinkEvent, key: str) -> bool:
         last = self.dialect.last_version(cur, self.app, event.golden_id, key)
@@ -1197,35 +1242,117 @@ class SqlApplier(Applier):
         return self.dialect.quote(self.spec.key_column or "")
 
 
-def same(current: Any, wanted: Any) -> bool:
-    """Does a column's current value equal the wanted one, across driver types?
+def created_values(
+    spec: SinkSpec,
+    mapping: Any,
+    key: str,
+    wanted: Mapping[str, Any],
+    fields: Mapping[str, Any],
+) -> dict[str, Any]:
+    """What the row an applier inserts will say through CDC: the columns it writes read
+    through the system's own mapping (a lossy round trip reads as the echo will). Without
+    a mapping that reads them, the golden values of the target's fields."""
+    if mapping is not None:
+        row = {**wanted, **dict(zip(mapping.key, key.split("|"), strict=False))}
+        values = canonical_row(mapping, key, row)
+        if values is not None:
+            return values
+    return {name: fields.get(name) for name in spec.fields}
 
-    Decimal vs numeric text, bool vs tinyint, uuid vs text: compared by value. None only
-    equals None (an empty string is a value).
+
+def adoption(
+    mapping: Any,
+    key: str,
+    row: Mapping[str, Any],
+    golden_id: str,
+    now_us: int,
+    max_skew_us: int | None = None,
+) -> Change | None:
+    """The change that joins an adopted row to its golden record, with its own values and
+    its own commit time; None if the row fails its mapping's hard rules.
+
+    The row's own commit time is its mapping's `commit_time` column when it has one, else
+    unknown: 0, so its values fill fields no other row has but lose `lww` to every edit
+    with a time. Either way the row's own CDC changes (its insert, if still on its way,
+    and later edits) carry their real commit times and supersede these values. A
+    `commit_time` more than `max_skew_us` ahead of now is clamped to now and flagged, as
+    ingest does.
     """
-    if current is None or wanted is None:
-        return current is None and wanted is None
-    if isinstance(current, bool) or isinstance(wanted, bool):
-        return _as_bool(current) == _as_bool(wanted)
-    if isinstance(current, (Decimal, int, float)) or isinstance(wanted, (Decimal, int, float)):
-        try:
-            return Decimal(str(current)) == Decimal(str(wanted))
-        except InvalidOperation:
-            return False
-    return str(current) == str(wanted)
+    values = canonical_row(mapping, key, row)
+    if values is None:
+        return None
+    commit_us = 0
+    stamp = row.get(mapping.commit_time) if mapping.commit_time else None
+    if isinstance(stamp, dt.datetime):
+        if stamp.tzinfo is None:
+            stamp = stamp.replace(tzinfo=dt.UTC)
+        commit_us = max(0, int(stamp.timestamp() * 1_000_000))
+    commit_us, clamped_from = clamp_commit_time(commit_us, now_us, max_skew_us)
+    return Change(
+        change_id=f"adopted:{mapping.system}:{key}:{golden_id}",
+        system=mapping.system,
+        source_key=key,
+        op=Op.UPSERT,
+        source_ts=commit_us,
+        position="",
+        values=values,
+        golden_id=golden_id,
+        captured_at_ms=now_us // 1000,
+        clamped_from=clamped_from,
+    )
 
 
-def _as_bool(value: Any) -> bool | None:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, (int, Decimal)):
-        return value != 0
-    text = str(value).strip().lower()
-    if text in ("1", "t", "true", "y", "yes", "on"):
-        return True
-    if text in ("0", "f", "false", "n", "no", "off"):
-        return False
-    return None
+class RowReports:
+    """Sends appliers' reports of the rows they create or adopt to the merge's input topic.
+
+    Keyed by golden id (murmur2, as Faust partitions), so a report meets its record's
+    state in order with the record's changes. Each report is on the broker before it
+    returns: the insert or adoption it announces commits only after. Unreachable Kafka is a
+    transient failure: the event is retried, the insert rolled back meanwhile.
+    """
+
+    def __init__(self, settings: AccordSettings, timeout_s: float = 10.0) -> None:
+        self.settings = settings
+        self.topic = settings.topics.changes
+        self.timeout_s = timeout_s
+        self._producer: Producer | None = None
+        self._codec: Any = None
+
+    def __call__(self, change: Change) -> None:
+        from streams.faust_codec import canonical_codec
+
+        if self._producer is None:
+            try:
+                self._codec = canonical_codec(
+                    self.settings,
+                    registry_client(self.settings),
+                    "dev.accord.CustomerChange",
+                    self.topic,
+                )
+            except Exception as exc:  # the registry down or refusing: try again later
+                raise TransientSinkError(f"schema of {self.topic}: {exc}") from exc
+            self._producer = Producer(
+                self.settings.kafka_config(
+                    {"enable.idempotence": True, "partitioner": "murmur2_random"}
+                )
+            )
+        failures: list[str] = []
+
+        def delivered(error: Any, _message: Any) -> None:
+            if error is not None:
+                failures.append(str(error))
+
+        self._producer.produce(
+            self.topic,
+            key=(change.golden_id or "").encode(),
+            value=self._codec.dumps(change.to_record()),
+            on_delivery=delivered,
+        )
+        if self._producer.flush(self.timeout_s) or failures:
+            raise TransientSinkError(
+                f"report of row {change.link} not delivered to {self.topic}: "
+                f"{'; '.join(failures) or 'timed out'}"
+            )
 
 
 def _db_error(exc: BaseException) -> str:
@@ -1466,7 +1593,7 @@ def make_applier(
     pause = PauseReport(spec.target, client, prefix)
     policy = load_rules(settings.worker.rules_file).identity
     identity = IdentityResolver(client, prefix, (), policy, guarded=True)
-    return SqlApplier(settings, spec, identity, pause=pause)
+    return SqlApplier(settings, spec, identity, pause=pause, report=RowReports(settings))
 
 
 def sink_spec(settings: AccordSettings, target: str) -> SinkSpec:

@@ -409,3 +409,65 @@ def test_explain_names_the_rule_and_the_losing_value_of_a_conflict(
     assert [(lost["system"], lost["value"], lost["why"]) for lost in first["lost"]] == [
         ("support", "Augusta", "crm ranks above support")
     ]
+
+
+def test_a_row_dated_in_the_future_is_clamped_and_loses_lww_to_a_later_edit(
+    pipeline: tuple[AccordSettings, WorkerProcess],
+) -> None:
+    """Billing's `updated_at` (its `commit_time`) a day ahead would win `lww` for a day.
+    Ingest clamps it to the capture time, flags it, and a later edit elsewhere wins.
+
+    Other workers on the shared stack may create a support row for this customer too;
+    it may join the record and win `phone` in its turn, so the assertions are about
+    billing's row: clamped, flagged, and not the winner."""
+    settings, _ = pipeline
+    tag = uuid.uuid4().hex[:8]
+    email = f"skew-{tag}@example.com"
+    account_no = f"SK-{tag}"
+    golden = TopicTail(settings, settings.topics.golden)
+    with mariadb(settings) as conn, conn.cursor() as cur:
+        cur.execute(
+            "INSERT INTO accounts (account_no, legal_name, contact_email, phone, "
+            "billing_country, updated_at) VALUES (%s, 'Skew Ltd', %s, '+44 20 7946 0001', "
+            "'GB', CURRENT_TIMESTAMP(6) + INTERVAL 1 DAY)",
+            (account_no, email),
+        )
+
+    def linked(*systems: str) -> Any:
+        def check(records: list[Any]) -> bool:
+            found = golden_with_email(records, email)
+            return len(found) == 1 and set(systems) <= {
+                link["system"] for link in found[0]["links"]
+            }
+
+        return check
+
+    assert golden.wait_for(linked("billing"), 90), golden_with_email(golden.records, email)
+    with postgres(settings, "crm") as conn:
+        conn.execute(
+            "INSERT INTO customers (first_name, email, phone, country) "
+            "VALUES ('Ada', %s, '020 7946 0002', 'GB')",
+            (email,),
+        )
+    assert golden.wait_for(linked("billing", "crm"), 90), golden_with_email(golden.records, email)
+    assert wait_until(lambda: drained(settings, appliers=[]), 90)
+
+    result = accord(settings, "explain", email, "--json")
+    assert result.returncode == 0, result.stderr
+    phone = {f["name"]: f for f in json.loads(result.stdout)["fields"]}["phone"]
+    assert phone["system"] != "billing", phone  # a day ahead, it would have won
+    lost = {(entry["system"], entry["value"]): entry for entry in phone["lost"]}
+    billing = lost[("billing", "+442079460001")]
+    assert billing["why"] == "older"
+    assert billing["clamped_from"] is not None and billing["clamped_from"] > billing["source_time"]
+    if phone["system"] == "crm":
+        assert phone["value"] == "+442079460002"
+
+    web = f"http://{settings.worker.web_host}:{settings.worker.web_port}"
+    metrics = httpx.get(f"{web}/metrics", timeout=10).text
+    clamped = [
+        float(line.split()[-1])
+        for line in metrics.splitlines()
+        if line.startswith('accord_clock_skew_clamped_total{system="billing"}')
+    ]
+    assert clamped and clamped[0] >= 1

@@ -7,6 +7,8 @@ from dataclasses import replace
 from decimal import Decimal
 from pathlib import Path
 
+import pytest
+
 from streams.emit import outputs, plan_sinks, repair
 from streams.merge import GoldenState, apply, dumps, loads, stage
 from streams.model import Change, Op
@@ -203,13 +205,33 @@ def test_echoes_of_a_value_sent_twice_are_each_recognised() -> None:
     assert state.values()["phone"] == "+2"
 
 
-def test_the_echo_of_a_created_row_is_recognised() -> None:
+def created(system: str, key: str, **values: object) -> Change:
+    """The applier's report of the row it creates (`streams.sinks`)."""
+    return replace(change(system, key, 1, **values), created=True)
+
+
+@pytest.mark.parametrize("report_first", [True, False])
+def test_the_echo_of_a_created_row_is_recognised_by_its_key(report_first: bool) -> None:
     state = GoldenState("g")
     (create,) = merge(state, change("crm", "1", 1, email="a@x.io", first_name="Ada"))
     assert create.target == "support" and create.target_key is None
-    merge(state, change("support", "u-new", 2, email="a@x.io", first_name="Ada"))
+    report = created("support", "u-new", email="a@x.io", first_name="Ada")
+    echo = change("support", "u-new", 2, email="a@x.io", first_name="Ada")
+    for c in (report, echo) if report_first else (echo, report):
+        merge(state, c)
     cells = state.contributions["support:u-new"].cells
     assert cells["email"].echo and cells["first_name"].echo
+    assert state.golden["email"].system == "crm"  # the echo does not compete
+
+
+def test_a_row_someone_else_made_with_the_planned_values_is_not_an_echo() -> None:
+    """A pending create is no licence to read any new row of that system as its echo."""
+    state = GoldenState("g")
+    merge(state, change("crm", "1", 1, email="a@x.io", first_name="Ada"))  # create planned
+    merge(state, change("support", "u-own", 2, email="a@x.io", first_name="Ada"))
+    cells = state.contributions["support:u-own"].cells
+    assert not cells["email"].echo and not cells["first_name"].echo
+    assert state.golden["email"].system == "support"  # its own, later, opinion
 
 
 def observed(system: str, key: str, **values: object) -> Change:
