@@ -151,6 +151,7 @@ def change_to_json(change: Change) -> dict[str, Any]:
             for name, value in change.values.items()
         },
         "captured_at_ms": change.captured_at_ms,
+        "clamped_from": change.clamped_from,  # a replay keeps the clamp's flag
     }
 
 
@@ -169,6 +170,7 @@ def change_from_json(data: Mapping[str, Any]) -> Change:
         values=values,
         snapshot=bool(data.get("snapshot", False)),
         captured_at_ms=int(data.get("captured_at_ms", 0)),
+        clamped_from=data.get("clamped_from"),
     )
 
 

@@ -46,6 +46,7 @@ CHANGE = Change(
     snapshot=False,
     golden_id=None,
     captured_at_ms=1_700_000_001_000,
+    clamped_from=1_800_000_000_000_000,  # a commit time from the future, clamped at ingest
 )
 CAPPED = {
     "reason": "max_rows_per_record",
