@@ -149,9 +149,9 @@ def test_the_status_page_shows_lag_throughput_dlq_drift_and_latency(
     html = dom.stdout
     assert f'<span id="app">{settings.worker.app_id}</span>' in html, html
     latency, drift, lag = table(html, "latency"), table(html, "drift"), table(html, "lag")
-    assert re.search(r"<td>support</td><td[^>]*>[\d,]+</td>(<td[^>]*>\d+ ms</td>){3}", latency), (
-        latency
-    )
+    assert re.search(
+        r"<td>support</td><td[^>]*>[\d,]+</td>(<td[^>]*>[\d,]+ ms</td>){3}", latency
+    ), latency
     for target in ("billing", "crm", "support"):
         assert f"<td>{target}</td>" in drift, drift
     assert f"<td>{settings.worker.app_id}-sink-support</td>" in lag, lag
