@@ -45,6 +45,7 @@ from streams.codec import (
     schema_id_of,
 )
 from streams.connect import SYSTEMS, ConnectClient, ConnectorWatchdog, load_connector
+from streams.corroborate import HoldRescorer
 from streams.dedupe import Deduplicator, RedisUnavailable
 from streams.dlq import DeadLetter, DeadLetterWriter
 from streams.emit import Emitter, EmitTopics, plan_sinks, repair
@@ -64,6 +65,7 @@ from streams.refusal import Refusal, RefusedWrites, oversize, record_limit, refu
 from streams.registry import registry_client, writer_schemas
 from streams.relink import worker_relinker
 from streams.restore import ChangelogRestore
+from streams.review import reviewer_of
 from streams.rules import Rules, load_rules
 from streams.settings import AccordSettings
 from streams.sinks import SinkRunner
@@ -735,6 +737,11 @@ def create_app(settings: AccordSettings, rules: Rules | None = None) -> faust.Ap
     if golden.writer is not None:
         services.append(ThreadStatus("changelog-writer"))
         app.service(_thread_service(services[-1], lambda: golden.writer))
+    services.append(ThreadStatus("corroboration"))
+    rescorer = HoldRescorer(
+        redis_conn, worker.redis_prefix, rules.identity.matching, partial(reviewer_of, settings)
+    )
+    app.service(_thread_service(services[-1], lambda: rescorer))
     board = StatusBoard(settings)
     board_metrics = CollectorRegistry(auto_describe=True)
     board_metrics.register(BoardCollector(board))

@@ -18,15 +18,20 @@ Key layout, under the configured prefix (`WorkerSettings.redis_prefix`):
     profile:{golden_id}      -> "system:key" -> that row's own normalized name, phone and
                                 match value digests, JSON (hash; `streams.matchpolicy`)
     held                     -> "system:key" -> JSON of why that row is held (hash)
+    held-for:{golden_id}     -> rows held for review with that record as candidate (set;
+                                may name rows no longer held: `streams.corroborate`)
+    rescore                  -> golden ids whose review holds want scoring again: the
+                                record's profile or a held row changed (set)
     identity-epoch           -> when these keys were first made or last rebuilt (string)
 
 A row that would make a golden record link more than `IdentityPolicy.max_rows_per_record`
 rows, whose only way to a record is a role address (`info@`, `billing@`, ...), or whose
 best candidate scores inside the review band, is *held*: it gets no xref, no golden id
 and indexes nothing, so nothing downstream sees it; the hold records why until a review
-decides. A held row stays held through its later
-changes; its delete releases it. Role addresses are never indexed nor matched: many
-people share them, so they say nothing about who a row is.
+decides. A held row stays held through its later changes, until a review decides or,
+for a review hold, until scoring it again against its candidate links it
+(`streams.corroborate`); its delete releases it. Role addresses are never indexed nor
+matched: many people share them, so they say nothing about who a row is.
 
 The epoch key is the sentinel of the rest: a Redis that lost its data (FLUSHALL, a restart
 without persistence) has lost it too. A guarded resolver (what workers and appliers run)
@@ -126,6 +131,19 @@ local now = tonumber(ARGV[4])
 local held = prefix .. 'held'
 local waiting = {}
 local out = {}
+local function merged_entry(old, entry)
+  local merged = cjson.decode(old)
+  local new = cjson.decode(entry)
+  local keys = merged['k'] or {}
+  for name, digest in pairs(new['k'] or {}) do
+    keys[name] = digest
+  end
+  for name, value in pairs(new) do
+    merged[name] = value
+  end
+  merged['k'] = keys
+  return cjson.encode(merged)
+end
 local function put_profile(gid, link, entry)
   if entry == '' then
     return
@@ -136,19 +154,12 @@ local function put_profile(gid, link, entry)
     if old == entry then
       return
     end
-    local merged = cjson.decode(old)
-    local new = cjson.decode(entry)
-    local keys = merged['k'] or {}
-    for name, digest in pairs(new['k'] or {}) do
-      keys[name] = digest
-    end
-    for name, value in pairs(new) do
-      merged[name] = value
-    end
-    merged['k'] = keys
-    entry = cjson.encode(merged)
+    entry = merged_entry(old, entry)
   end
   redis.call('HSET', key, link, entry)
+  if redis.call('EXISTS', prefix .. 'held-for:' .. gid) == 1 then
+    redis.call('SADD', prefix .. 'rescore', gid)
+  end
 end
 local function candidates(c)
   local found = {}
@@ -190,6 +201,15 @@ for i, c in ipairs(cjson.decode(ARGV[2])) do
         hold = cjson.decode(known)
         hold['updates'] = hold['updates'] + 1
         hold['last_seen_ms'] = now
+        if hold['reason'] == 'review' and hold['golden_id'] and c[7] ~= '' then
+          if hold['entry'] then
+            hold['entry'] = merged_entry(hold['entry'], c[7])
+          else
+            hold['entry'] = c[7]
+          end
+          redis.call('SADD', prefix .. 'held-for:' .. hold['golden_id'], link)
+          redis.call('SADD', prefix .. 'rescore', hold['golden_id'])
+        end
       else
         local any, found, profiles = candidates(c)
         local kind = 'new'
@@ -218,6 +238,10 @@ for i, c in ipairs(cjson.decode(ARGV[2])) do
           end
         elseif kind == 'review' then
           hold = decision[4]
+          if c[7] ~= '' then
+            hold['entry'] = c[7]
+          end
+          redis.call('SADD', prefix .. 'held-for:' .. decision[2], link)
         elseif c[6] ~= '' then
           hold = {reason = 'role_address', match = {'email', c[6]}}
         else
@@ -422,6 +446,10 @@ class Hold:
     # policy's thresholds with the decision (`{"auto_link", "review", "decision"}`).
     scores: Mapping[str, Any] | None = None
     policy: Mapping[str, Any] | None = None
+    # A review hold: the held row's own profile entry (`streams.matchpolicy.profile_entry`,
+    # merged over its later changes), what scoring it again compares
+    # (`streams.corroborate`).
+    entry: str | None = None
 
     @classmethod
     def parse(cls, link: str, text: str) -> Hold:
@@ -441,6 +469,7 @@ class Hold:
             int(data.get("updates", 0)),
             data.get("scores") or None,
             data.get("policy") or None,
+            data.get("entry") or None,
         )
 
     def describe(self) -> str:

@@ -51,6 +51,7 @@ import dataclasses
 import datetime as dt
 import getpass
 import json
+import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -95,6 +96,8 @@ __all__ = [
     "review_summary",
     "reviewer_of",
 ]
+
+log = logging.getLogger(__name__)
 
 RECORD_FORMAT = 1
 DECISIONS_KEY = "review-decisions"  # under the prefix: decision -> count (hash)
@@ -329,7 +332,7 @@ class HeldRow:
             "since": _iso(self.since_ms),
             "age_s": round(max(now_ms - self.since_ms, 0) / 1000, 1) if self.since_ms else None,
             "changes_since": int(self.fields.get("updates") or 0),
-            "hold": self.fields,
+            "hold": {name: value for name, value in self.fields.items() if name != "entry"},
         }
 
 
@@ -646,7 +649,9 @@ class Reviewer:
         parse_link(link)
         deadline = time.monotonic() + settle_s
         while True:
-            outcome = self._attempt(link, decision, golden)
+            outcome = self._attempt(
+                link, decision, golden, self.record(link), operator(self.principal)
+            )
             if outcome is not None:
                 return outcome
             if time.monotonic() > deadline:
@@ -658,13 +663,52 @@ class Reviewer:
                 )
             time.sleep(0.2)  # ingest's pace: the record follows its batch
 
-    def _attempt(self, link: str, decision: Decision, golden: str | None) -> DecisionOutcome | None:
-        """One try at `decide`; None when the hold moved past the kept change."""
+    def accept_corroborated(
+        self, candidates: Mapping[str, str], by: str
+    ) -> tuple[list[DecisionOutcome], list[str]]:
+        """Accept held rows for the candidate each now scores a link with (`link ->
+        golden id`, `streams.corroborate`), reading the review topic once for all.
+        Returns what was decided, and the rows to try again later: those whose latest
+        held change is not on the review topic yet. A row decided or refused meanwhile
+        (`NotHeld`, `ReviewRefused`: linked elsewhere, its candidate full) is left
+        as it is, and logged."""
+        from streams.topics import scan
+
+        wanted = {link.encode() for link in candidates}
+        found = scan(self.kafka, self.review_topic, lambda m: m.key() in wanted)
+        records = latest_records((m.key(), m.value()) for m in found)
+        decided: list[DecisionOutcome] = []
+        later: list[str] = []
+        for link, golden in candidates.items():
+            record = records.get(link)
+            if record is None or record.kind != HOLD or record.change is None:
+                later.append(link)
+                continue
+            try:
+                outcome = self._attempt(link, Decision.ACCEPT, golden, record, by)
+            except (NotHeld, ReviewRefused) as exc:
+                log.info("review: %s not accepted on corroboration: %s", link, exc)
+                continue
+            if outcome is None:
+                later.append(link)
+            else:
+                decided.append(outcome)
+        return decided, later
+
+    def _attempt(
+        self,
+        link: str,
+        decision: Decision,
+        golden: str | None,
+        record: ReviewRecord | None,
+        by: str,
+    ) -> DecisionOutcome | None:
+        """One try at `decide`, given the row's latest review record; None when the
+        hold moved past the kept change."""
         from streams.identity import EPOCH_KEY, LOST_MARKER, IdentityLost
 
         current = self.hold(link)
         linked_to = self.linked_to(link)
-        record = self.record(link)
         if (
             current is None
             and record is not None
@@ -729,7 +773,7 @@ class Reviewer:
             change = kept.change.with_golden_id(target)
             self._send(self.changes_topic, target.encode(), self.encode_change(change.to_record()))
             replayed = True
-        by, at = operator(self.principal), now_ms()
+        at = now_ms()
         self._send(
             self.review_topic,
             link.encode(),

@@ -34,21 +34,24 @@ pytestmark = pytest.mark.integration
 ROLE = "info@acme.example"
 
 
-def _variant(name: str, row_id: str, **after: Any) -> tuple[bytes, bytes]:
-    """The captured support message `name`, about row `row_id`, with `after` changed:
-    wire bytes under the vector's own schema ids (RawTopics re-frames them)."""
+def _variant(name: str, row_id: str | int, **after: Any) -> tuple[bytes, bytes]:
+    """The captured message `name`, about row `row_id` (its key column set to it), with
+    `after` changed: wire bytes under the vector's own schema ids (RawTopics re-frames
+    them)."""
     vector = vectors.load(name)
     out = []
+    key_column = ""
     for payload in (vector.key, vector.value):
         schema = fastavro.parse_schema(
             json.loads(vector.schemas[int.from_bytes(payload[1:5], "big")])
         )
         record = fastavro.schemaless_reader(io.BytesIO(payload[5:]), schema)
-        if "id" in record:
-            record["id"] = row_id
+        key_column = key_column or next(iter(record))  # the key record's one column
+        if key_column in record:
+            record[key_column] = row_id
         for image in ("before", "after"):
             if isinstance(record.get(image), dict):
-                record[image].update(id=row_id, **after)
+                record[image].update({key_column: row_id, **after})
         buffer = io.BytesIO()
         fastavro.schemaless_writer(buffer, schema, record)
         out.append(payload[:5] + buffer.getvalue())
@@ -56,7 +59,7 @@ def _variant(name: str, row_id: str, **after: Any) -> tuple[bytes, bytes]:
 
 
 class Topics(RawTopics):
-    def write_row(self, name: str, row_id: str, **after: Any) -> None:
+    def write_row(self, name: str, row_id: str | int, **after: Any) -> None:
         """A variant of the captured message `name` (see `_variant`), not yet flushed."""
         vector = vectors.load(name)
         topic = self.by_vector_topic[vector.topic]

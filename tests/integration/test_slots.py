@@ -108,6 +108,9 @@ class Captured:
                 "group.id": f"slot-test-{uuid.uuid4().hex}",
                 "auto.offset.reset": "earliest",
                 "enable.auto.commit": False,
+                # The connector makes its topic with its first record, maybe after this
+                # subscribes: look for it every second, not every five minutes.
+                "topic.metadata.refresh.interval.ms": 1000,
             }
         )
         self.consumer.subscribe([topic])
