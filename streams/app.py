@@ -49,13 +49,24 @@ from streams.corroborate import HoldRescorer
 from streams.dedupe import Deduplicator, RedisUnavailable
 from streams.dlq import DeadLetter, DeadLetterWriter
 from streams.emit import Emitter, EmitTopics, plan_sinks, repair
-from streams.errors import ConfigError
+from streams.errors import AccordError, ConfigError
 from streams.faust_codec import AvroRecordCodec, canonical_codec
 from streams.health import LAG_CHECK_S, StageProgress
 from streams.identity import IdentityResolver
 from streams.ingest import IngestLoop, IngestPipeline, RawDecoder
 from streams.mapping import Mapper, load_mappings
-from streams.merge import StateCache, apply, dumps, stage
+from streams.merge import (
+    GoldenState,
+    MergeError,
+    Outcome,
+    StateCache,
+    absorb,
+    apply,
+    dumps,
+    loads,
+    retire,
+    stage,
+)
 from streams.missing_columns import MissingColumns, MissingColumnSignal
 from streams.model import Change
 from streams.monitor import Snapshot
@@ -396,6 +407,68 @@ async def decode_change(codec: AvroRecordCodec, value: bytes | None) -> Change |
     raise AssertionError("unreachable")
 
 
+class HandOver:
+    """The merge agent's writes into the changes topic, for `accord merge`
+    (`streams.merging`): a merged record's state handed to the survivor, and changes
+    that reach a tombstone forwarded to the record it was merged into. Each waits for
+    the broker's acknowledgement before the agent goes on, so the input change is acked
+    only once its consequence is durable; a repeat after a crash is harmless (the
+    survivor takes the same rows in once, a forwarded change merges once)."""
+
+    def __init__(
+        self, make_producer: Callable[[], Any], topic: str, encode: Callable[[Change], bytes]
+    ) -> None:
+        self._make_producer = make_producer
+        self._producer: Any = None
+        self._topic = topic
+        self._encode = encode
+
+    async def retire(self, state: GoldenState, change: Change) -> Outcome:
+        """Hand `state` over to `change.merge_into`, then make it a tombstone pointing
+        there (`streams.merge.retire`; nothing to do when it is one already)."""
+        survivor = change.merge_into
+        assert survivor is not None
+        if state.merged_into is None:
+            absorbed = Change(
+                change_id=f"absorb:{state.golden_id}:{survivor}",
+                system="accord",
+                source_key=state.golden_id,
+                op=change.op,
+                source_ts=change.source_ts,
+                position="merge",
+                golden_id=survivor,
+                absorb=dumps(state),
+            )
+            await self._send(survivor, absorbed)
+        outcome = retire(state, survivor)
+        if outcome.state_changed:
+            stage(state, change, outcome, ())
+        return outcome
+
+    async def forward(self, change: Change, golden_id: str) -> None:
+        await self._send(golden_id, change.with_golden_id(golden_id))
+
+    async def _send(self, key: str, change: Change) -> None:
+        value = self._encode(change)
+        await asyncio.get_running_loop().run_in_executor(None, self._deliver, key, value)
+
+    def _deliver(self, key: str, value: bytes) -> None:
+        if self._producer is None:
+            self._producer = self._make_producer()
+        failures: list[str] = []
+
+        def delivered(error: Any, _message: Any) -> None:
+            if error is not None:
+                failures.append(str(error))
+
+        self._producer.produce(self._topic, key=key.encode(), value=value, on_delivery=delivered)
+        if self._producer.flush(60) or failures:
+            raise AccordError(
+                f"{self._topic} did not take a merge hand-over "
+                f"({failures[0] if failures else 'timed out'})"
+            )
+
+
 def ack_now(stream: faust.StreamT, event: Any) -> None:
     """`stream.ack(event)` without scheduling a task per event for it: Faust's
     `Stream.ack` is a coroutine that never awaits."""
@@ -643,6 +716,15 @@ def create_app(settings: AccordSettings, rules: Rules | None = None) -> faust.Ap
     states = StateCache(worker.state_cache_size)
     dlq_producer = partial(Producer, settings.kafka_config({"enable.idempotence": True}))
 
+    handover = HandOver(
+        partial(
+            Producer,
+            settings.kafka_config({"enable.idempotence": True, "partitioner": "murmur2_random"}),
+        ),
+        settings.topics.changes,
+        lambda change: change_codec.dumps(change.to_record()),
+    )
+
     @app.agent(changes_topic, name="merge", supervisor_strategy=mode.CrashingSupervisor)
     async def merge(stream: faust.StreamT) -> None:
         inputs = stream.noack()
@@ -662,7 +744,28 @@ def create_app(settings: AccordSettings, rules: Rules | None = None) -> faust.Ap
             key = event.key
             before = golden.get(key)
             state = states.get(key, before)
-            if change.observed:
+            if change.merge_into is not None:  # `accord merge`: hand this record over
+                try:
+                    outcome = await handover.retire(state, change)
+                except MergeError as exc:
+                    log.error("merge: %s; the control change is skipped", exc)
+                    await inputs.ack(event)
+                    continue
+            elif state.merged_into is not None:  # a tombstone: its changes go on
+                await handover.forward(change, state.merged_into)
+                await inputs.ack(event)
+                continue
+            elif change.absorb is not None:  # a merged record's rows, for this one
+                try:
+                    outcome = absorb(state, loads(change.absorb), rules)
+                except MergeError as exc:
+                    log.error("merge: %s; the hand-over is skipped", exc)
+                    await inputs.ack(event)
+                    continue
+                MERGED.labels("absorbed" if outcome.state_changed else "duplicate").inc()
+                if outcome.state_changed:
+                    stage(state, change, outcome, plan_sinks(state, change, sinks, rules))
+            elif change.observed:
                 outcome = repair(state, change, sinks, rules)
                 REPAIRS.labels(change.system, "planned" if outcome.state_changed else "none").inc()
             else:

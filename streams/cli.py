@@ -747,6 +747,9 @@ def explain_record(
         f"[bold]{result['golden_id']}[/bold] version {result['version']}, "
         f"{'active' if result['active'] else 'inactive'}, linked to {', '.join(result['links'])}"
     )
+    if result["merged_into"]:
+        console.print(f"merged into {result['merged_into']} (accord merge): explain that one")
+        return
     for hold in held[:10]:
         console.print(escape(describe_hold(hold)))
     if len(held) > 10:
@@ -928,6 +931,43 @@ def review_reject(row: RowArgument, json_out: JsonOption = False) -> None:
     """Give a held row its own golden record and send its last change to the merge; it is
     not held again for that candidate."""
     _decide(row, "reject", None, json_out)
+
+
+# ------------------------------------------------------------------------------ merge
+
+
+@app.command("merge")
+def merge(
+    survivor: Annotated[str, typer.Argument(help="The golden id that stays.")],
+    loser: Annotated[str, typer.Argument(help="The golden id merged into it.")],
+    json_out: JsonOption = False,
+) -> None:
+    """Merge two golden records found to be one customer: LOSER's rows join SURVIVOR,
+    whose fields are recomputed from all rows and synced to every target; LOSER becomes
+    a tombstone whose `merged_into` points at SURVIVOR. Refused, with the reason, past
+    identity.max_rows_per_record. Run it again to finish a run that was cut short.
+
+    Example: accord merge 2daf08e3-6b7a-5dfa-b2c9-c3fd2da7e923 9c1e0b8a-5a0f-5d36-8f7e-4f1f0e2d9a11
+    """
+    from streams.identity import MergeRefused
+    from streams.merging import merger_of
+
+    try:
+        outcome = merger_of(settings()).merge(survivor, loser)
+    except MergeRefused as exc:
+        if json_out:
+            print(json.dumps({"survivor": survivor, "loser": loser, "refused": exc.reason}))
+        err.print(f"[red]error:[/red] {escape(str(exc))}")
+        raise typer.Exit(1) from exc
+    if json_out:
+        print(json.dumps(outcome.as_dict(), indent=2))
+        return
+    moved = ", ".join(outcome.moved) or "none this time (moved before)"
+    console.print(
+        f"merged {loser} into {survivor} (by {outcome.by}): rows moved: {escape(moved)}; "
+        f"{survivor} links {outcome.rows} row(s). The worker recomputes it and syncs "
+        "every target; follow it on accord.golden."
+    )
 
 
 # ------------------------------------------------------------------------------- demo

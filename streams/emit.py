@@ -194,6 +194,7 @@ def customer_record(state: GoldenState) -> dict[str, Any]:
         },
         "links": [{"system": c.system, "key": c.key} for c in state.contributions.values()],
         "updated_at": state.updated_ts // 1000,  # micros; the field is timestamp-millis
+        "merged_into": state.merged_into,
     }  # fmt: skip
 
 

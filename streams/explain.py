@@ -61,12 +61,14 @@ class Explanation:
     links: tuple[str, ...]
     fields: tuple[FieldExplanation, ...] = field(default_factory=tuple)
     held: tuple[Hold, ...] = ()  # rows held back from this record, or with its address
+    merged_into: str | None = None  # a tombstone of `accord merge`: the record to follow
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "golden_id": self.golden_id,
             "version": self.version,
             "active": self.active,
+            "merged_into": self.merged_into,
             "links": list(self.links),
             "held": [hold_as_dict(hold) for hold in self.held],
             "fields": [
@@ -152,6 +154,7 @@ def explain(
         tuple(sorted(state.contributions)),
         tuple(explained),
         held,
+        state.merged_into,
     )
 
 

@@ -22,6 +22,7 @@ Key layout, under the configured prefix (`WorkerSettings.redis_prefix`):
                                 may name rows no longer held: `streams.corroborate`)
     rescore                  -> golden ids whose review holds want scoring again: the
                                 record's profile or a held row changed (set)
+    merged:{golden_id}       -> the record it was merged into (`accord merge`; string)
     identity-epoch           -> when these keys were first made or last rebuilt (string)
 
 A row that would make a golden record link more than `IdentityPolicy.max_rows_per_record`
@@ -67,7 +68,7 @@ import redis
 from prometheus_client import Counter
 
 from streams.dedupe import RedisUnavailable, redis_errors
-from streams.errors import ConfigError
+from streams.errors import AccordError, ConfigError
 from streams.matchkeys import (
     MatchKeys,
     MigrationReport,
@@ -105,6 +106,102 @@ SCORED = Counter(
     ["system", "decision"],  # decision: link, review, new
 )
 
+# The golden id a record merged into others (`accord merge`) ends at: `merged:{id}` points
+# from a merged record to the one it was merged into (a chain when that one was merged
+# in turn). A match key or an applier's link that still names a merged record lands on
+# the record that took its rows.
+FOLLOW_MERGED = """
+local function follow(prefix, gid)
+  for _ = 1, 32 do
+    if not gid then
+      return gid
+    end
+    local into = redis.call('GET', prefix .. 'merged:' .. gid)
+    if not into then
+      return gid
+    end
+    gid = into
+  end
+  return gid
+end
+"""
+
+# KEYS[1]: the epoch key (guarded: ARGV[5] "1"). ARGV: prefix, survivor, loser, max rows
+# per record. Moves every row of the loser to the survivor: xref, link, profile entry, and
+# each match key that named the loser; review holds waiting on the loser wait on the
+# survivor (and are scored again); `merged:{loser}` points at the survivor. Returns JSON
+# [outcome, detail, rows moved]: "merged" (detail: rows the survivor links now),
+# "already" (the same merge was made before), "same", "loser_merged" / "survivor_merged"
+# (detail: the record it was merged into), "no_record" (detail: the id that links no
+# row), "full" (detail: the rows the two would link).
+MERGE_SCRIPT = """
+if ARGV[5] == '1' and redis.call('EXISTS', KEYS[1]) == 0 then
+  return redis.error_reply('ACCORD_IDENTITY_LOST ' .. KEYS[1] .. ' is missing')
+end
+local prefix, survivor, loser = ARGV[1], ARGV[2], ARGV[3]
+if survivor == loser then
+  return cjson.encode({'same', survivor, {}})
+end
+local into = redis.call('GET', prefix .. 'merged:' .. loser)
+if into then
+  if into == survivor then
+    return cjson.encode({'already', redis.call('SCARD', prefix .. 'links:' .. survivor), {}})
+  end
+  return cjson.encode({'loser_merged', into, {}})
+end
+into = redis.call('GET', prefix .. 'merged:' .. survivor)
+if into then
+  return cjson.encode({'survivor_merged', into, {}})
+end
+local rows = redis.call('SCARD', prefix .. 'links:' .. survivor)
+local moving = redis.call('SCARD', prefix .. 'links:' .. loser)
+if rows == 0 then
+  return cjson.encode({'no_record', survivor, {}})
+end
+if moving == 0 then
+  return cjson.encode({'no_record', loser, {}})
+end
+if rows + moving > tonumber(ARGV[4]) then
+  return cjson.encode({'full', rows + moving, {}})
+end
+local moved = redis.call('SMEMBERS', prefix .. 'links:' .. loser)
+local profile = prefix .. 'profile:' .. loser
+for _, link in ipairs(moved) do
+  redis.call('SET', prefix .. 'xref:' .. link, survivor)
+  redis.call('SADD', prefix .. 'links:' .. survivor, link)
+  local entry = redis.call('HGET', profile, link)
+  if entry then
+    redis.call('HSET', prefix .. 'profile:' .. survivor, link, entry)
+    for name, digest in pairs(cjson.decode(entry)['k'] or {}) do
+      local key = prefix .. 'hmatch:' .. name .. ':' .. digest
+      if redis.call('GET', key) == loser then
+        redis.call('SET', key, survivor)
+      end
+    end
+  end
+end
+local rebuilt = redis.call('HGET', profile, '*')
+if rebuilt then
+  redis.call('HSET', prefix .. 'profile:' .. survivor, '*' .. loser, rebuilt)
+end
+redis.call('DEL', prefix .. 'links:' .. loser, profile)
+redis.call('SET', prefix .. 'merged:' .. loser, survivor)
+for _, link in ipairs(redis.call('SMEMBERS', prefix .. 'held-for:' .. loser)) do
+  local text = redis.call('HGET', prefix .. 'held', link)
+  if text then
+    local hold = cjson.decode(text)
+    if hold['golden_id'] == loser then
+      hold['golden_id'] = survivor
+      redis.call('HSET', prefix .. 'held', link, cjson.encode(hold))
+      redis.call('SADD', prefix .. 'held-for:' .. survivor, link)
+    end
+  end
+end
+redis.call('DEL', prefix .. 'held-for:' .. loser)
+redis.call('SADD', prefix .. 'rescore', survivor)
+return cjson.encode({'merged', rows + moving, moved})
+"""
+
 # KEYS[1]: the epoch key; ARGV[5] "1" (guarded resolvers) refuses a batch without it.
 # KEYS[2..]: the match keys the batch reads or writes (`MatchKeys.key`).
 # ARGV[1]: key prefix. ARGV[2]: JSON list, one entry per change, in batch order:
@@ -121,7 +218,7 @@ SCORED = Counter(
 # (a new row some candidate points to: nothing done, score it and pass it again with
 # the decision; also when a decision's candidates changed since) or ["again"] (a later
 # change of a row waiting for its score: pass it again after that one).
-RESOLVE_SCRIPT = """
+RESOLVE_SCRIPT = FOLLOW_MERGED + """
 if ARGV[5] == '1' and redis.call('EXISTS', KEYS[1]) == 0 then
   return redis.error_reply('ACCORD_IDENTITY_LOST ' .. KEYS[1] .. ' is missing')
 end
@@ -166,7 +263,7 @@ local function candidates(c)
   local profiles = {}
   local any = false
   for j, m in ipairs(c[5]) do
-    local gid = redis.call('GET', KEYS[m[3]])
+    local gid = follow(prefix, redis.call('GET', KEYS[m[3]]))
     found[j] = gid or ''
     if gid then
       any = true
@@ -279,10 +376,11 @@ return cjson.encode({out, redis.call('HLEN', held)})
 # record's values into it, so it is that record's row now. A row without a profile entry
 # gets one marked `"a"` (linked by Accord): its later values are the record's, copied,
 # so they never vouch for a match value (`streams.matchpolicy.MatchSide.vouches`).
-LINK_SCRIPT = """
+LINK_SCRIPT = FOLLOW_MERGED + """
 if KEYS[2] and redis.call('EXISTS', KEYS[2]) == 0 then
   return redis.error_reply('ACCORD_IDENTITY_LOST ' .. KEYS[2] .. ' is missing')
 end
+ARGV[3] = follow(ARGV[1], ARGV[3])
 local old = redis.call('GET', KEYS[1])
 if old and old ~= ARGV[3] then
   redis.call('SREM', ARGV[1] .. 'links:' .. old, ARGV[2])
@@ -309,6 +407,27 @@ class IdentityLost(RedisUnavailable):
     reads its batch again, an applier retries its event), once `streams.relink` has
     rebuilt the keys.
     """
+
+
+class MergeRefused(AccordError):
+    """Two golden records that cannot be merged, and why."""
+
+    def __init__(self, survivor: str, loser: str, reason: str) -> None:
+        super().__init__(f"cannot merge {loser} into {survivor}: {reason}")
+        self.survivor = survivor
+        self.loser = loser
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    """What a merge moved in Redis."""
+
+    survivor: str
+    loser: str
+    rows: int  # rows the survivor links now
+    moved: list[str]  # the loser's rows ("system:key"), now the survivor's
+    already: bool = False  # the same merge was made before: nothing moved this time
 
 
 class IdentityContended(RedisUnavailable):
@@ -604,6 +723,7 @@ class IdentityResolver:
         self._prepared = not self._rules
         self._resolve = client.register_script(RESOLVE_SCRIPT)
         self._link = client.register_script(LINK_SCRIPT)
+        self._merge = client.register_script(MERGE_SCRIPT)
 
     @property
     def rules(self) -> tuple[MatchRule, ...]:
@@ -831,6 +951,51 @@ class IdentityResolver:
                 keys=[self.xref_key(system, key), *self._guard],
                 args=[self._prefix, f"{system}:{key}", golden_id],
             )
+
+    def merge(self, survivor: str, loser: str) -> MergeResult:
+        """Move every row of golden record `loser` to `survivor` in Redis, atomically
+        (`MERGE_SCRIPT`): xrefs, links, match profiles, match keys, review holds, and a
+        pointer from the loser to the survivor that later lookups follow. The merge of
+        the records' states goes through the changes topic (`streams.merging`).
+        Raises `MergeRefused` (with the reason) when the two cannot be merged, and
+        `IdentityLost` for a guarded resolver whose keys Redis lost."""
+        with redis_errors(f"merging {loser} into {survivor}"), _lost_identities():
+            reply = self._merge(
+                keys=[*self._guard] or [self.epoch_key],
+                args=[
+                    self._prefix,
+                    survivor,
+                    loser,
+                    self._policy.max_rows_per_record,
+                    "1" if self._guard else "0",
+                ],
+            )
+        outcome, detail, moved = json.loads(_decoded(reply) or "[]")
+        if outcome in ("merged", "already"):
+            links = sorted(_decoded(m) or "" for m in (moved or []))
+            return MergeResult(survivor, loser, int(detail), links, outcome == "already")
+        reasons = {
+            "same": "a record cannot be merged into itself",
+            "loser_merged": f"{loser} was merged into {detail} already",
+            "survivor_merged": f"{survivor} was merged into {detail}: merge into {detail}",
+            "no_record": f"no golden record {detail} links any row",
+            "full": (
+                f"together they would link {detail} rows "
+                f"(identity.max_rows_per_record: {self._policy.max_rows_per_record})"
+            ),
+        }
+        raise MergeRefused(survivor, loser, reasons.get(outcome, f"unexpected reply {outcome}"))
+
+    def merged_into(self, golden_id: str) -> str | None:
+        """The record `golden_id` was merged into (the end of the chain), or None."""
+        seen = golden_id
+        with redis_errors(f"looking up {golden_id}"):
+            for _ in range(32):
+                into = _decoded(self._client.get(f"{self._prefix}merged:{seen}"))
+                if into is None:
+                    break
+                seen = into
+        return None if seen == golden_id else seen
 
     def lookup(self, system: str, key: str) -> str | None:
         with redis_errors(f"looking up {system}:{key}"):

@@ -86,6 +86,16 @@ class Change:
     # The commit time the source stated, when it ran more than `worker.max_clock_skew_s`
     # ahead of the capture time and `source_ts` was clamped to it (`streams.mapping`).
     clamped_from: int | None = None
+    # A merge's control changes (`streams.merging`): they carry no row. `merge_into`, on
+    # the merged record's key: retire it into that record. `absorb`, on the surviving
+    # record's key: the merged record's whole state (`streams.merge.dumps`) to take in.
+    merge_into: str | None = None
+    absorb: bytes | None = None
+
+    @property
+    def is_control(self) -> bool:
+        """A merge's control change, not a change of a source row."""
+        return self.merge_into is not None or self.absorb is not None
 
     @property
     def link(self) -> str:
@@ -120,6 +130,8 @@ class Change:
             "clamped_from": None
             if self.clamped_from is None
             else _micros_to_datetime(self.clamped_from),
+            "merge_into": self.merge_into,
+            "absorb": self.absorb,
         }
 
     @classmethod
@@ -141,6 +153,8 @@ class Change:
             clamped_from=None
             if record.get("clamped_from") is None
             else _datetime_to_micros(record["clamped_from"]),
+            merge_into=record.get("merge_into"),
+            absorb=record.get("absorb"),
         )
 
 
