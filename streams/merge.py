@@ -9,13 +9,25 @@ changes, with any duplicates, gives the same golden record: the stream may repla
 redeliver and reorder across systems without changing the outcome.
 
 `apply` mutates the state it is given (the hot path); `fold` builds a fresh one.
+
+Merging two golden records (`accord merge GOLDEN_A GOLDEN_B`) is the same register merge
+one level up: `absorb` takes every row of the loser into the survivor, a row known to
+both merging cell by cell and lifecycle by lifecycle (the greater order wins), and then
+resolves every field again by the rules. Because the registers commute, the survivor
+ends up as if every row of both records had been linked to it from the start, and
+absorbing the same loser again changes nothing. The loser's record of what Accord wrote
+into target rows (`sent`, `sent_values`, `created`) goes along with its rows, so those
+writes coming back through CDC are still recognised as Accord's echo and never compete.
+`retire` then turns the loser into a tombstone: no rows, no values, inactive, and
+`merged_into` pointing at the survivor, which is where callers follow anything still
+addressed to the loser. A tombstone contributes nothing and is never merged again.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from typing import Any
 
@@ -140,6 +152,9 @@ class GoldenState:
     # Target row Accord created -> field -> the values its appliers reported inserting
     # there (`Change.created`): that row's cells holding them are Accord's echo.
     created: dict[str, dict[str, list[Value]]] = field(default_factory=dict)
+    # This record was merged into that golden record and is a tombstone: it holds no
+    # rows and no values, and anything addressed to it belongs to the survivor.
+    merged_into: str | None = None
 
     def remember_sent(self, link: str, values: dict[str, Value]) -> None:
         fields = self.sent_values.setdefault(link, {})
@@ -167,6 +182,7 @@ class GoldenState:
                 for name, r in sorted(self.golden.items())
             },
             "links": sorted(self.contributions),
+            "merged_into": self.merged_into,
         }
 
 
@@ -176,7 +192,9 @@ class Outcome:
     status_changed: bool  # active <-> inactive
     state_changed: bool  # anything at all to persist (provenance, a row's cells)
     rejected: tuple[str, ...]  # fields an `owner` rule refused from this change
-    linked: bool = False  # a source row joined the record (its links changed)
+    # The record's links changed: a source row joined it (or, for `retire`, every row
+    # left it for the survivor).
+    linked: bool = False
 
     @property
     def new_version(self) -> bool:
@@ -228,7 +246,7 @@ def _note_created(state: GoldenState, change: Change, rules: Rules) -> Outcome:
                 touched.append(name)
     outcome = Outcome(tuple(_resolve(state, touched, rules)), False, True, ())
     if outcome.new_version:
-        _new_version(state, change, outcome)
+        _new_version(state, outcome, _cause(change), change.source_ts)
     return outcome
 
 
@@ -280,7 +298,7 @@ def apply(state: GoldenState, change: Change, rules: Rules) -> Outcome:
 
     outcome = Outcome(tuple(changed), status_changed, state_changed, tuple(rejected), linked)
     if outcome.new_version:
-        _new_version(state, change, outcome)
+        _new_version(state, outcome, _cause(change), change.source_ts)
     return outcome
 
 
@@ -301,13 +319,188 @@ def _resolve(state: GoldenState, names: Iterable[str], rules: Rules) -> list[Fie
     return changed
 
 
-def _new_version(state: GoldenState, change: Change, outcome: Outcome) -> None:
+def _cause(change: Change) -> Cause:
+    return Cause(change.system, change.source_key, (*change.order, change.change_id))
+
+
+def _new_version(state: GoldenState, outcome: Outcome, cause: Cause, source_ts: int) -> None:
+    """Record a new version of the golden record, made by `cause` at commit time
+    `source_ts`."""
     state.version += 1
     # An adopted row's report may carry no commit time (0): the record keeps its own.
-    state.updated_ts = change.source_ts or state.updated_ts
+    state.updated_ts = source_ts or state.updated_ts
     state.last_changes = outcome.changed
     state.status_changed = outcome.status_changed
-    state.cause = Cause(change.system, change.source_key, (*change.order, change.change_id))
+    state.cause = cause
+
+
+# ------------------------------------------------------------------- merging records
+
+
+class MergeError(AccordError):
+    """Two golden records cannot be merged as asked: one of them is a tombstone already
+    (`merged_into` names where it went: follow the pointer), or both are one record."""
+
+    def __init__(self, golden_id: str, merged_into: str | None, message: str) -> None:
+        self.golden_id = golden_id
+        self.merged_into = merged_into
+        super().__init__(message)
+
+
+def _merge_cause(survivor_id: str, loser: GoldenState, survivor_ts: int) -> Cause:
+    """The cause of a version a merge makes (the survivor's, and the tombstone's): an
+    `accord` event named after the loser, at the loser's latest commit time (the
+    survivor's when the loser has none), the same for every replay of one merge."""
+    order: Order = (
+        loser.updated_ts or survivor_ts,
+        "merge",
+        f"merge:{loser.golden_id}:{survivor_id}",
+    )
+    return Cause("accord", f"merge:{loser.golden_id}", order)
+
+
+def _copy_contribution(row: Contribution) -> Contribution:
+    cells = {name: replace(cell) for name, cell in row.cells.items()}
+    return Contribution(row.system, row.key, row.alive, row.lifecycle, cells)
+
+
+def _created_key(value: Value) -> tuple[str, str]:
+    return (type(value).__name__, str(value))
+
+
+def absorb(survivor: GoldenState, loser: GoldenState, rules: Rules) -> Outcome:
+    """Merge golden record `loser` into `survivor` (in place); `loser` is left as it is
+    (`retire` makes it a tombstone).
+
+    Every row of the loser joins the survivor. A row both already hold (a repeated
+    absorb, or a row that moved between them) merges as the registers do: per field the
+    cell with the greater order stands (equal: the survivor's), and so does the row's
+    lifecycle. What Accord wrote into the loser's target rows goes along (`sent`: the
+    survivor's entry stands; `sent_values`: the loser's values the survivor lacks, the
+    latest `ECHO_MEMORY` kept; `created`: the union), so those writes still come back as
+    echoes. Every field is then resolved again by `rules`: the survivor is what one record
+    holding every row of both from the start would be. Absorbing the same loser again
+    changes nothing.
+
+    Raises `MergeError` when the loser (or the survivor) is a tombstone already, whose
+    rows went elsewhere: the caller follows `merged_into` instead; and when both are the
+    same record.
+    """
+    for state in (loser, survivor):
+        if state.merged_into is not None:
+            raise MergeError(
+                state.golden_id,
+                state.merged_into,
+                f"golden record {state.golden_id!r} was merged into {state.merged_into!r} "
+                f"already: its rows are there",
+            )
+    if loser.golden_id == survivor.golden_id:
+        raise MergeError(
+            loser.golden_id, None, f"cannot merge golden record {loser.golden_id!r} into itself"
+        )
+
+    linked = state_changed = False
+    for link, row in loser.contributions.items():
+        mine = survivor.contributions.get(link)
+        if mine is None:
+            survivor.contributions[link] = _copy_contribution(row)
+            linked = state_changed = True
+            continue
+        for name, cell in row.cells.items():
+            held = mine.cells.get(name)
+            if held is None or cell.order > held.order:
+                mine.cells[name] = replace(cell)
+                state_changed = True
+        if row.lifecycle > mine.lifecycle:
+            mine.alive, mine.lifecycle = row.alive, row.lifecycle
+            state_changed = True
+
+    for target_row, projection in loser.sent.items():
+        if target_row not in survivor.sent:
+            survivor.sent[target_row] = projection
+            state_changed = True
+    for link, fields in loser.sent_values.items():
+        for name, values in fields.items():
+            outstanding = survivor.sent_values.get(link, {}).get(name, [])
+            missing = [v for v in values if not any(_same(v, o) for o in outstanding)]
+            if missing:
+                # Kept in the loser's order, repeats included, after the survivor's own.
+                merged = [*outstanding, *missing][-ECHO_MEMORY:]
+                survivor.sent_values.setdefault(link, {})[name] = merged
+                state_changed = True
+    for link, fields in loser.created.items():
+        for name, values in fields.items():
+            reported = survivor.created.get(link)
+            missing = [v for v in values if not _created_value(reported, name, v)]
+            if missing:
+                known = survivor.created.setdefault(link, {}).setdefault(name, [])
+                known.extend(missing)
+                known.sort(key=_created_key)
+                state_changed = True
+    # A created row's cells holding what Accord inserted there are its echo, whichever
+    # record heard the report (as `_note_created` does for one report).
+    for link, row in survivor.contributions.items():
+        reported = survivor.created.get(link)
+        if reported is None:
+            continue
+        for name, cell in row.cells.items():
+            if not cell.echo and _created_value(reported, name, cell.value):
+                cell.echo = True
+                state_changed = True
+
+    provenance = dict(survivor.golden)
+    changed = _resolve(survivor, rules.fields, rules)
+    state_changed = state_changed or survivor.golden != provenance
+    active = all(c.alive for c in survivor.contributions.values())
+    status_changed = active != survivor.active
+    survivor.active = active
+
+    outcome = Outcome(tuple(changed), status_changed, state_changed or status_changed, (), linked)
+    if outcome.new_version:
+        cause = _merge_cause(survivor.golden_id, loser, survivor.updated_ts)
+        _new_version(survivor, outcome, cause, max(survivor.updated_ts, loser.updated_ts))
+    return outcome
+
+
+def retire(loser: GoldenState, survivor_id: str) -> Outcome:
+    """Make `loser` (in place) a tombstone of its merge into golden record `survivor_id`,
+    once `absorb` has taken its rows there.
+
+    The tombstone keeps no rows, no values and nothing of what was sent to targets (all
+    of it lives on in the survivor), is inactive, and points at the survivor through
+    `merged_into`. Its new version says every value it had went to None. Retiring it into
+    the same survivor again changes nothing; into another one raises `MergeError`: a
+    record is merged once, and its rows are in the first survivor.
+    """
+    if loser.merged_into == survivor_id:
+        return Outcome((), False, False, ())
+    if loser.merged_into is not None:
+        raise MergeError(
+            loser.golden_id,
+            loser.merged_into,
+            f"golden record {loser.golden_id!r} was merged into {loser.merged_into!r} "
+            f"already, not into {survivor_id!r}",
+        )
+    if survivor_id == loser.golden_id:
+        raise MergeError(
+            loser.golden_id, None, f"cannot merge golden record {loser.golden_id!r} into itself"
+        )
+    changed = tuple(
+        FieldChange(name, resolved.value, None)
+        for name, resolved in sorted(loser.golden.items())
+        if resolved.value is not None
+    )
+    outcome = Outcome(changed, loser.active, True, (), linked=True)
+    cause = _merge_cause(survivor_id, loser, loser.updated_ts)
+    loser.merged_into = survivor_id
+    loser.active = False
+    loser.contributions = {}
+    loser.golden = {}
+    loser.sent = {}
+    loser.sent_values = {}
+    loser.created = {}
+    _new_version(loser, outcome, cause, loser.updated_ts)
+    return outcome
 
 
 def stage(
@@ -384,9 +577,10 @@ def _same(a: Value, b: Value) -> bool:
 # ------------------------------------------------------------------- serialization
 
 
-STATE_FORMAT = 5  # bump on any incompatible change to `dumps`
-# 3: before orders were stored once; 4: before created rows and clamped commit times.
-READABLE_FORMATS = (3, 4, 5)
+STATE_FORMAT = 6  # bump on any incompatible change to `dumps`
+# 3: before orders were stored once; 4: before created rows and clamped commit times;
+# 5: before merged records (`mi`, written only for a tombstone: absent reads as None).
+READABLE_FORMATS = (3, 4, 5, 6)
 
 
 class StateFormatError(AccordError):
@@ -424,48 +618,48 @@ def dumps(state: GoldenState) -> bytes:
         for n, r in state.golden.items()
     }
     cause = state.cause
-    return orjson.dumps(
-        {
-            "fmt": STATE_FORMAT,
-            "id": state.golden_id,
-            "v": state.version,
-            "a": state.active,
-            "u": state.updated_ts,
-            "c": contributions,
-            "g": golden,
-            "l": [
-                [f.field, _out(f.field, f.before), _out(f.field, f.after)]
-                for f in state.last_changes
-            ],
-            "s": state.status_changed,
-            "k": [cause.system, cause.key, ref(cause.order)] if cause else None,
-            "ord": list(orders),
-            "r": state.revision,
-            "vr": state.version_revision,
-            "f": state.fresh,
-            "o": [
-                [
-                    o.target,
-                    o.op.value,
-                    o.target_key,
-                    _values_out(o.values),
-                    list(o.changed),
-                    None if o.expected is None else _values_out(o.expected),
-                ]
-                for o in state.outbox
-            ],
-            "t": state.sent,
-            "sv": {
-                link: {n: [_out(n, v) for v in values] for n, values in fields.items()}
-                for link, fields in state.sent_values.items()
-            },
-            "cb": [state.caused_by, state.caused_ts],
-            "cr": {
-                link: {n: [_out(n, v) for v in values] for n, values in fields.items()}
-                for link, fields in state.created.items()
-            },
-        }
-    )
+    document: dict[str, Any] = {
+        "fmt": STATE_FORMAT,
+        "id": state.golden_id,
+        "v": state.version,
+        "a": state.active,
+        "u": state.updated_ts,
+        "c": contributions,
+        "g": golden,
+        "l": [
+            [f.field, _out(f.field, f.before), _out(f.field, f.after)] for f in state.last_changes
+        ],
+        "s": state.status_changed,
+        "k": [cause.system, cause.key, ref(cause.order)] if cause else None,
+        "ord": list(orders),
+        "r": state.revision,
+        "vr": state.version_revision,
+        "f": state.fresh,
+        "o": [
+            [
+                o.target,
+                o.op.value,
+                o.target_key,
+                _values_out(o.values),
+                list(o.changed),
+                None if o.expected is None else _values_out(o.expected),
+            ]
+            for o in state.outbox
+        ],
+        "t": state.sent,
+        "sv": {
+            link: {n: [_out(n, v) for v in values] for n, values in fields.items()}
+            for link, fields in state.sent_values.items()
+        },
+        "cb": [state.caused_by, state.caused_ts],
+        "cr": {
+            link: {n: [_out(n, v) for v in values] for n, values in fields.items()}
+            for link, fields in state.created.items()
+        },
+    }
+    if state.merged_into is not None:
+        document["mi"] = state.merged_into  # only a tombstone: every other state saves it
+    return orjson.dumps(document)
 
 
 def _cell_out(name: str, cell: Cell, at: int) -> list[Any]:
@@ -547,6 +741,7 @@ def loads(payload: bytes, cells: bool = True) -> GoldenState:
             link: {n: [_in(n, v) for v in values] for n, values in fields.items()}
             for link, fields in raw.get("cr", {}).items()
         },
+        merged_into=raw.get("mi"),
     )
 
 

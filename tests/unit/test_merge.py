@@ -286,6 +286,7 @@ def reference_fold(changes: list[Change], rules: Rules) -> dict[str, object]:
         "active": all(row["alive"] for row in rows.values()),
         "fields": dict(sorted(fields.items())),
         "links": sorted(rows),
+        "merged_into": None,
     }
 
 
