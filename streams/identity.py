@@ -218,7 +218,9 @@ return cjson.encode({'merged', rows + moving, moved})
 # (a new row some candidate points to: nothing done, score it and pass it again with
 # the decision; also when a decision's candidates changed since) or ["again"] (a later
 # change of a row waiting for its score: pass it again after that one).
-RESOLVE_SCRIPT = FOLLOW_MERGED + """
+RESOLVE_SCRIPT = (
+    FOLLOW_MERGED
+    + """
 if ARGV[5] == '1' and redis.call('EXISTS', KEYS[1]) == 0 then
   return redis.error_reply('ACCORD_IDENTITY_LOST ' .. KEYS[1] .. ' is missing')
 end
@@ -369,6 +371,7 @@ for i, c in ipairs(cjson.decode(ARGV[2])) do
 end
 return cjson.encode({out, redis.call('HLEN', held)})
 """
+)
 
 # KEYS: xref key (and the epoch key, guarded). ARGV: prefix, "system:key", golden id.
 # Moves the row out of the link set of the golden record it pointed to before, if any,
@@ -376,7 +379,9 @@ return cjson.encode({out, redis.call('HLEN', held)})
 # record's values into it, so it is that record's row now. A row without a profile entry
 # gets one marked `"a"` (linked by Accord): its later values are the record's, copied,
 # so they never vouch for a match value (`streams.matchpolicy.MatchSide.vouches`).
-LINK_SCRIPT = FOLLOW_MERGED + """
+LINK_SCRIPT = (
+    FOLLOW_MERGED
+    + """
 if KEYS[2] and redis.call('EXISTS', KEYS[2]) == 0 then
   return redis.error_reply('ACCORD_IDENTITY_LOST ' .. KEYS[2] .. ' is missing')
 end
@@ -398,6 +403,7 @@ redis.call('SET', KEYS[1], ARGV[3])
 redis.call('SADD', ARGV[1] .. 'links:' .. ARGV[3], ARGV[2])
 return 1
 """
+)
 
 
 class IdentityLost(RedisUnavailable):

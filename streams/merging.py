@@ -117,9 +117,7 @@ class Merger:
         change = merge_change(survivor, loser, at_ms * 1000)
         self._send(self.changes_topic, loser.encode(), self.encode_change(change.to_record()))
         self._send(self.review_topic, f"{MERGE}:{loser}".encode(), merge_record(result, by, at_ms))
-        return MergeOutcome(
-            survivor, loser, result.rows, result.moved, by, at_ms, result.already
-        )
+        return MergeOutcome(survivor, loser, result.rows, result.moved, by, at_ms, result.already)
 
     def _send(self, topic: str, key: bytes, value: bytes) -> None:
         failures: list[str] = []
