@@ -746,8 +746,10 @@ def test_a_stranger_with_a_customers_email_is_held_for_review_with_scores(
     assert raw["reason"] == "review" and raw["golden_id"] == ada
     assert set(raw) == {
         "reason", "golden_id", "match", "scores", "policy", "since_ms", "last_seen_ms",
-        "updates",
+        "updates", "entry",
     }  # fmt: skip
+    # Its own profile entry, kept to score it again when its candidate changes.
+    assert json.loads(raw["entry"])["s"] == "support"
     # Its later changes stay held, whatever they say.
     [again] = resolver.resolve_batch([change("support", "u-1", phone=ADA_PHONE, **ADA)]).results
     assert again.hold is not None and again.hold.updates == 1
