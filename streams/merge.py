@@ -215,8 +215,16 @@ def _settle_echo(sent: dict[str, list[Value]] | None, name: str, value: Value) -
 
 
 def _created_value(reported: dict[str, list[Value]] | None, name: str, value: Value) -> bool:
-    """Did an applier report inserting `value` into this row's field when creating it?"""
-    return reported is not None and any(_same(v, value) for v in reported.get(name, ()))
+    """Is `value` in this row's field Accord's doing, the row being one an applier
+    created? Yes when the applier reported inserting it, and when the insert left the
+    field out and it holds nothing: an empty column of a row Accord made is the table's
+    default, nobody's opinion (without this, under `owner` a second row of the owning
+    system that Accord created would clear the value the person's own row holds)."""
+    if reported is None:
+        return False
+    if name not in reported:
+        return value is None
+    return any(_same(v, value) for v in reported[name])
 
 
 def _note_created(state: GoldenState, change: Change, rules: Rules) -> Outcome:
