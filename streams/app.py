@@ -68,7 +68,7 @@ from streams.merge import (
     stage,
 )
 from streams.missing_columns import MissingColumns, MissingColumnSignal
-from streams.model import Change
+from streams.model import CONTROL_SYSTEM, Change
 from streams.monitor import Snapshot
 from streams.offsets import guarded_consumer
 from streams.projection import SinkKind, load_sinks
@@ -407,6 +407,14 @@ async def decode_change(codec: AvroRecordCodec, value: bytes | None) -> Change |
     raise AssertionError("unreachable")
 
 
+UNREADABLE_CONTROL = Refusal(
+    "merge_control_unreadable",
+    "a merge control change without merge_into or absorb: its writer schema lacks them "
+    "(push dev.accord.CustomerChange to the registry: accord schemas push), then run the "
+    "same accord merge again",
+)
+
+
 class HandOver:
     """The merge agent's writes into the changes topic, for `accord merge`
     (`streams.merging`): a merged record's state handed to the survivor, and changes
@@ -431,7 +439,7 @@ class HandOver:
         if state.merged_into is None:
             absorbed = Change(
                 change_id=f"absorb:{state.golden_id}:{survivor}",
-                system="accord",
+                system=CONTROL_SYSTEM,
                 source_key=state.golden_id,
                 op=change.op,
                 source_ts=change.source_ts,
@@ -740,6 +748,11 @@ def create_app(settings: AccordSettings, rules: Rules | None = None) -> faust.Ap
             change = await decode_change(change_codec, event.value)
             if isinstance(change, Refusal):
                 await letters.refuse(event, change)
+                continue
+            if change.system == CONTROL_SYSTEM and not change.is_control:
+                # A merge's control change read under a schema without its fields (not
+                # pushed to the registry, or an older worker): never a source row.
+                await letters.refuse(event, UNREADABLE_CONTROL)
                 continue
             key = event.key
             before = golden.get(key)

@@ -627,7 +627,8 @@ def dumps(state: GoldenState) -> bytes:
     }
     cause = state.cause
     document: dict[str, Any] = {
-        "fmt": STATE_FORMAT,
+        # Format 5 unless the record is a tombstone: a rollback reads every other state.
+        "fmt": STATE_FORMAT if state.merged_into else 5,
         "id": state.golden_id,
         "v": state.version,
         "a": state.active,

@@ -19,7 +19,10 @@ by running it again:
    records may live on different partitions; nothing crosses them but the changes topic.
 3. The audit trail: a `merge` record on the review topic (keyed `merge:{loser}`) with who
    asked (the OS user, and the Kafka principal when the cluster authenticates clients),
-   when, and the rows moved.
+   when, and the rows moved (a run that finishes an earlier one keeps that record).
+
+Before anything moves, both records are read from the table's changelog: one the worker
+has not merged yet, one merged already, or an inactive one is refused (`_check_states`).
 
 A target that holds a row for each of the two records keeps both linked: each gets the
 survivor's values.
@@ -33,8 +36,9 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from streams.errors import AccordError
-from streams.identity import IdentityResolver, MergeResult
-from streams.model import Change, Op
+from streams.identity import IdentityResolver, MergeRefused, MergeResult
+from streams.merge import GoldenState
+from streams.model import CONTROL_SYSTEM, Change, Op
 from streams.review import RECORD_FORMAT, now_ms, operator
 
 __all__ = ["MERGE", "MergeOutcome", "Merger", "merge_change", "merge_record", "merger_of"]
@@ -60,7 +64,7 @@ def merge_change(survivor: str, loser: str, at_us: int) -> Change:
     """The control change that hands the loser over (keyed by the loser)."""
     return Change(
         change_id=f"merge:{loser}:{survivor}",
-        system="accord",
+        system=CONTROL_SYSTEM,
         source_key=loser,
         op=Op.UPSERT,
         source_ts=at_us,
@@ -100,7 +104,9 @@ class Merger:
         encode_change: Callable[[dict[str, Any]], bytes],
         producer: Any,
         principal: str | None = None,
+        read_state: Callable[[str], GoldenState | None] | None = None,
     ) -> None:
+        self.read_state = read_state
         self.identity = identity
         self.changes_topic = changes_topic
         self.review_topic = review_topic
@@ -111,13 +117,46 @@ class Merger:
     def merge(self, survivor: str, loser: str) -> MergeOutcome:
         """Merge `loser` into `survivor`. Raises `MergeRefused` with the reason, or
         `AccordError` when the broker did not take the hand-over (run it again)."""
+        self._check_states(survivor, loser)
         result = self.identity.merge(survivor, loser)
         at_ms = now_ms()
         by = operator(self.principal)
         change = merge_change(survivor, loser, at_ms * 1000)
         self._send(self.changes_topic, loser.encode(), self.encode_change(change.to_record()))
-        self._send(self.review_topic, f"{MERGE}:{loser}".encode(), merge_record(result, by, at_ms))
+        if not result.already:  # a run finishing an earlier one keeps that one's record
+            self._send(
+                self.review_topic, f"{MERGE}:{loser}".encode(), merge_record(result, by, at_ms)
+            )
         return MergeOutcome(survivor, loser, result.rows, result.moved, by, at_ms, result.already)
+
+    def _check_states(self, survivor: str, loser: str) -> None:
+        """Refuse a merge the worker could not make sensibly, before anything moves: a
+        record the table does not hold yet, or an inactive one (a linked row was
+        deleted): every row counts in `active`, so an inactive loser would deactivate
+        the survivor, and under `delete_policy: propagate` delete it everywhere. A loser
+        already retired into this survivor passes: the run finishes an earlier one."""
+        if self.read_state is None:
+            return
+        states = {golden_id: self.read_state(golden_id) for golden_id in (survivor, loser)}
+        retired = states[loser]
+        if retired is not None and retired.merged_into == survivor:
+            return
+        for golden_id, state in states.items():
+            if state is None:
+                raise MergeRefused(
+                    survivor, loser, f"the worker has not merged any change of {golden_id} yet"
+                )
+            if state.merged_into is not None:
+                raise MergeRefused(
+                    survivor, loser, f"{golden_id} was merged into {state.merged_into} already"
+                )
+            if not state.active:
+                raise MergeRefused(
+                    survivor,
+                    loser,
+                    f"{golden_id} is inactive (a linked row was deleted): merged, it would "
+                    f"deactivate {survivor}",
+                )
 
     def _send(self, topic: str, key: bytes, value: bytes) -> None:
         failures: list[str] = []
@@ -140,9 +179,11 @@ def merger_of(settings: Any) -> Merger:
     from confluent_kafka import Producer
 
     from streams.app import redis_client
+    from streams.explain import read_state
     from streams.faust_codec import canonical_codec
     from streams.registry import registry_client
     from streams.rules import load_rules
+    from streams.topology import changelog_topic
 
     topics, security = settings.topics, settings.kafka_security
     rules = load_rules(settings.worker.rules_file)
@@ -167,4 +208,7 @@ def merger_of(settings: Any) -> Merger:
         codec.dumps,
         producer,
         principal=security.sasl_username if security.uses_sasl else None,
+        read_state=lambda golden_id: read_state(
+            settings.kafka_config(), changelog_topic(settings), golden_id
+        ),
     )

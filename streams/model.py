@@ -37,6 +37,8 @@ FIELDS: tuple[str, ...] = (
     "locale",
 )
 SYSTEMS: tuple[str, ...] = ("crm", "billing", "support")
+# The `system` of a merge's control changes (`Change.merge_into`, `Change.absorb`).
+CONTROL_SYSTEM = "accord"
 DECIMAL_FIELDS = frozenset({"credit_limit"})
 BOOLEAN_FIELDS = frozenset({"marketing_opt_in"})
 

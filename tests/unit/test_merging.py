@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import orjson
 import pytest
 
 from streams.identity import MergeRefused, MergeResult
+from streams.merge import STATE_FORMAT, GoldenState, dumps
 from streams.merging import MERGE, Merger, merge_change
 from streams.model import Change
 
@@ -84,3 +86,50 @@ def test_control_changes_survive_the_avro_record_round_trip() -> None:
         "absorb:x", "accord", LOSER, control.op, 1, "merge", golden_id=SURVIVOR, absorb=b"{}"
     )
     assert handed.is_control and Change.from_record(handed.to_record()) == handed
+
+
+def _state(golden_id: str, active: bool = True, merged_into: str | None = None) -> GoldenState:
+    return GoldenState(golden_id, version=1, active=active, merged_into=merged_into)
+
+
+def _checked(states: dict[str, GoldenState | None], identity: Identity, producer: Producer):
+    merger = _merger(identity, producer)
+    merger.read_state = states.get
+    return merger
+
+
+def test_an_inactive_record_is_refused_before_anything_moves() -> None:
+    producer, identity = Producer(), Identity()
+    states = {SURVIVOR: _state(SURVIVOR), LOSER: _state(LOSER, active=False)}
+    with pytest.raises(MergeRefused, match=f"{LOSER} is inactive .* deactivate {SURVIVOR}"):
+        _checked(states, identity, producer).merge(SURVIVOR, LOSER)
+    assert identity.asked == [] and producer.sent == []
+    with pytest.raises(MergeRefused, match="has not merged any change"):
+        _checked({SURVIVOR: _state(SURVIVOR)}, identity, producer).merge(SURVIVOR, LOSER)
+    assert identity.asked == []
+
+
+def test_a_run_after_the_loser_was_retired_finishes_the_merge() -> None:
+    producer, identity = Producer(), Identity()
+    retired = _state(LOSER, active=False, merged_into=SURVIVOR)
+    _checked({SURVIVOR: _state(SURVIVOR), LOSER: retired}, identity, producer).merge(
+        SURVIVOR, LOSER
+    )
+    assert identity.asked == [(SURVIVOR, LOSER)]
+
+
+def test_a_repeated_merge_sends_the_hand_over_again_but_keeps_the_first_record() -> None:
+    class Again(Identity):
+        def merge(self, survivor: str, loser: str) -> MergeResult:
+            return MergeResult(survivor, loser, 3, [], already=True)
+
+    producer = Producer()
+    outcome = _merger(Again(), producer).merge(SURVIVOR, LOSER)
+    assert outcome.already
+    assert [topic for topic, _, _ in producer.sent] == ["accord.changes"]
+
+
+def test_only_a_tombstone_is_written_in_the_new_state_format() -> None:
+    assert orjson.loads(dumps(_state(SURVIVOR)))["fmt"] == 5  # a rollback still reads it
+    tombstone = orjson.loads(dumps(_state(LOSER, active=False, merged_into=SURVIVOR)))
+    assert tombstone["fmt"] == STATE_FORMAT and tombstone["mi"] == SURVIVOR
